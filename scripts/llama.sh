@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Fetches llama.cpp's source from the pinned node-llama-cpp npm package (its
+# llama/gitRelease.bundle), builds it with CMake and installs it into a cache
+# directory outside the repository, keyed by version and build options.
+# A finished install is reused as is. Prints the install prefix on stdout.
+#
+#   KVBATCH_CACHE   cache root            (default: ${XDG_CACHE_HOME:-~/.cache}/kvbatch)
+#   KVBATCH_CUDA    1/0: force CUDA on/off (default: on when nvcc and a GPU are present)
+#   KVBATCH_JOBS    build parallelism     (default: nproc)
+set -euo pipefail
+
+NLC_VERSION=3.22.1   # node-llama-cpp version pinned; it fixes the llama.cpp commit
+cache=${KVBATCH_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kvbatch}
+jobs=${KVBATCH_JOBS:-$(nproc)}
+log() { echo "[llama.sh] $*" >&2; }
+
+cuda=${KVBATCH_CUDA:-}
+if [ -z "$cuda" ]; then
+  cuda=0
+  if command -v nvcc >/dev/null 2>&1 || [ -x /usr/local/cuda/bin/nvcc ]; then
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then cuda=1; fi
+  fi
+fi
+# Native CPU code is keyed by the CPU's feature flags so a cache is never
+# reused on a machine that cannot run it.
+cpukey=$( (grep -m1 '^flags' /proc/cpuinfo 2>/dev/null || uname -m) | md5sum | cut -c1-8)
+key="nlc${NLC_VERSION}-$([ "$cuda" = 1 ] && echo cuda || echo cpu)-${cpukey}"
+prefix="$cache/llama-$key"
+
+if [ -f "$prefix/.complete" ]; then
+  log "reusing $prefix"
+  echo "$prefix"
+  exit 0
+fi
+
+work="$cache/work-$key"
+mkdir -p "$work"
+if [ ! -d "$work/src/.git" ]; then
+  log "fetching node-llama-cpp@$NLC_VERSION from the npm registry"
+  (cd "$work" && rm -rf pkg && mkdir pkg && cd pkg &&
+     npm pack --silent "node-llama-cpp@$NLC_VERSION" >/dev/null &&
+     tar xzf node-llama-cpp-$NLC_VERSION.tgz package/llama/gitRelease.bundle)
+  rm -rf "$work/src"
+  git clone -q "$work/pkg/package/llama/gitRelease.bundle" "$work/src"
+  rm -rf "$work/pkg"
+fi
+
+cmake_args=(
+  -DCMAKE_BUILD_TYPE=Release
+  -DBUILD_SHARED_LIBS=ON
+  -DCMAKE_INSTALL_PREFIX="$prefix"
+  -DCMAKE_INSTALL_RPATH="$prefix/lib"
+  -DLLAMA_BUILD_COMMON=ON -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON
+  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF
+  -DLLAMA_TOOLS_INSTALL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_UI=OFF
+  -DLLAMA_USE_PREBUILT_UI=OFF -DGGML_NATIVE=ON
+)
+if command -v ccache >/dev/null 2>&1; then
+  cmake_args+=(-DCMAKE_C_COMPILER_LAUNCHER=ccache -DCMAKE_CXX_COMPILER_LAUNCHER=ccache)
+fi
+if [ "$cuda" = 1 ]; then
+  export PATH=$PATH:/usr/local/cuda/bin
+  cmake_args+=(-DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=${KVBATCH_CUDA_ARCH:-native})
+fi
+
+log "building llama.cpp ($key) with $jobs jobs; the first build takes a while"
+cmake -S "$work/src" -B "$work/build" "${cmake_args[@]}" >"$work/configure.log" 2>&1 ||
+  { cat "$work/configure.log" >&2; exit 1; }
+cmake --build "$work/build" -j "$jobs" --target llama llama-common llama-server >"$work/build.log" 2>&1 ||
+  { tail -50 "$work/build.log" >&2; exit 1; }
+cmake --install "$work/build" >"$work/install.log" 2>&1 || { cat "$work/install.log" >&2; exit 1; }
+
+# llama.cpp installs neither the common library's headers nor llama-server
+# when its tools are not installed; kvbatch uses both (chat templates,
+# JSON-schema grammars; the benchmark baseline).
+mkdir -p "$prefix/include/llama-common" "$prefix/bin"
+cp "$work/src/common/"*.h "$prefix/include/llama-common/"
+cp -r "$work/src/common/jinja" "$prefix/include/llama-common/" 2>/dev/null || true
+cp -r "$work/src/vendor/." "$prefix/include/llama-common/"
+cp "$work/build/bin/llama-server" "$prefix/bin/"
+find "$work/build" -name 'libllama-common*' -exec cp -a {} "$prefix/lib/" \;
+cp -r "$work/src/models" "$prefix/share-models" 2>/dev/null || true
+mkdir -p "$prefix/share" && rm -rf "$prefix/share/vocab" && mkdir "$prefix/share/vocab" &&
+  cp "$work/src/models/"ggml-vocab-*.gguf "$prefix/share/vocab/" && rm -rf "$prefix/share-models"
+git -C "$work/src" rev-parse HEAD >"$prefix/COMMIT"
+touch "$prefix/.complete"
+log "installed into $prefix"
+echo "$prefix"
