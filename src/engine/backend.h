@@ -1,0 +1,53 @@
+// The seam between scheduling and llama.cpp. The scheduler decides what runs;
+// a Backend owns the context and does it. Tests drive the scheduler with a
+// fake Backend; LlamaBackend is the real one.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "engine/types.h"
+
+namespace kvb::engine {
+
+struct BatchToken {
+  Token token;
+  int32_t pos;
+  int32_t seq;
+  bool logits;  // this token's next-token logits are needed
+};
+
+// A request's sampler: owns its RNG and penalty history.
+class Sampler {
+ public:
+  virtual ~Sampler() = default;
+  // Picks the next token from the logits (not modified by the caller later).
+  virtual Token Sample(const float* logits) = 0;
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+
+  virtual int32_t n_seq_max() const = 0;  // sequence ids [0, n_seq_max)
+  virtual int32_t n_cells() const = 0;    // KV cells in the unified cache
+  virtual int32_t n_ctx_seq() const = 0;  // positions one sequence may use
+  virtual int32_t n_batch() const = 0;    // tokens one Decode may take
+  virtual int32_t n_vocab() const = 0;
+
+  // Shares the cells of positions [0, n) of `src` with `dst` (no copy).
+  virtual void CopySeq(int32_t src, int32_t dst, int32_t n) = 0;
+  virtual void RemoveSeq(int32_t seq) = 0;
+
+  // Decodes the batch. kResourceExhausted: no room in the KV cache.
+  virtual Status Decode(const std::vector<BatchToken>& batch) = 0;
+  // Logits of the i-th token of the last Decode (which must have asked for them).
+  virtual const float* Logits(int32_t batch_index) = 0;
+
+  virtual std::unique_ptr<Sampler> NewSampler(const SamplingParams& params) = 0;
+  virtual bool IsEndOfGeneration(Token t) const = 0;
+  virtual std::string Piece(Token t) const = 0;
+};
+
+}  // namespace kvb::engine

@@ -1,0 +1,58 @@
+#include "engine/engine.h"
+
+namespace kvb::engine {
+
+StatusOr<std::unique_ptr<Engine>> Engine::Start(const Model* model, const EngineOptions& options,
+                                                std::function<void(Result&&)> on_result) {
+  auto backend = LlamaBackend::Create(model, options.context);
+  if (!backend.ok()) return backend.status();
+  std::unique_ptr<Engine> e(new Engine);
+  e->backend_ = std::move(backend).value();
+  e->info_ = e->backend_->info();
+  SchedulerOptions so = options.scheduler;
+  so.max_anchors = options.context.anchors;
+  e->scheduler_ = std::make_unique<Scheduler>(e->backend_.get(), so, std::move(on_result));
+  e->thread_ = std::thread([raw = e.get()] { raw->Loop(); });
+  return e;
+}
+
+Engine::~Engine() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  if (thread_.joinable()) thread_.join();
+}
+
+void Engine::Submit(Request request, bool urgent) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    inbox_.emplace_back(std::move(request), urgent);
+  }
+  cv_.notify_all();
+}
+
+EngineStats Engine::Stats() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return stats_;
+}
+
+void Engine::Loop() {
+  std::vector<std::pair<Request, bool>> incoming;
+  for (;;) {
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      cv_.wait(lock, [&] { return stop_ || !inbox_.empty() || !scheduler_->Idle(); });
+      if (stop_) return;
+      incoming.swap(inbox_);
+    }
+    for (auto& [r, urgent] : incoming) scheduler_->Submit(std::move(r), urgent);
+    incoming.clear();
+    scheduler_->Step();
+    std::lock_guard<std::mutex> lock(mu_);
+    stats_ = scheduler_->stats();
+  }
+}
+
+}  // namespace kvb::engine

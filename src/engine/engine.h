@@ -1,0 +1,52 @@
+// The engine: one thread owns the llama_context and runs the Scheduler;
+// everything else talks to it through a queue (Submit) and a callback.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "engine/llama_backend.h"
+#include "engine/model.h"
+#include "engine/scheduler.h"
+
+namespace kvb::engine {
+
+struct EngineOptions {
+  ContextOptions context;
+  SchedulerOptions scheduler;
+};
+
+class Engine {
+ public:
+  // `on_result` runs on the engine thread; keep it short (hand off to a queue).
+  static StatusOr<std::unique_ptr<Engine>> Start(const Model* model, const EngineOptions& options,
+                                                 std::function<void(Result&&)> on_result);
+  ~Engine();  // stops the thread; unfinished requests are dropped
+
+  void Submit(Request request, bool urgent = false);  // thread-safe
+  EngineStats Stats() const;                           // a snapshot, thread-safe
+  const ContextInfo& info() const { return info_; }
+  void DeviceMemory(size_t* free, size_t* total) const { backend_->DeviceMemory(free, total); }
+
+ private:
+  Engine() = default;
+  void Loop();
+
+  std::unique_ptr<LlamaBackend> backend_;
+  std::unique_ptr<Scheduler> scheduler_;
+  ContextInfo info_;
+
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<std::pair<Request, bool>> inbox_;
+  EngineStats stats_;
+  bool stop_ = false;
+  std::thread thread_;
+};
+
+}  // namespace kvb::engine

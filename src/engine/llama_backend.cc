@@ -1,0 +1,204 @@
+#include "engine/llama_backend.h"
+
+#include <algorithm>
+#include <cmath>
+#include <fstream>
+#include <limits>
+#include <thread>
+
+#include "ggml-backend.h"
+#include "llama.h"
+
+namespace kvb::engine {
+
+struct LlamaBackend::BatchBuffer {
+  llama_batch batch{};
+  explicit BatchBuffer(int32_t n) : batch(llama_batch_init(n, 0, 1)) {}
+  ~BatchBuffer() { llama_batch_free(batch); }
+};
+
+namespace {
+
+size_t AvailableRam() {
+  std::ifstream f("/proc/meminfo");
+  std::string key;
+  size_t kb = 0;
+  std::string unit;
+  while (f >> key >> kb >> unit)
+    if (key == "MemAvailable:") return kb * 1024;
+  return size_t{4} << 30;
+}
+
+ggml_backend_dev_t FirstGpu() {
+  for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
+    ggml_backend_dev_t dev = ggml_backend_dev_get(i);
+    if (ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_GPU) return dev;
+  }
+  return nullptr;
+}
+
+// Greedy with optional logit bias: the argmax, without building a
+// candidate array (the common scoring case: temperature 0).
+class GreedySampler : public Sampler {
+ public:
+  GreedySampler(int32_t n_vocab, std::vector<std::pair<Token, float>> bias) : n_vocab_(n_vocab), bias_(std::move(bias)) {}
+  Token Sample(const float* logits) override {
+    Token best = 0;
+    float best_v = -std::numeric_limits<float>::infinity();
+    if (bias_.empty()) {
+      for (int32_t i = 0; i < n_vocab_; ++i)
+        if (logits[i] > best_v) best_v = logits[i], best = i;
+      return best;
+    }
+    std::vector<float> l(logits, logits + n_vocab_);
+    for (auto [t, b] : bias_)
+      if (t >= 0 && t < n_vocab_) l[t] += b;
+    for (int32_t i = 0; i < n_vocab_; ++i)
+      if (l[i] > best_v) best_v = l[i], best = i;
+    return best;
+  }
+
+ private:
+  int32_t n_vocab_;
+  std::vector<std::pair<Token, float>> bias_;
+};
+
+// llama.cpp's sampler chain: logit bias, penalties, top-k, top-p, min-p,
+// temperature, then a draw from the request's own RNG.
+class ChainSampler : public Sampler {
+ public:
+  ChainSampler(int32_t n_vocab, const SamplingParams& p) : n_vocab_(n_vocab), cur_(n_vocab) {
+    chain_ = llama_sampler_chain_init(llama_sampler_chain_default_params());
+    if (!p.logit_bias.empty()) {
+      std::vector<llama_logit_bias> bias;
+      for (auto [t, b] : p.logit_bias) bias.push_back({t, b});
+      llama_sampler_chain_add(chain_, llama_sampler_init_logit_bias(n_vocab, static_cast<int32_t>(bias.size()), bias.data()));
+    }
+    if (p.presence_penalty != 0.0f || p.frequency_penalty != 0.0f) {
+      const int32_t last_n = p.max_tokens > 0 ? p.max_tokens : 4096;
+      llama_sampler_chain_add(chain_, llama_sampler_init_penalties(n_vocab, last_n, 1.0f, p.frequency_penalty, p.presence_penalty));
+    }
+    if (p.temperature <= 0.0f) {
+      llama_sampler_chain_add(chain_, llama_sampler_init_greedy());
+      return;
+    }
+    if (p.top_k > 0) llama_sampler_chain_add(chain_, llama_sampler_init_top_k(p.top_k));
+    if (p.top_p < 1.0f) llama_sampler_chain_add(chain_, llama_sampler_init_top_p(p.top_p, 1));
+    if (p.min_p > 0.0f) llama_sampler_chain_add(chain_, llama_sampler_init_min_p(p.min_p, 1));
+    llama_sampler_chain_add(chain_, llama_sampler_init_temp(p.temperature));
+    const uint32_t seed = static_cast<uint32_t>(p.seed ^ (p.seed >> 32));
+    llama_sampler_chain_add(chain_, llama_sampler_init_dist(seed));
+  }
+  ~ChainSampler() override { llama_sampler_free(chain_); }
+
+  Token Sample(const float* logits) override {
+    for (int32_t i = 0; i < n_vocab_; ++i) cur_[i] = llama_token_data{i, logits[i], 0.0f};
+    llama_token_data_array arr{cur_.data(), cur_.size(), -1, false};
+    llama_sampler_apply(chain_, &arr);
+    const Token t = arr.data[arr.selected].id;
+    llama_sampler_accept(chain_, t);
+    return t;
+  }
+
+ private:
+  int32_t n_vocab_;
+  std::vector<llama_token_data> cur_;
+  llama_sampler* chain_ = nullptr;
+};
+
+}  // namespace
+
+StatusOr<std::unique_ptr<LlamaBackend>> LlamaBackend::Create(const Model* model, const ContextOptions& o) {
+  std::unique_ptr<LlamaBackend> b(new LlamaBackend);
+  b->model_ = model;
+  b->n_vocab_ = model->n_vocab();
+  ggml_backend_dev_t gpu = model->on_gpu() ? FirstGpu() : nullptr;
+
+  const int64_t per_cell = model->KvBytesPerCell();
+  int32_t cells = o.kv_cells;
+  if (cells <= 0) {
+    // Size the cache from free memory, with a margin for compute buffers.
+    size_t free = 0, total = 0;
+    if (gpu) {
+      ggml_backend_dev_memory(gpu, &free, &total);
+      free = static_cast<size_t>(free * 0.80);
+    } else {
+      free = std::min(AvailableRam() / 2, size_t{8} << 30);
+    }
+    const int64_t by_mem = static_cast<int64_t>(free) / std::max<int64_t>(per_cell, 1);
+    cells = static_cast<int32_t>(std::clamp<int64_t>(by_mem, 2048, gpu ? 1 << 20 : 1 << 17));
+  }
+  const int32_t max_seqs = o.max_seqs > 0 ? o.max_seqs : (gpu ? 128 : 32);
+  const int32_t n_seq_max = std::min<int32_t>(max_seqs + o.anchors, static_cast<int32_t>(llama_max_parallel_sequences()));
+  if (n_seq_max <= o.anchors) return Status::InvalidArgument("too many anchors for the sequence limit");
+
+  llama_context_params cp = llama_context_default_params();
+  cp.n_ctx = static_cast<uint32_t>(cells);
+  cp.n_batch = static_cast<uint32_t>(o.n_batch);
+  cp.n_ubatch = static_cast<uint32_t>(o.n_ubatch > 0 ? o.n_ubatch : (gpu ? std::min(o.n_batch, 512) : o.n_batch));
+  cp.n_seq_max = static_cast<uint32_t>(n_seq_max);
+  const int32_t threads = o.n_threads > 0 ? o.n_threads : static_cast<int32_t>(std::max(1u, std::thread::hardware_concurrency()));
+  cp.n_threads = threads;
+  cp.n_threads_batch = threads;
+  cp.kv_unified = true;
+  cp.flash_attn_type = o.flash_attn ? LLAMA_FLASH_ATTN_TYPE_ENABLED : LLAMA_FLASH_ATTN_TYPE_DISABLED;
+  cp.no_perf = true;
+  b->ctx_ = llama_init_from_model(model->raw(), cp);
+  if (!b->ctx_) {
+    return Status::ResourceExhausted("llama.cpp could not create a context with " + std::to_string(cells) +
+                                     " KV cells; try a smaller --kv-cells");
+  }
+  b->info_.kv_cells = static_cast<int32_t>(llama_n_ctx(b->ctx_));
+  b->info_.n_seq_max = static_cast<int32_t>(llama_n_seq_max(b->ctx_));
+  b->info_.max_seqs = b->info_.n_seq_max - o.anchors;
+  b->info_.n_ctx_seq = std::min(b->info_.kv_cells, model->n_ctx_train() > 0 ? model->n_ctx_train() : b->info_.kv_cells);
+  b->info_.n_batch = static_cast<int32_t>(llama_n_batch(b->ctx_));
+  b->info_.kv_bytes = per_cell * b->info_.kv_cells;
+  b->info_.device = gpu ? ggml_backend_dev_description(gpu) : "CPU";
+  b->batch_ = std::make_unique<BatchBuffer>(b->info_.n_batch);
+  return b;
+}
+
+LlamaBackend::~LlamaBackend() {
+  batch_.reset();
+  if (ctx_) llama_free(ctx_);
+}
+
+void LlamaBackend::CopySeq(int32_t src, int32_t dst, int32_t n) {
+  llama_memory_seq_cp(llama_get_memory(ctx_), src, dst, 0, n);
+}
+
+void LlamaBackend::RemoveSeq(int32_t seq) { llama_memory_seq_rm(llama_get_memory(ctx_), seq, -1, -1); }
+
+Status LlamaBackend::Decode(const std::vector<BatchToken>& tokens) {
+  llama_batch& b = batch_->batch;
+  b.n_tokens = static_cast<int32_t>(tokens.size());
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    b.token[i] = tokens[i].token;
+    b.pos[i] = tokens[i].pos;
+    b.n_seq_id[i] = 1;
+    b.seq_id[i][0] = tokens[i].seq;
+    b.logits[i] = tokens[i].logits;
+  }
+  const int32_t rc = llama_decode(ctx_, b);
+  if (rc == 0) return Status::Ok();
+  if (rc == 1) return Status::ResourceExhausted("no KV slot for the batch");
+  return Status::Internal("llama_decode failed with code " + std::to_string(rc));
+}
+
+const float* LlamaBackend::Logits(int32_t batch_index) { return llama_get_logits_ith(ctx_, batch_index); }
+
+std::unique_ptr<Sampler> LlamaBackend::NewSampler(const SamplingParams& p) {
+  const bool penalties = p.presence_penalty != 0.0f || p.frequency_penalty != 0.0f;
+  if ((p.temperature <= 0.0f || p.top_k == 1) && !penalties) return std::make_unique<GreedySampler>(n_vocab_, p.logit_bias);
+  return std::make_unique<ChainSampler>(n_vocab_, p);
+}
+
+bool LlamaBackend::IsEndOfGeneration(Token t) const { return llama_vocab_is_eog(model_->vocab(), t); }
+
+void LlamaBackend::DeviceMemory(size_t* free, size_t* total) const {
+  *free = *total = 0;
+  if (ggml_backend_dev_t gpu = model_->on_gpu() ? FirstGpu() : nullptr) ggml_backend_dev_memory(gpu, free, total);
+}
+
+}  // namespace kvb::engine

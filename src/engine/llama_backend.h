@@ -1,0 +1,68 @@
+// The Backend on a real llama.cpp context: one unified KV cache shared by
+// all sequences, so llama_memory_seq_cp shares cells instead of copying.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "engine/backend.h"
+#include "engine/model.h"
+
+struct llama_context;
+
+namespace kvb::engine {
+
+struct ContextOptions {
+  int32_t kv_cells = 0;   // 0: sized from free memory
+  int32_t max_seqs = 0;   // parallel requests; 0: chosen from the hardware
+  int32_t anchors = 4;    // extra sequence ids for shared prefixes
+  int32_t n_batch = 2048; // tokens per step (decode + prefill chunks)
+  int32_t n_ubatch = 0;   // 0: n_batch on CPU, 512 on GPU
+  int32_t n_threads = 0;  // 0: all cores
+  bool flash_attn = true;
+};
+
+struct ContextInfo {
+  int32_t kv_cells = 0;
+  int32_t n_seq_max = 0;
+  int32_t max_seqs = 0;
+  int32_t n_ctx_seq = 0;
+  int32_t n_batch = 0;
+  int64_t kv_bytes = 0;
+  std::string device;  // "CPU" or the GPU's description
+};
+
+class LlamaBackend : public Backend {
+ public:
+  static StatusOr<std::unique_ptr<LlamaBackend>> Create(const Model* model, const ContextOptions& options);
+  ~LlamaBackend() override;
+
+  int32_t n_seq_max() const override { return info_.n_seq_max; }
+  int32_t n_cells() const override { return info_.kv_cells; }
+  int32_t n_ctx_seq() const override { return info_.n_ctx_seq; }
+  int32_t n_batch() const override { return info_.n_batch; }
+  int32_t n_vocab() const override { return n_vocab_; }
+
+  void CopySeq(int32_t src, int32_t dst, int32_t n) override;
+  void RemoveSeq(int32_t seq) override;
+  Status Decode(const std::vector<BatchToken>& batch) override;
+  const float* Logits(int32_t batch_index) override;
+  std::unique_ptr<Sampler> NewSampler(const SamplingParams& params) override;
+  bool IsEndOfGeneration(Token t) const override;
+  std::string Piece(Token t) const override { return model_->Piece(t); }
+
+  const ContextInfo& info() const { return info_; }
+  // Free and total memory of the device holding the KV cache (bytes).
+  void DeviceMemory(size_t* free, size_t* total) const;
+
+ private:
+  LlamaBackend() = default;
+  const Model* model_ = nullptr;
+  llama_context* ctx_ = nullptr;
+  int32_t n_vocab_ = 0;
+  ContextInfo info_;
+  struct BatchBuffer;
+  std::unique_ptr<BatchBuffer> batch_;
+};
+
+}  // namespace kvb::engine

@@ -1,0 +1,111 @@
+#include "engine/model.h"
+
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <mutex>
+
+#include "ggml-backend.h"
+#include "llama.h"
+
+namespace kvb::engine {
+
+namespace {
+
+void LogToStderr(ggml_log_level level, const char* text, void*) {
+  static const bool debug = std::getenv("KVBATCH_DEBUG") != nullptr;
+  if (debug || level == GGML_LOG_LEVEL_ERROR || level == GGML_LOG_LEVEL_WARN) std::fputs(text, stderr);
+}
+
+}  // namespace
+
+void InitLlama() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    llama_log_set(LogToStderr, nullptr);
+    llama_backend_init();
+  });
+}
+
+StatusOr<std::unique_ptr<Model>> Model::Load(const ModelOptions& options) {
+  InitLlama();
+  std::error_code ec;
+  if (!std::filesystem::is_regular_file(options.path, ec))
+    return Status::NotFound("model file not found: " + options.path);
+  llama_model_params mp = llama_model_default_params();
+  mp.n_gpu_layers = options.n_gpu_layers;
+  llama_model* raw = llama_model_load_from_file(options.path.c_str(), mp);
+  if (!raw) return Status::InvalidArgument("llama.cpp could not load the model " + options.path);
+  std::unique_ptr<Model> m(new Model);
+  m->model_ = raw;
+  m->vocab_ = llama_model_get_vocab(raw);
+  m->name_ = std::filesystem::path(options.path).stem().string();
+  if (const char* t = llama_model_chat_template(raw, nullptr)) m->template_ = t;
+  for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
+    ggml_backend_dev_t dev = ggml_backend_dev_get(i);
+    if (ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_GPU && options.n_gpu_layers != 0) m->on_gpu_ = true;
+  }
+  return m;
+}
+
+Model::~Model() {
+  if (model_) llama_model_free(model_);
+}
+
+StatusOr<std::string> Model::FormatChat(const std::vector<ChatMessage>& messages) const {
+  std::vector<llama_chat_message> chat;
+  size_t chars = 0;
+  for (const auto& m : messages) {
+    chat.push_back({m.role.c_str(), m.content.c_str()});
+    chars += m.role.size() + m.content.size();
+  }
+  const char* tmpl = template_.empty() ? nullptr : template_.c_str();
+  std::string buf(2 * chars + 256, '\0');
+  int32_t n = llama_chat_apply_template(tmpl, chat.data(), chat.size(), true, buf.data(), static_cast<int32_t>(buf.size()));
+  if (n > static_cast<int32_t>(buf.size())) {
+    buf.resize(n);
+    n = llama_chat_apply_template(tmpl, chat.data(), chat.size(), true, buf.data(), static_cast<int32_t>(buf.size()));
+  }
+  if (n < 0)
+    return Status::FailedPrecondition("this model's chat template is not supported by llama.cpp's template engine");
+  buf.resize(n);
+  return buf;
+}
+
+std::vector<Token> Model::Tokenize(std::string_view text) const {
+  std::vector<Token> out(text.size() / 2 + 16);
+  int32_t n = llama_tokenize(vocab_, text.data(), static_cast<int32_t>(text.size()), out.data(),
+                             static_cast<int32_t>(out.size()), /*add_special=*/true, /*parse_special=*/true);
+  if (n < 0) {
+    out.resize(-n);
+    n = llama_tokenize(vocab_, text.data(), static_cast<int32_t>(text.size()), out.data(),
+                       static_cast<int32_t>(out.size()), true, true);
+  }
+  out.resize(std::max(0, n));
+  return out;
+}
+
+std::string Model::Piece(Token t) const {
+  char buf[256];
+  int32_t n = llama_token_to_piece(vocab_, t, buf, sizeof(buf), 0, /*special=*/false);
+  if (n < 0) {
+    std::string big(-n, '\0');
+    n = llama_token_to_piece(vocab_, t, big.data(), static_cast<int32_t>(big.size()), 0, false);
+    big.resize(std::max(0, n));
+    return big;
+  }
+  return std::string(buf, n);
+}
+
+int32_t Model::n_ctx_train() const { return llama_model_n_ctx_train(model_); }
+int32_t Model::n_vocab() const { return llama_vocab_n_tokens(vocab_); }
+
+int64_t Model::KvBytesPerCell() const {
+  const int64_t n_layer = llama_model_n_layer(model_);
+  const int64_t n_head = std::max(1, llama_model_n_head(model_));
+  const int64_t head_dim = llama_model_n_embd(model_) / n_head;
+  const int64_t n_embd_kv = head_dim * llama_model_n_head_kv(model_);
+  return n_layer * 2 * n_embd_kv * 2;  // K and V, f16
+}
+
+}  // namespace kvb::engine

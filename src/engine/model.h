@@ -1,0 +1,59 @@
+// A loaded GGUF model: weights, vocabulary and chat template. Read-only
+// after loading, so tokenization may run on any thread while the engine
+// thread decodes.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "engine/types.h"
+
+struct llama_model;
+struct llama_vocab;
+
+namespace kvb::engine {
+
+struct ModelOptions {
+  std::string path;
+  int32_t n_gpu_layers = -1;  // -1: all layers on the GPU when there is one
+};
+
+class Model {
+ public:
+  static StatusOr<std::unique_ptr<Model>> Load(const ModelOptions& options);
+  ~Model();
+
+  // The prompt for a chat, by the model's own template (llama.cpp's
+  // template support), ending with the assistant's turn.
+  StatusOr<std::string> FormatChat(const std::vector<ChatMessage>& messages) const;
+  // Tokens of a prompt; special tokens in the text are parsed, BOS added
+  // when the model wants one.
+  std::vector<Token> Tokenize(std::string_view text) const;
+  std::string Piece(Token t) const;
+
+  const std::string& name() const { return name_; }  // file name without .gguf
+  int32_t n_ctx_train() const;
+  int32_t n_vocab() const;
+  // KV bytes per cell for an f16 cache.
+  int64_t KvBytesPerCell() const;
+  bool on_gpu() const { return on_gpu_; }
+
+  llama_model* raw() const { return model_; }
+  const llama_vocab* vocab() const { return vocab_; }
+
+ private:
+  Model() = default;
+  llama_model* model_ = nullptr;
+  const llama_vocab* vocab_ = nullptr;
+  std::string name_;
+  std::string template_;
+  bool on_gpu_ = false;
+};
+
+// Initializes llama.cpp's backends once per process and routes its log to
+// stderr only at warning level and above (or everything with KVBATCH_DEBUG).
+void InitLlama();
+
+}  // namespace kvb::engine

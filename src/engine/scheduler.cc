@@ -1,0 +1,419 @@
+#include "engine/scheduler.h"
+
+#include <algorithm>
+#include <cassert>
+#include <numeric>
+
+namespace kvb::engine {
+
+struct Scheduler::Seq {
+  Request req;
+  int32_t id = -1;
+  int64_t order = 0;      // admission order: the newest is requeued first
+  int32_t n_past = 0;     // positions resident in this sequence
+  int32_t cached = 0;     // prompt tokens credited as served from a shared prefix
+  int32_t anchor = -1;    // the anchor this sequence was forked from (holds a ref)
+  int32_t reserved = 0;   // worst-case cells this sequence may add
+  int32_t max_new = 0;
+  int32_t batch_index = -1;
+  int32_t chunk = 0;      // prompt tokens in the current batch
+  std::unique_ptr<Sampler> sampler;
+  std::vector<Token> out;
+  std::string text;
+  FinishReason finish = FinishReason::kStop;
+  std::vector<std::pair<Token, float>> top_logits;
+
+  bool prefilling() const { return n_past < static_cast<int32_t>(req.prompt.size()); }
+};
+
+struct Scheduler::Anchor {
+  int32_t id = -1;
+  std::vector<Token> tokens;
+  int32_t n_past = 0;
+  int32_t parent = -1;   // anchor it was forked from (holds a ref)
+  int32_t reserved = 0;  // cells it owns: tokens beyond the fork
+  int32_t chunk = 0;
+  bool ready = false;
+};
+
+namespace {
+
+size_t CommonPrefix(const std::vector<Token>& a, const std::vector<Token>& b, size_t max_len) {
+  size_t n = std::min({a.size(), b.size(), max_len});
+  size_t i = 0;
+  while (i < n && a[i] == b[i]) ++i;
+  return i;
+}
+
+}  // namespace
+
+Scheduler::Scheduler(Backend* backend, SchedulerOptions options, ResultFn on_result)
+    : backend_(backend), options_(options), on_result_(std::move(on_result)) {
+  int32_t n = backend_->n_seq_max();
+  options_.max_anchors = std::clamp(options_.max_anchors, 0, std::max(0, n - 1));
+  max_running_ = n - options_.max_anchors;
+  seqs_.resize(n);
+  anchors_.resize(n);
+  stats_.cells_total = backend_->n_cells();
+}
+
+Scheduler::~Scheduler() = default;
+
+void Scheduler::Submit(Request request, bool urgent) {
+  if (urgent) {
+    waiting_.push_front(std::move(request));
+  } else {
+    waiting_.push_back(std::move(request));
+  }
+  stats_.waiting = static_cast<int32_t>(waiting_.size());
+}
+
+bool Scheduler::Idle() const {
+  if (!waiting_.empty()) return false;
+  for (const auto& s : seqs_)
+    if (s) return false;
+  for (const auto& a : anchors_)
+    if (a && !a->ready) return false;
+  return true;
+}
+
+int32_t Scheduler::MaxNew(const Request& r) const {
+  int32_t room = backend_->n_ctx_seq() - static_cast<int32_t>(r.prompt.size());
+  int32_t want = r.sampling.max_tokens > 0 ? r.sampling.max_tokens : room;
+  return std::max(0, std::min(want, room));
+}
+
+int32_t Scheduler::FreeCells() const {
+  int32_t used = 0;
+  for (const auto& s : seqs_)
+    if (s) used += s->reserved;
+  for (const auto& a : anchors_)
+    if (a) used += a->reserved;
+  return backend_->n_cells() - options_.reserve_cells - used;
+}
+
+std::optional<int32_t> Scheduler::FreeSlot(bool anchor) const {
+  int32_t running = 0, anchors = 0;
+  for (size_t i = 0; i < seqs_.size(); ++i) {
+    if (seqs_[i]) ++running;
+    if (anchors_[i]) ++anchors;
+  }
+  if (anchor ? anchors >= options_.max_anchors : running >= max_running_) return std::nullopt;
+  for (size_t i = 0; i < seqs_.size(); ++i)
+    if (!seqs_[i] && !anchors_[i]) return static_cast<int32_t>(i);
+  return std::nullopt;
+}
+
+void Scheduler::EvictAnchor(int32_t seq) {
+  auto& a = anchors_[seq];
+  assert(a && a->ready && cache_.Refs(seq) == 0);
+  backend_->RemoveSeq(seq);
+  cache_.Remove(seq);
+  if (a->parent >= 0) cache_.Release(a->parent);
+  a.reset();
+}
+
+// Evicts idle anchors, least recently used first, until `cells` fit.
+bool Scheduler::MakeRoom(int32_t cells, int32_t keep_anchor) {
+  while (FreeCells() < cells) {
+    auto victim = cache_.LruIdle(keep_anchor);
+    if (!victim) return false;
+    EvictAnchor(*victim);
+  }
+  return true;
+}
+
+int32_t Scheduler::SharedWithWaiting(const Request& r, size_t max_len) const {
+  size_t best = 0;
+  size_t n = std::min(waiting_.size(), static_cast<size_t>(options_.lookahead) + 1);
+  for (size_t i = 0; i < n; ++i) {
+    const Request& w = waiting_[i];
+    if (&w == &r) continue;
+    best = std::max(best, CommonPrefix(r.prompt, w.prompt, max_len));
+  }
+  return static_cast<int32_t>(best);
+}
+
+void Scheduler::Fail(Request& r, Status status) {
+  Result res;
+  res.id = r.id;
+  res.status = std::move(status);
+  res.prompt_tokens = static_cast<int32_t>(r.prompt.size());
+  ++stats_.requests_failed;
+  on_result_(std::move(res));
+}
+
+// Returns true when `r` was consumed (admitted or failed), false when it must wait.
+bool Scheduler::TryAdmit(Request& r) {
+  const int32_t n = static_cast<int32_t>(r.prompt.size());
+  if (n == 0) {
+    Fail(r, Status::InvalidArgument("the prompt is empty"));
+    return true;
+  }
+  if (n >= backend_->n_ctx_seq()) {
+    Fail(r, Status::ResourceExhausted("the prompt has " + std::to_string(n) +
+                                      " tokens; this model's context holds at most " +
+                                      std::to_string(backend_->n_ctx_seq() - 1) +
+                                      " prompt tokens (plus at least one to generate)"));
+    return true;
+  }
+  // At least the last prompt token is always decoded by the request itself:
+  // its logits give the first sampled token.
+  const size_t max_len = static_cast<size_t>(n - 1);
+  PrefixCache::Match m = cache_.Longest(r.prompt, max_len);
+
+  // An anchor being prefilled will serve more of this prompt: wait for it.
+  for (const auto& a : anchors_) {
+    if (a && !a->ready && static_cast<int32_t>(a->tokens.size()) > m.length && a->tokens.size() <= max_len &&
+        CommonPrefix(a->tokens, r.prompt, max_len) == a->tokens.size())
+      return false;
+  }
+
+  // A longer prefix shared with requests still waiting: decode it once into
+  // an anchor, then fork this request and the others from it.
+  const int32_t shared = SharedWithWaiting(r, max_len);
+  if (shared >= m.length + options_.min_anchor_gain) {
+    auto slot = FreeSlot(/*anchor=*/true);
+    if (!slot) {
+      if (auto victim = cache_.LruIdle(m.seq)) {
+        EvictAnchor(*victim);
+        slot = FreeSlot(true);
+      }
+    }
+    const int32_t cells = shared - m.length;
+    if (slot && MakeRoom(cells, m.seq)) {
+      auto a = std::make_unique<Anchor>();
+      a->id = *slot;
+      a->tokens.assign(r.prompt.begin(), r.prompt.begin() + shared);
+      a->n_past = m.length;
+      a->reserved = cells;
+      if (m.length > 0) {
+        backend_->CopySeq(m.seq, a->id, m.length);
+        cache_.Acquire(m.seq);
+        a->parent = m.seq;
+      }
+      anchors_[a->id] = std::move(a);
+      // The prefix is computed for this request: only what was resident
+      // before counts as served from the cache.
+      credit_[r.id] = m.length;
+      return false;
+    }
+  }
+
+  auto slot = FreeSlot(/*anchor=*/false);
+  if (!slot) return false;
+  const int32_t max_new = MaxNew(r);
+  const int32_t need = n - m.length + max_new;
+  if (!MakeRoom(need, m.seq)) return false;
+
+  auto s = std::make_unique<Seq>();
+  s->id = *slot;
+  s->order = admit_order_++;
+  s->n_past = m.length;
+  s->reserved = need;
+  s->max_new = max_new;
+  if (m.length > 0) {
+    backend_->CopySeq(m.seq, s->id, m.length);
+    cache_.Acquire(m.seq);
+    s->anchor = m.seq;
+  }
+  auto c = credit_.find(r.id);
+  s->cached = c != credit_.end() ? std::min(c->second, m.length) : m.length;
+  if (c != credit_.end()) credit_.erase(c);
+  s->sampler = backend_->NewSampler(r.sampling);
+  s->req = std::move(r);
+  seqs_[s->id] = std::move(s);
+  return true;
+}
+
+void Scheduler::Admit() {
+  while (!waiting_.empty()) {
+    if (!TryAdmit(waiting_.front())) break;
+    waiting_.pop_front();
+  }
+}
+
+void Scheduler::Release(Seq& s) {
+  backend_->RemoveSeq(s.id);
+  if (s.anchor >= 0) cache_.Release(s.anchor);
+  seqs_[s.id].reset();  // destroys s
+}
+
+void Scheduler::Finish(Seq& s) {
+  Result res;
+  res.id = s.req.id;
+  res.text = std::move(s.text);
+  res.tokens = std::move(s.out);
+  res.finish = s.finish;
+  res.prompt_tokens = static_cast<int32_t>(s.req.prompt.size());
+  res.cached_tokens = s.cached;
+  res.completion_tokens = static_cast<int32_t>(res.tokens.size());
+  res.top_logits = std::move(s.top_logits);
+  ++stats_.requests_done;
+  stats_.prompt_tokens += res.prompt_tokens;
+  stats_.cached_tokens += res.cached_tokens;
+  stats_.completion_tokens += res.completion_tokens;
+  Release(s);
+  on_result_(std::move(res));
+}
+
+// Pushes a running sequence back to the front of the queue; it restarts
+// from scratch, with the same seed, so its result does not change.
+void Scheduler::Requeue(Seq& s) {
+  ++stats_.requeued;
+  credit_[s.req.id] = s.cached;
+  Request r = std::move(s.req);
+  Release(s);
+  waiting_.push_front(std::move(r));
+}
+
+// Appends a sampled token; returns true when the sequence is finished.
+bool Scheduler::Accept(Seq& s, Token t) {
+  if (backend_->IsEndOfGeneration(t)) {
+    s.finish = FinishReason::kStop;
+    return true;
+  }
+  s.out.push_back(t);
+  const size_t before = s.text.size();
+  s.text += backend_->Piece(t);
+  for (const std::string& stop : s.req.sampling.stop) {
+    if (stop.empty()) continue;
+    size_t from = before >= stop.size() ? before - stop.size() + 1 : 0;
+    size_t pos = s.text.find(stop, from);
+    if (pos != std::string::npos) {
+      s.text.resize(pos);
+      s.finish = FinishReason::kStop;
+      return true;
+    }
+  }
+  if (static_cast<int32_t>(s.out.size()) >= s.max_new) {
+    s.finish = FinishReason::kLength;
+    return true;
+  }
+  return false;
+}
+
+bool Scheduler::Step() {
+  Admit();
+  std::vector<BatchToken> batch;
+  const int32_t n_batch = backend_->n_batch();
+
+  // One token for every decoding sequence first: decoding never stalls
+  // behind a long prompt.
+  for (auto& s : seqs_) {
+    if (!s) continue;
+    s->batch_index = -1;
+    s->chunk = 0;
+    if (s->prefilling()) continue;
+    s->batch_index = static_cast<int32_t>(batch.size());
+    batch.push_back({s->out.back(), s->n_past, s->id, true});
+  }
+  // Then prompt chunks up to the token budget: anchors first (requests wait
+  // on them), then requests in admission order.
+  int32_t budget = n_batch - static_cast<int32_t>(batch.size());
+  for (auto& a : anchors_) {
+    if (!a || a->ready) continue;
+    a->chunk = std::min(budget, static_cast<int32_t>(a->tokens.size()) - a->n_past);
+    for (int32_t i = 0; i < a->chunk; ++i)
+      batch.push_back({a->tokens[a->n_past + i], a->n_past + i, a->id, false});
+    budget -= a->chunk;
+  }
+  std::vector<Seq*> prefill;
+  for (auto& s : seqs_)
+    if (s && s->prefilling()) prefill.push_back(s.get());
+  std::sort(prefill.begin(), prefill.end(), [](Seq* a, Seq* b) { return a->order < b->order; });
+  for (Seq* s : prefill) {
+    const int32_t n = static_cast<int32_t>(s->req.prompt.size());
+    s->chunk = std::min(budget, n - s->n_past);
+    for (int32_t i = 0; i < s->chunk; ++i) {
+      const int32_t pos = s->n_past + i;
+      const bool last = pos == n - 1;
+      if (last) s->batch_index = static_cast<int32_t>(batch.size());
+      batch.push_back({s->req.prompt[pos], pos, s->id, last});
+    }
+    budget -= s->chunk;
+  }
+
+  if (batch.empty()) {
+    // Nothing runs and the head of the queue cannot be admitted: it can
+    // never fit (admission guarantees this does not happen; fail loudly).
+    if (!waiting_.empty()) {
+      Request r = std::move(waiting_.front());
+      waiting_.pop_front();
+      Fail(r, Status::ResourceExhausted("the request does not fit in the KV cache"));
+      return true;
+    }
+    return false;
+  }
+
+  Status st = backend_->Decode(batch);
+  ++stats_.steps;
+  if (!st.ok()) {
+    // Admission should prevent this; if the cache is full anyway, push the
+    // newest sequence back and retry (never abort the run).
+    Seq* newest = nullptr;
+    for (auto& s : seqs_)
+      if (s && (!newest || s->order > newest->order)) newest = s.get();
+    for (auto& a : anchors_)
+      if (a) a->chunk = 0;
+    if (newest && st.code() == StatusCode::kResourceExhausted) {
+      Requeue(*newest);
+      return true;
+    }
+    std::vector<Seq*> all;
+    for (auto& s : seqs_)
+      if (s) all.push_back(s.get());
+    for (Seq* s : all) {
+      Request r = std::move(s->req);
+      Release(*s);
+      Fail(r, st);
+    }
+    return true;
+  }
+
+  for (auto& a : anchors_) {
+    if (!a || a->ready || a->chunk == 0) continue;
+    a->n_past += a->chunk;
+    stats_.prefill_tokens += a->chunk;
+    if (a->n_past == static_cast<int32_t>(a->tokens.size())) {
+      a->ready = true;
+      cache_.Insert(a->id, a->tokens);
+    }
+  }
+  const int32_t n_vocab = backend_->n_vocab();
+  for (auto& slot : seqs_) {
+    if (!slot) continue;
+    Seq& s = *slot;
+    if (s.chunk > 0) {
+      s.n_past += s.chunk;
+      stats_.prefill_tokens += s.chunk;
+    } else if (s.batch_index >= 0) {
+      s.n_past += 1;  // the decoded token is now resident
+    }
+    if (s.batch_index < 0) continue;
+    const float* logits = backend_->Logits(s.batch_index);
+    if (s.out.empty() && s.req.capture_top_logits > 0) {
+      std::vector<int32_t> idx(n_vocab);
+      std::iota(idx.begin(), idx.end(), 0);
+      const int32_t k = std::min(s.req.capture_top_logits, n_vocab);
+      std::partial_sort(idx.begin(), idx.begin() + k, idx.end(),
+                        [logits](int32_t a, int32_t b) { return logits[a] > logits[b]; });
+      for (int32_t i = 0; i < k; ++i) s.top_logits.emplace_back(idx[i], logits[idx[i]]);
+    }
+    const Token t = s.sampler->Sample(logits);
+    if (s.max_new == 0 || Accept(s, t)) Finish(s);
+  }
+
+  stats_.waiting = static_cast<int32_t>(waiting_.size());
+  stats_.active = 0;
+  stats_.anchors = 0;
+  for (size_t i = 0; i < seqs_.size(); ++i) {
+    if (seqs_[i]) ++stats_.active;
+    if (anchors_[i]) ++stats_.anchors;
+  }
+  stats_.cells_reserved = backend_->n_cells() - options_.reserve_cells - FreeCells();
+  stats_.cells_peak = std::max(stats_.cells_peak, stats_.cells_reserved);
+  return true;
+}
+
+}  // namespace kvb::engine

@@ -1,0 +1,101 @@
+// The engine loop's logic (DESIGN.md section 2), independent of llama.cpp:
+// admission with shared-prefix forking and anchors, mixed decode + chunked
+// prefill steps, per-request sampling, finishing and anchor eviction.
+//
+// Not thread-safe: one thread (the engine's) calls everything.
+#pragma once
+
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <unordered_map>
+#include <vector>
+
+#include "engine/backend.h"
+#include "engine/prefix_cache.h"
+#include "engine/types.h"
+
+namespace kvb::engine {
+
+struct SchedulerOptions {
+  int32_t max_anchors = 4;          // sequence ids kept for shared prefixes
+  int32_t min_anchor_gain = 16;     // an anchor must add at least this many shared tokens
+  int32_t lookahead = 256;          // waiting requests compared to find shared prefixes
+  int32_t reserve_cells = 0;        // cells kept free as a safety margin
+};
+
+struct EngineStats {
+  int64_t requests_done = 0;
+  int64_t requests_failed = 0;
+  int64_t prompt_tokens = 0;        // over finished requests
+  int64_t cached_tokens = 0;        // of those, served from a shared prefix
+  int64_t prefill_tokens = 0;       // prompt tokens actually decoded (anchors included)
+  int64_t completion_tokens = 0;
+  int64_t steps = 0;
+  int64_t requeued = 0;             // sequences pushed back after a failed decode
+  int32_t active = 0;               // sequences running
+  int32_t waiting = 0;
+  int32_t anchors = 0;
+  int32_t cells_reserved = 0;       // worst-case cells held by admitted work
+  int32_t cells_peak = 0;
+  int32_t cells_total = 0;
+};
+
+class Scheduler {
+ public:
+  using ResultFn = std::function<void(Result&&)>;
+
+  Scheduler(Backend* backend, SchedulerOptions options, ResultFn on_result);
+  ~Scheduler();
+
+  // Queues a request. Requests sharing a prefix should be submitted next to
+  // each other: anchors are made from prefixes shared within the lookahead.
+  // `urgent` requests go to the front of the queue (interactive traffic).
+  void Submit(Request request, bool urgent = false);
+
+  // Runs one step: admit, decode one batch, sample, finish. Returns false
+  // when there was nothing to do.
+  bool Step();
+
+  bool Idle() const;
+  const EngineStats& stats() const { return stats_; }
+  // Max sequences that may run at once (excluding anchors).
+  int32_t max_running() const { return max_running_; }
+
+ private:
+  struct Seq;
+  struct Anchor;
+
+  void Admit();
+  bool TryAdmit(Request& r);
+  int32_t SharedWithWaiting(const Request& r, size_t max_len) const;
+  std::optional<int32_t> FreeSlot(bool anchor) const;
+  bool MakeRoom(int32_t cells, int32_t keep_anchor);
+  void EvictAnchor(int32_t seq);
+  int32_t FreeCells() const;
+  int32_t MaxNew(const Request& r) const;
+  void Fail(Request& r, Status status);
+  void Finish(Seq& s);
+  void Requeue(Seq& s);
+  void Release(Seq& s);
+  bool Accept(Seq& s, Token t);
+
+  Backend* backend_;
+  SchedulerOptions options_;
+  ResultFn on_result_;
+  PrefixCache cache_;
+  int32_t max_running_;
+
+  std::deque<Request> waiting_;
+  std::vector<std::unique_ptr<Seq>> seqs_;        // by sequence id; null = free
+  std::vector<std::unique_ptr<Anchor>> anchors_;  // by sequence id; null = not an anchor
+  // Requests that had an anchor made for them: prompt tokens creditable as
+  // cached (what was resident before the anchor), by request id.
+  std::unordered_map<uint64_t, int32_t> credit_;
+  int64_t admit_order_ = 0;
+  EngineStats stats_;
+};
+
+}  // namespace kvb::engine

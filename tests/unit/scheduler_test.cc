@@ -1,0 +1,285 @@
+// Scheduler tests on a fake Backend that models a unified KV cache: cells
+// carry a set of sequence ids, CopySeq shares cells, and a token's logits
+// are a function of exactly the tokens its sequence can see. So a request
+// that saw anything but its own prompt would produce different tokens.
+#include "engine/scheduler.h"
+
+#include <gtest/gtest.h>
+
+#include <map>
+#include <set>
+
+namespace kvb::engine {
+namespace {
+
+constexpr int32_t kVocab = 64;
+
+class FakeBackend : public Backend {
+ public:
+  FakeBackend(int32_t seqs, int32_t cells, int32_t ctx, int32_t batch)
+      : seqs_(seqs), n_cells_(cells), ctx_(ctx), batch_(batch), cells_(cells) {}
+
+  int32_t n_seq_max() const override { return seqs_; }
+  int32_t n_cells() const override { return n_cells_; }
+  int32_t n_ctx_seq() const override { return ctx_; }
+  int32_t n_batch() const override { return batch_; }
+  int32_t n_vocab() const override { return kVocab; }
+
+  void CopySeq(int32_t src, int32_t dst, int32_t n) override {
+    ++copies;
+    for (auto& c : cells_)
+      if (c.seqs.count(src) && c.pos < n) c.seqs.insert(dst);
+  }
+  void RemoveSeq(int32_t seq) override {
+    for (auto& c : cells_) c.seqs.erase(seq);
+  }
+  Status Decode(const std::vector<BatchToken>& batch) override {
+    EXPECT_LE(static_cast<int32_t>(batch.size()), batch_);
+    if (fail_next) {
+      fail_next = false;
+      return Status::ResourceExhausted("injected");
+    }
+    logits_.assign(batch.size(), {});
+    for (size_t i = 0; i < batch.size(); ++i) {
+      const BatchToken& b = batch[i];
+      // The sequence must hold exactly positions [0, pos) before this token.
+      std::vector<Token> seen = Visible(b.seq);
+      EXPECT_EQ(static_cast<int32_t>(seen.size()), b.pos) << "seq " << b.seq;
+      Cell* free_cell = nullptr;
+      for (auto& c : cells_)
+        if (c.seqs.empty()) {
+          free_cell = &c;
+          break;
+        }
+      if (!free_cell) {
+        ADD_FAILURE() << "KV cache overflow: admission let too much in";
+        return Status::ResourceExhausted("full");
+      }
+      *free_cell = Cell{b.token, b.pos, {b.seq}};
+      seen.push_back(b.token);
+      if (b.logits) logits_[i] = LogitsFor(seen);
+    }
+    int32_t used = 0;
+    for (auto& c : cells_) used += !c.seqs.empty();
+    peak_cells = std::max(peak_cells, used);
+    decoded_tokens += static_cast<int64_t>(batch.size());
+    return Status::Ok();
+  }
+  const float* Logits(int32_t i) override { return logits_.at(i).data(); }
+
+  class Argmax : public Sampler {
+   public:
+    Token Sample(const float* l) override { return static_cast<Token>(std::max_element(l, l + kVocab) - l); }
+  };
+  std::unique_ptr<Sampler> NewSampler(const SamplingParams&) override { return std::make_unique<Argmax>(); }
+  bool IsEndOfGeneration(Token t) const override { return t == 0; }
+  std::string Piece(Token t) const override { return std::string(1, static_cast<char>('a' + t % 26)); }
+
+  // What a sequence can attend to, by position.
+  std::vector<Token> Visible(int32_t seq) const {
+    std::map<int32_t, Token> by_pos;
+    for (const auto& c : cells_)
+      if (c.seqs.count(seq)) {
+        EXPECT_FALSE(by_pos.count(c.pos)) << "two cells at one position";
+        by_pos[c.pos] = c.token;
+      }
+    std::vector<Token> out;
+    for (auto [p, t] : by_pos) {
+      EXPECT_EQ(p, static_cast<int32_t>(out.size())) << "hole in seq " << seq;
+      out.push_back(t);
+    }
+    return out;
+  }
+  static std::vector<float> LogitsFor(const std::vector<Token>& seen) {
+    uint64_t h = 1469598103934665603ULL;
+    for (Token t : seen) h = (h ^ static_cast<uint64_t>(t)) * 1099511628211ULL;
+    std::vector<float> l(kVocab, 0.0f);
+    l[(h >> 7) % kVocab] = 1.0f;
+    return l;
+  }
+
+  bool fail_next = false;
+  int32_t peak_cells = 0;
+  int32_t copies = 0;
+  int64_t decoded_tokens = 0;
+
+ private:
+  struct Cell {
+    Token token = -1;
+    int32_t pos = -1;
+    std::set<int32_t> seqs;
+  };
+  int32_t seqs_, n_cells_, ctx_, batch_;
+  std::vector<Cell> cells_;
+  std::vector<std::vector<float>> logits_;
+};
+
+Request MakeRequest(uint64_t id, std::vector<Token> prompt, int32_t max_tokens) {
+  Request r;
+  r.id = id;
+  r.prompt = std::move(prompt);
+  r.sampling.temperature = 0;
+  r.sampling.max_tokens = max_tokens;
+  return r;
+}
+
+std::vector<Token> SharedPrompt(int32_t shared, uint64_t id, int32_t unique) {
+  std::vector<Token> p;
+  for (int32_t i = 0; i < shared; ++i) p.push_back(1 + i % 50);
+  for (int32_t i = 0; i < unique; ++i) p.push_back(1 + static_cast<Token>((id * 7 + i * 13) % 60));
+  return p;
+}
+
+std::map<uint64_t, Result> RunAll(FakeBackend& backend, std::vector<Request> requests, SchedulerOptions opts = {}) {
+  std::map<uint64_t, Result> out;
+  Scheduler s(&backend, opts, [&](Result&& r) {
+    EXPECT_FALSE(out.count(r.id)) << "answered twice";
+    out[r.id] = std::move(r);
+  });
+  for (auto& r : requests) s.Submit(std::move(r));
+  int guard = 0;
+  while (s.Step()) {
+    if (++guard > 100000) {
+      ADD_FAILURE() << "no progress";
+      break;
+    }
+  }
+  EXPECT_TRUE(s.Idle());
+  return out;
+}
+
+Result RunAlone(Request r) {
+  FakeBackend alone(4, 4096, 4096, 512);
+  std::vector<Request> one;
+  one.push_back(std::move(r));
+  auto out = RunAll(alone, std::move(one), SchedulerOptions{.max_anchors = 0});
+  return out.begin()->second;
+}
+
+TEST(Scheduler, SharedPrefixIsDecodedOnceAndForkedIntoEverySequence) {
+  FakeBackend backend(12, 4096, 4096, 512);
+  std::vector<Request> reqs;
+  for (uint64_t i = 0; i < 20; ++i) reqs.push_back(MakeRequest(i, SharedPrompt(300, i, 6), 8));
+  auto results = RunAll(backend, reqs);
+  ASSERT_EQ(results.size(), 20u);
+  // The 300-token prefix was decoded once, not 20 times.
+  EXPECT_LT(backend.decoded_tokens, 300 + 20 * (6 + 8) + 50);
+  EXPECT_LT(backend.peak_cells, 300 + 12 * (6 + 8) + 50);
+  int with_cache = 0;
+  for (auto& [id, r] : results) {
+    EXPECT_TRUE(r.status.ok());
+    with_cache += r.cached_tokens >= 300;
+    // Sharing cells changes nothing: each answer equals the request run alone.
+    Result alone = RunAlone(reqs[id]);
+    EXPECT_EQ(r.tokens, alone.tokens) << "request " << id;
+  }
+  EXPECT_EQ(results[0].cached_tokens, 0);  // its prefix was computed for it
+  EXPECT_EQ(with_cache, 19);
+}
+
+TEST(Scheduler, AdmissionNeverOverflowsTheCacheAndEveryRequestFinishes) {
+  FakeBackend backend(8, 200, 200, 64);  // room for only a few requests at a time
+  std::vector<Request> reqs;
+  for (uint64_t i = 0; i < 30; ++i) reqs.push_back(MakeRequest(i, SharedPrompt(0, i, 20 + i % 7), 30));
+  auto results = RunAll(backend, reqs);
+  ASSERT_EQ(results.size(), 30u);
+  EXPECT_LE(backend.peak_cells, 200);
+  for (auto& [id, r] : results) {
+    EXPECT_TRUE(r.status.ok()) << r.status.ToString();
+    EXPECT_EQ(r.tokens, RunAlone(reqs[id]).tokens);
+  }
+}
+
+TEST(Scheduler, RespectsMaxRunningSequences) {
+  FakeBackend backend(6, 4096, 4096, 512);
+  Scheduler s(&backend, SchedulerOptions{.max_anchors = 2}, [](Result&&) {});
+  EXPECT_EQ(s.max_running(), 4);
+  for (uint64_t i = 0; i < 10; ++i) s.Submit(MakeRequest(i, SharedPrompt(0, i, 5), 50));
+  s.Step();
+  EXPECT_EQ(s.stats().active, 4);
+  EXPECT_EQ(s.stats().waiting, 6);
+}
+
+TEST(Scheduler, PromptLongerThanTheContextFailsAndTheRestComplete) {
+  FakeBackend backend(4, 512, 100, 64);
+  std::vector<Request> reqs;
+  reqs.push_back(MakeRequest(0, SharedPrompt(0, 0, 10), 5));
+  reqs.push_back(MakeRequest(1, SharedPrompt(0, 1, 150), 5));
+  reqs.push_back(MakeRequest(2, SharedPrompt(0, 2, 10), 5));
+  auto results = RunAll(backend, reqs);
+  ASSERT_EQ(results.size(), 3u);
+  EXPECT_TRUE(results[0].status.ok());
+  EXPECT_EQ(results[1].status.code(), StatusCode::kResourceExhausted);
+  EXPECT_TRUE(results[2].status.ok());
+}
+
+TEST(Scheduler, MaxTokensIsClampedToTheContextAndReportedAsLength) {
+  FakeBackend backend(2, 512, 40, 64);
+  auto r = MakeRequest(0, SharedPrompt(0, 3, 30), 1000);
+  // Find a prompt whose greedy run does not hit EOS early.
+  auto results = RunAll(backend, {r}, SchedulerOptions{.max_anchors = 0});
+  const Result& res = results[0];
+  if (res.finish == FinishReason::kLength) EXPECT_EQ(res.completion_tokens, 10);
+  EXPECT_LE(res.completion_tokens, 10);
+}
+
+TEST(Scheduler, FailedDecodeRequeuesTheNewestWithoutChangingResults) {
+  FakeBackend backend(6, 4096, 4096, 512);
+  std::vector<Request> reqs;
+  for (uint64_t i = 0; i < 5; ++i) reqs.push_back(MakeRequest(i, SharedPrompt(0, i, 12), 10));
+  std::map<uint64_t, Result> out;
+  Scheduler s(&backend, SchedulerOptions{.max_anchors = 1}, [&](Result&& r) { out[r.id] = std::move(r); });
+  for (auto r : reqs) s.Submit(std::move(r));
+  s.Step();
+  backend.fail_next = true;
+  while (s.Step()) {
+  }
+  EXPECT_EQ(s.stats().requeued, 1);
+  ASSERT_EQ(out.size(), 5u);
+  for (auto& [id, r] : out) EXPECT_EQ(r.tokens, RunAlone(reqs[id]).tokens);
+}
+
+TEST(Scheduler, StopStringCutsTheTextBeforeIt) {
+  FakeBackend backend(2, 512, 512, 64);
+  auto r = MakeRequest(0, SharedPrompt(0, 5, 8), 40);
+  Result free_run = RunAlone(r);
+  ASSERT_GE(free_run.text.size(), 4u);
+  r.sampling.stop = {free_run.text.substr(2, 2)};
+  auto results = RunAll(backend, {r}, SchedulerOptions{.max_anchors = 0});
+  const std::string& text = results[0].text;
+  EXPECT_EQ(results[0].finish, FinishReason::kStop);
+  EXPECT_EQ(text, free_run.text.substr(0, free_run.text.find(r.sampling.stop[0])));
+}
+
+TEST(Scheduler, UrgentRequestsJumpTheQueue) {
+  FakeBackend backend(3, 4096, 4096, 512);
+  std::vector<uint64_t> order;
+  Scheduler s(&backend, SchedulerOptions{.max_anchors = 0}, [&](Result&& r) { order.push_back(r.id); });
+  for (uint64_t i = 0; i < 6; ++i) s.Submit(MakeRequest(i, SharedPrompt(0, i, 5), 3));
+  s.Submit(MakeRequest(99, SharedPrompt(0, 99, 5), 3), /*urgent=*/true);
+  while (s.Step()) {
+  }
+  ASSERT_EQ(order.size(), 7u);
+  auto pos = std::find(order.begin(), order.end(), 99u) - order.begin();
+  EXPECT_LT(pos, 3);
+}
+
+TEST(Scheduler, IdleAnchorsAreEvictedWhenCellsAreNeeded) {
+  FakeBackend backend(6, 400, 400, 256);
+  std::vector<Request> reqs;
+  // Two groups with different 150-token prefixes; both anchors cannot stay.
+  for (uint64_t i = 0; i < 4; ++i) reqs.push_back(MakeRequest(i, SharedPrompt(150, i, 5), 5));
+  for (uint64_t i = 4; i < 8; ++i) {
+    auto p = SharedPrompt(0, i, 0);
+    for (int k = 0; k < 150; ++k) p.push_back(51 + k % 10);
+    for (int k = 0; k < 5; ++k) p.push_back(1 + static_cast<Token>((i * 11 + k) % 60));
+    reqs.push_back(MakeRequest(i, p, 5));
+  }
+  auto results = RunAll(backend, reqs);
+  ASSERT_EQ(results.size(), 8u);
+  for (auto& [id, r] : results) EXPECT_EQ(r.tokens, RunAlone(reqs[id]).tokens) << id;
+  EXPECT_LE(backend.peak_cells, 400);
+}
+
+}  // namespace
+}  // namespace kvb::engine
