@@ -1,0 +1,29 @@
+// `kvbatch run`: an OpenAI Batch input file in, output and error files out,
+// through the engine in this process. Resumable: rerun with the same
+// arguments after a crash and it answers only what is missing.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "engine/engine.h"
+
+namespace kvb::cli {
+
+struct RunOptions {
+  std::string input;
+  std::string output;
+  std::string errors;  // empty: failures go to the output file
+  std::string model;
+  bool skip_invalid = false;
+  bool quiet = false;
+  double progress_interval = 10.0;  // seconds between lines when not on a terminal
+  int32_t n_gpu_layers = -1;
+  engine::EngineOptions engine;
+};
+
+// Returns the process exit code: 0 all answered (some may have failed
+// requests), 1 runtime error, 2 invalid input, 130 interrupted.
+int Run(const RunOptions& options);
+
+}  // namespace kvb::cli
