@@ -126,7 +126,9 @@ StatusOr<std::unique_ptr<LlamaBackend>> LlamaBackend::Create(const Model* model,
       free = std::min(AvailableRam() / 2, size_t{8} << 30);
     }
     const int64_t by_mem = static_cast<int64_t>(free) / std::max<int64_t>(per_cell, 1);
-    cells = static_cast<int32_t>(std::clamp<int64_t>(by_mem, 2048, gpu ? 1 << 20 : 1 << 17));
+    // On a CPU the default stays modest (32k cells): admission runs fewer
+    // sequences at once when a job needs more, and RAM stays free.
+    cells = static_cast<int32_t>(std::clamp<int64_t>(by_mem, 2048, gpu ? 1 << 20 : 1 << 15));
   }
   const int32_t max_seqs = o.max_seqs > 0 ? o.max_seqs : (gpu ? 128 : 32);
   const int32_t n_seq_max = std::min<int32_t>(max_seqs + o.anchors, static_cast<int32_t>(llama_max_parallel_sequences()));
