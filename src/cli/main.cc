@@ -27,7 +27,8 @@ fs::path VocabDir() {
 // machine with no download.
 fs::path DemoModelPath() { return DataHome() / "models" / "kvbatch-demo.gguf"; }
 
-int GenModel(const std::string& preset, const std::string& out, const std::string& vocab, uint64_t seed, bool quiet) {
+int GenModel(const std::string& preset, const std::string& out, const std::string& vocab, uint64_t seed,
+             const std::string& type, bool quiet) {
   auto opts = kvb::tools::ModelPreset(preset);
   if (!opts.ok()) {
     std::fprintf(stderr, "kvbatch: %s\n", opts.status().message().c_str());
@@ -36,6 +37,13 @@ int GenModel(const std::string& preset, const std::string& out, const std::strin
   opts->out_path = out;
   opts->vocab_path = vocab.empty() ? (VocabDir() / "ggml-vocab-llama-spm.gguf").string() : vocab;
   opts->seed = seed;
+  if (type == "f16") opts->weight_type = GGML_TYPE_F16;
+  else if (type == "f32") opts->weight_type = GGML_TYPE_F32;
+  else if (type == "q8_0") opts->weight_type = GGML_TYPE_Q8_0;
+  else if (!type.empty()) {
+    std::fprintf(stderr, "kvbatch: unknown weight type %s (q8_0, f16, f32)\n", type.c_str());
+    return 2;
+  }
   std::error_code ec;
   if (fs::path(out).has_parent_path()) fs::create_directories(fs::path(out).parent_path(), ec);
   kvb::Status st = kvb::tools::GenerateModel(*opts);
@@ -75,23 +83,24 @@ int main(int argc, char** argv) {
   run_cmd->add_option("--progress-interval", run.progress_interval, "Seconds between progress lines when not on a terminal")
       ->capture_default_str();
 
-  std::string preset = "tiny", out, vocab;
+  std::string preset = "tiny", out, vocab, type;
   uint64_t seed = 42;
   auto* gen_cmd = app.add_subcommand("gen-model", "Write a llama-architecture GGUF with random weights and a real tokenizer");
   gen_cmd->add_option("--preset", preset, "tiny (~5 MB, tests) or bench (~60 MB)")->capture_default_str();
   gen_cmd->add_option("-o,--output", out, "Output .gguf")->required();
   gen_cmd->add_option("--vocab", vocab, "Tokenizer vocabulary GGUF (default: llama.cpp's ggml-vocab-llama-spm.gguf)");
   gen_cmd->add_option("--seed", seed, "Weight seed")->capture_default_str();
+  gen_cmd->add_option("--type", type, "Matrix type: q8_0, f16 or f32 (default: the preset's)");
 
   auto* path_cmd = app.add_subcommand("demo-model-path", "Print the demo model's path (generating it if missing)");
 
   CLI11_PARSE(app, argc, argv);
 
-  if (*gen_cmd) return GenModel(preset, out, vocab, seed, false);
+  if (*gen_cmd) return GenModel(preset, out, vocab, seed, type, false);
   if (*path_cmd || (*run_cmd && run.model.empty())) {
     fs::path demo = DemoModelPath();
     if (!fs::exists(demo)) {
-      if (int rc = GenModel("bench", demo.string(), "", 42, false); rc != 0) return rc;
+      if (int rc = GenModel("bench", demo.string(), "", 42, "", false); rc != 0) return rc;
     }
     if (*path_cmd) {
       std::printf("%s\n", demo.c_str());

@@ -1,0 +1,100 @@
+// Shared helpers for integration tests: the generated tiny model, temp
+// directories, and running the real kvbatch binary.
+#pragma once
+
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+
+#include <filesystem>
+#include <fstream>
+#include <mutex>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "tools/gen_model.h"
+
+namespace kvb::testing {
+
+namespace fs = std::filesystem;
+
+inline fs::path TestDir(const std::string& name) {
+  fs::path dir = fs::path(KVBATCH_TEST_TMP) / name;
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  return dir;
+}
+
+// The tiny model, generated once per test process.
+inline const std::string& TinyModel() {
+  static std::string path;
+  static std::once_flag once;
+  std::call_once(once, [] {
+    fs::path dir = fs::path(KVBATCH_TEST_TMP);
+    fs::create_directories(dir);
+    auto opts = tools::ModelPreset("tiny");
+    opts->vocab_path = std::string(KVBATCH_VOCAB_DIR) + "/ggml-vocab-llama-spm.gguf";
+    opts->out_path = (dir / "tiny.gguf").string();
+    Status st = tools::GenerateModel(*opts);
+    if (!st.ok()) throw std::runtime_error(st.ToString());
+    path = opts->out_path;
+  });
+  return path;
+}
+
+// Runs the kvbatch binary; returns its exit status (-signal if killed).
+inline int RunKvbatch(const std::string& args, std::string* stderr_text = nullptr) {
+  std::string err = (fs::path(KVBATCH_TEST_TMP) / ("stderr-" + std::to_string(::getpid()) + ".txt")).string();
+  std::string cmd = std::string(KVBATCH_BIN) + " " + args + " 2>" + err;
+  int rc = std::system(cmd.c_str());
+  if (stderr_text) {
+    std::ifstream f(err);
+    stderr_text->assign(std::istreambuf_iterator<char>(f), {});
+  }
+  if (WIFEXITED(rc)) return WEXITSTATUS(rc);
+  return -1;
+}
+
+inline std::vector<nlohmann::json> ReadJsonl(const fs::path& p) {
+  std::vector<nlohmann::json> out;
+  std::ifstream f(p);
+  std::string line;
+  while (std::getline(f, line))
+    if (!line.empty()) out.push_back(nlohmann::json::parse(line));
+  return out;
+}
+
+inline void WriteLines(const fs::path& p, const std::vector<nlohmann::json>& lines) {
+  std::ofstream f(p);
+  for (const auto& l : lines) f << l.dump() << "\n";
+}
+
+// A long shared "rubric" system prompt and a short unique user message.
+inline std::string Rubric(int repeat) {
+  std::string s = "You score job candidates for a senior backend role. ";
+  for (int i = 0; i < repeat; ++i)
+    s += "Criterion " + std::to_string(i) + ": weigh experience with distributed systems, databases and on-call work. ";
+  return s;
+}
+
+inline nlohmann::json ChatLine(const std::string& id, const std::string& system, const std::string& user,
+                               int max_tokens, double temperature = 0.0) {
+  return {{"custom_id", id},
+          {"method", "POST"},
+          {"url", "/v1/chat/completions"},
+          {"body",
+           {{"model", "any"},
+            {"messages", {{{"role", "system"}, {"content", system}}, {{"role", "user"}, {"content", user}}}},
+            {"max_tokens", max_tokens},
+            {"temperature", temperature}}}};
+}
+
+inline std::string Candidate(int i) {
+  static const char* names[] = {"Ada", "Grace", "Linus", "Ken", "Barbara", "Edsger", "Donald", "Margaret"};
+  static const char* skills[] = {"Rust and Kafka", "Postgres tuning", "Go microservices", "C++ trading systems",
+                                 "Python data pipelines", "Kubernetes operations", "Java payments", "Erlang telecom"};
+  return std::string("Candidate ") + names[i % 8] + " #" + std::to_string(i) + ": " + std::to_string(3 + i % 17) +
+         " years, strongest in " + skills[(i * 5) % 8] + ", lives in timezone UTC+" + std::to_string(i % 12) + ".";
+}
+
+}  // namespace kvb::testing
