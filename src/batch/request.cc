@@ -1,0 +1,447 @@
+#include "batch/request.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <nlohmann/json.hpp>
+#include <utility>
+
+#include "batch/response.h"
+
+namespace kvb::batch {
+
+namespace {
+
+using nlohmann::json;
+
+constexpr std::string_view kChatPath = "/v1/chat/completions";
+constexpr std::string_view kCompletionsPath = "/v1/completions";
+constexpr size_t kCompletionPrefixBytes = 256;  // how much of a prompt groups completions
+constexpr size_t kMaxStopStrings = 4;           // OpenAI's limit
+constexpr size_t kMaxErrorDetailBytes = 200;    // parser messages can quote long input
+
+const char* TypeName(const json& v) {
+  switch (v.type()) {
+    case json::value_t::null:
+      return "null";
+    case json::value_t::object:
+      return "an object";
+    case json::value_t::array:
+      return "an array";
+    case json::value_t::string:
+      return "a string";
+    case json::value_t::boolean:
+      return "a boolean";
+    case json::value_t::number_integer:
+    case json::value_t::number_unsigned:
+    case json::value_t::number_float:
+      return "a number";
+    default:
+      return "an unsupported value";
+  }
+}
+
+// Numbers are dumped for messages; nothing else from the input is echoed raw.
+std::string Show(const json& v) { return v.dump(-1, ' ', false, json::error_handler_t::replace); }
+
+// The line as far as structural validation goes. Messages/prompt are
+// materialised because both ValidateLine (prefix hash) and ParseRequest need them.
+struct Structure {
+  json doc;
+  std::string custom_id;
+  Endpoint endpoint = Endpoint::kChatCompletions;
+  std::vector<engine::ChatMessage> messages;
+  std::string prompt;
+};
+
+LineError Error(int64_t line, const char* code, std::string message, std::string param, std::string custom_id = {}) {
+  return LineError{line, code, std::move(message), std::move(param), std::move(custom_id)};
+}
+
+// Text of one message's content; nullopt with *why set when malformed.
+std::optional<std::string> ContentText(const json& msg, const std::string& role, std::string* why) {
+  auto it = msg.find("content");
+  if (it == msg.end() || it->is_null()) {
+    // OpenAI allows an assistant turn without content (it carried tool calls).
+    if (role == "assistant") return std::string();
+    *why = "must have a string or an array of text parts as content";
+    return std::nullopt;
+  }
+  if (it->is_string()) return it->get<std::string>();
+  if (!it->is_array()) {
+    *why = std::string("content must be a string or an array of text parts, but got ") + TypeName(*it);
+    return std::nullopt;
+  }
+  std::string text;
+  size_t k = 0;
+  for (const json& part : *it) {
+    auto type = part.is_object() ? part.find("type") : part.end();
+    auto txt = part.is_object() ? part.find("text") : part.end();
+    if (!part.is_object() || type == part.end() || !type->is_string() || *type != "text" || txt == part.end() ||
+        !txt->is_string()) {
+      *why = "content[" + std::to_string(k) +
+             "] must be {\"type\":\"text\",\"text\":<string>} "
+             "(only text content is supported)";
+      return std::nullopt;
+    }
+    if (k > 0) text += '\n';  // vLLM joins text parts with a newline
+    text += txt->get_ref<const std::string&>();
+    ++k;
+  }
+  return text;
+}
+
+std::variant<Structure, LineError> ParseStructure(std::string_view text, int64_t line) {
+  Structure s;
+  try {
+    s.doc = json::parse(text.begin(), text.end());
+  } catch (const json::exception& e) {
+    std::string detail = e.what();
+    // "[json.exception.parse_error.101] parse error at ..." -> "parse error at ..."
+    if (auto pos = detail.find("] "); detail.rfind("[json.exception.", 0) == 0 && pos != std::string::npos) {
+      detail.erase(0, pos + 2);
+    }
+    if (detail.size() > kMaxErrorDetailBytes) detail = detail.substr(0, kMaxErrorDetailBytes) + "...";
+    return Error(line, kInvalidJson, "line is not valid JSON: " + ToValidUtf8(detail), "");
+  }
+  if (!s.doc.is_object()) {
+    return Error(line, kInvalidJson, std::string("line must be a JSON object, but got ") + TypeName(s.doc), "");
+  }
+  const json& doc = s.doc;
+
+  auto id = doc.find("custom_id");
+  if (id == doc.end() || !id->is_string() || id->get_ref<const std::string&>().empty()) {
+    std::string what = id == doc.end()   ? "is missing"
+                       : id->is_string() ? "is empty"
+                                         : std::string("must be a string, but got ") + TypeName(*id);
+    return Error(line, kMissingCustomId, "custom_id " + what, "custom_id");
+  }
+  s.custom_id = id->get<std::string>();
+
+  auto method = doc.find("method");
+  if (method == doc.end() || !method->is_string() || *method != "POST") {
+    return Error(line, kInvalidMethod, "method must be \"POST\"", "method", s.custom_id);
+  }
+
+  auto url = doc.find("url");
+  std::optional<Endpoint> endpoint;
+  if (url != doc.end() && url->is_string()) endpoint = EndpointFromPath(url->get_ref<const std::string&>());
+  if (!endpoint) {
+    return Error(line, kInvalidUrl, "url must be \"/v1/chat/completions\" or \"/v1/completions\"", "url", s.custom_id);
+  }
+  s.endpoint = *endpoint;
+
+  auto body = doc.find("body");
+  if (body == doc.end() || !body->is_object()) {
+    std::string what = body == doc.end() ? "is missing" : std::string("must be an object, but got ") + TypeName(*body);
+    return Error(line, kInvalidBody, "body " + what, "body", s.custom_id);
+  }
+
+  if (s.endpoint == Endpoint::kChatCompletions) {
+    auto msgs = body->find("messages");
+    if (msgs == body->end() || !msgs->is_array() || msgs->empty()) {
+      std::string what = msgs == body->end() ? "is missing"
+                         : !msgs->is_array() ? std::string("must be an array, but got ") + TypeName(*msgs)
+                                             : "must not be empty";
+      return Error(line, kInvalidMessages, "body.messages " + what, "body.messages", s.custom_id);
+    }
+    s.messages.reserve(msgs->size());
+    for (size_t i = 0; i < msgs->size(); ++i) {
+      const json& m = (*msgs)[i];
+      const std::string where = "body.messages[" + std::to_string(i) + "]";
+      if (!m.is_object()) {
+        return Error(line, kInvalidMessages, where + " must be an object, but got " + TypeName(m), where, s.custom_id);
+      }
+      auto role = m.find("role");
+      if (role == m.end() || !role->is_string() || role->get_ref<const std::string&>().empty()) {
+        return Error(line, kInvalidMessages, where + " must have a non-empty string role", where + ".role",
+                     s.custom_id);
+      }
+      engine::ChatMessage cm;
+      cm.role = role->get<std::string>();
+      std::string why;
+      auto content = ContentText(m, cm.role, &why);
+      if (!content) return Error(line, kInvalidMessages, where + " " + why, where + ".content", s.custom_id);
+      cm.content = std::move(*content);
+      s.messages.push_back(std::move(cm));
+    }
+  } else {
+    auto prompt = body->find("prompt");
+    const json* p = nullptr;
+    if (prompt != body->end()) {
+      if (prompt->is_string()) {
+        p = &*prompt;
+      } else if (prompt->is_array() && prompt->size() == 1 && (*prompt)[0].is_string()) {
+        p = &(*prompt)[0];  // a batch of one prompt is one prompt
+      }
+    }
+    if (p == nullptr) {
+      std::string what = prompt == body->end() ? "is missing" : "must be a string (or an array of exactly one string)";
+      return Error(line, kInvalidPrompt, "body.prompt " + what, "body.prompt", s.custom_id);
+    }
+    s.prompt = p->get<std::string>();
+  }
+  return s;
+}
+
+uint64_t HashFramed(uint64_t h, std::string_view piece) {
+  // Length framing keeps ("ab","c") and ("a","bc") apart.
+  uint64_t n = piece.size();
+  char len[8];
+  for (int i = 0; i < 8; ++i) len[i] = static_cast<char>((n >> (8 * i)) & 0xff);
+  h = Fnv1a64(std::string_view(len, 8), h);
+  return Fnv1a64(piece, h);
+}
+
+uint64_t PrefixHash(const Structure& s) {
+  uint64_t h = HashFramed(Fnv1a64(""), EndpointPath(s.endpoint));
+  if (s.endpoint == Endpoint::kChatCompletions) {
+    for (size_t i = 0; i + 1 < s.messages.size(); ++i) {
+      h = HashFramed(h, s.messages[i].role);
+      h = HashFramed(h, s.messages[i].content);
+    }
+  } else {
+    h = HashFramed(h, std::string_view(s.prompt).substr(0, kCompletionPrefixBytes));
+  }
+  return h;
+}
+
+// ---- parameter values ------------------------------------------------------
+
+// Records the first bad parameter; every check below is a no-op for absent or
+// null fields, which mean "the default".
+class Params {
+ public:
+  explicit Params(const json& body) : body_(body) {}
+
+  bool ok() const { return param_.empty(); }
+  const std::string& param() const { return param_; }
+  const std::string& message() const { return message_; }
+
+  const json* Get(const char* name) const {
+    auto it = body_.find(name);
+    return (it == body_.end() || it->is_null()) ? nullptr : &*it;
+  }
+
+  void Fail(std::string param, std::string message) {
+    if (!ok()) return;
+    param_ = std::move(param);
+    message_ = std::move(message);
+  }
+
+  // A number in [lo, hi] (or (lo, hi] when lo_open) into *out.
+  void Number(const char* name, double lo, double hi, bool lo_open, float* out) {
+    const json* v = Get(name);
+    if (v == nullptr || !ok()) return;
+    if (!v->is_number()) return TypeError(name, "a number", *v);
+    double d = v->get<double>();
+    bool in = (lo_open ? d > lo : d >= lo) && d <= hi;  // false for NaN too
+    if (!in) {
+      Fail(name, std::string("Invalid '") + name + "': expected a number " + (lo_open ? "greater than " : "between ") +
+                     Fmt(lo) + (lo_open ? " and at most " : " and ") + Fmt(hi) + ", but got " + Show(*v) + " instead.");
+      return;
+    }
+    *out = static_cast<float>(d);
+  }
+
+  // An integer in [lo, hi]; nullopt when absent or bad (then Fail was called).
+  std::optional<int64_t> Integer(const char* name, int64_t lo, int64_t hi) {
+    const json* v = Get(name);
+    if (v == nullptr || !ok()) return std::nullopt;
+    auto i = IntegerValue(*v);
+    if (!i) {
+      TypeError(name, "an integer", *v);
+      return std::nullopt;
+    }
+    if (*i < lo || *i > hi) {
+      Fail(name, std::string("Invalid '") + name + "': expected an integer between " + std::to_string(lo) + " and " +
+                     std::to_string(hi) + ", but got " + Show(*v) + " instead.");
+      return std::nullopt;
+    }
+    return i;
+  }
+
+  void TypeError(const std::string& name, const char* expected, const json& v) {
+    Fail(name, "Invalid type for '" + name + "': expected " + expected + ", but got " + TypeName(v) + " instead.");
+  }
+
+  // Integral value (integral floats accepted), saturated to int64.
+  static std::optional<int64_t> IntegerValue(const json& v) {
+    if (v.is_number_unsigned()) {
+      auto u = v.get<uint64_t>();
+      return u > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()) ? std::numeric_limits<int64_t>::max()
+                                                                            : static_cast<int64_t>(u);
+    }
+    if (v.is_number_integer()) return v.get<int64_t>();
+    if (v.is_number_float()) {
+      double d = v.get<double>();
+      if (!std::isfinite(d) || d != std::floor(d)) return std::nullopt;
+      if (d >= 9.2e18) return std::numeric_limits<int64_t>::max();
+      if (d <= -9.2e18) return std::numeric_limits<int64_t>::min();
+      return static_cast<int64_t>(d);
+    }
+    return std::nullopt;
+  }
+
+ private:
+  static std::string Fmt(double d) { return Show(json(d == std::floor(d) ? json(static_cast<int64_t>(d)) : json(d))); }
+
+  const json& body_;
+  std::string param_;
+  std::string message_;
+};
+
+void ParseStop(Params& p, std::vector<std::string>* out) {
+  const json* v = p.Get("stop");
+  if (v == nullptr) return;
+  auto bad = [&] {
+    p.Fail("stop",
+           "Invalid 'stop': expected a string or an array of at most " + std::to_string(kMaxStopStrings) + " strings.");
+  };
+  std::vector<std::string> stop;
+  if (v->is_string()) {
+    stop.push_back(v->get<std::string>());
+  } else if (v->is_array() && v->size() <= kMaxStopStrings) {
+    for (const json& s : *v) {
+      if (!s.is_string()) return bad();
+      stop.push_back(s.get<std::string>());
+    }
+  } else {
+    return bad();
+  }
+  // An empty stop string would match everywhere; it carries no intent.
+  std::erase_if(stop, [](const std::string& s) { return s.empty(); });
+  *out = std::move(stop);
+}
+
+void ParseLogitBias(Params& p, std::vector<std::pair<engine::Token, float>>* out) {
+  const json* v = p.Get("logit_bias");
+  if (v == nullptr) return;
+  if (!v->is_object()) return p.TypeError("logit_bias", "an object mapping token ids to numbers", *v);
+  std::vector<std::pair<engine::Token, float>> bias;
+  for (auto it = v->begin(); it != v->end(); ++it) {
+    const std::string& key = it.key();
+    int64_t id = 0;
+    bool digits = !key.empty() && key.size() <= 10 &&
+                  std::all_of(key.begin(), key.end(), [](char c) { return c >= '0' && c <= '9'; });
+    if (digits) id = std::stoll(key);
+    if (!digits || id > std::numeric_limits<engine::Token>::max()) {
+      return p.Fail("logit_bias", "Invalid 'logit_bias': key \"" + ToValidUtf8(key.substr(0, 40)) +
+                                      "\" is not a token id (a non-negative integer).");
+    }
+    const json& b = it.value();
+    if (!b.is_number()) {
+      return p.Fail("logit_bias", "Invalid 'logit_bias': the bias for token " + key + " must be a number, but got " +
+                                      TypeName(b) + " instead.");
+    }
+    double d = b.get<double>();
+    if (!(d >= -100.0 && d <= 100.0)) {
+      return p.Fail("logit_bias", "Invalid 'logit_bias': the bias for token " + key +
+                                      " must be between -100 and 100, but got " + Show(b) + " instead.");
+    }
+    bias.emplace_back(static_cast<engine::Token>(id), static_cast<float>(d));
+  }
+  std::sort(bias.begin(), bias.end());
+  *out = std::move(bias);
+}
+
+}  // namespace
+
+std::string_view EndpointPath(Endpoint endpoint) {
+  return endpoint == Endpoint::kChatCompletions ? kChatPath : kCompletionsPath;
+}
+
+std::optional<Endpoint> EndpointFromPath(std::string_view path) {
+  if (path == kChatPath) return Endpoint::kChatCompletions;
+  if (path == kCompletionsPath) return Endpoint::kCompletions;
+  return std::nullopt;
+}
+
+uint64_t Fnv1a64(std::string_view data, uint64_t state) {
+  for (unsigned char c : data) {
+    state ^= c;
+    state *= 0x100000001b3ull;
+  }
+  return state;
+}
+
+std::variant<LineInfo, LineError> ValidateLine(std::string_view text, int64_t line_no) {
+  auto parsed = ParseStructure(text, line_no);
+  if (auto* err = std::get_if<LineError>(&parsed)) return std::move(*err);
+  Structure& s = std::get<Structure>(parsed);
+  return LineInfo{std::move(s.custom_id), s.endpoint, PrefixHash(s)};
+}
+
+StatusOr<ParsedRequest> ParseRequest(std::string_view text, std::string* error_param) {
+  auto parsed = ParseStructure(text, 0);
+  if (auto* err = std::get_if<LineError>(&parsed)) {
+    if (error_param != nullptr) *error_param = err->param;
+    return Status::InvalidArgument(err->message);
+  }
+  Structure& s = std::get<Structure>(parsed);
+  const json& body = s.doc["body"];
+
+  ParsedRequest r;
+  r.custom_id = std::move(s.custom_id);
+  r.endpoint = s.endpoint;
+  r.messages = std::move(s.messages);
+  r.prompt = std::move(s.prompt);
+
+  Params p(body);
+  if (const json* model = p.Get("model")) {
+    if (model->is_string()) {
+      r.model = model->get<std::string>();
+    } else {
+      p.TypeError("model", "a string", *model);
+    }
+  }
+  engine::SamplingParams& sp = r.sampling;
+  p.Number("temperature", 0.0, 2.0, false, &sp.temperature);
+  p.Number("top_p", 0.0, 1.0, true, &sp.top_p);
+  // vLLM spells "no top-k" as -1; the engine spells it 0.
+  if (auto k = p.Integer("top_k", -1, std::numeric_limits<int32_t>::max()))
+    sp.top_k = *k < 0 ? 0 : static_cast<int32_t>(*k);
+  p.Number("min_p", 0.0, 1.0, false, &sp.min_p);
+  p.Number("presence_penalty", -2.0, 2.0, false, &sp.presence_penalty);
+  p.Number("frequency_penalty", -2.0, 2.0, false, &sp.frequency_penalty);
+  if (const json* n = p.Get("n"); n != nullptr && p.ok()) {
+    auto v = Params::IntegerValue(*n);
+    if (!v) {
+      p.TypeError("n", "an integer", *n);
+    } else if (*v != 1) {
+      p.Fail("n", "Invalid 'n': n must be 1 (one choice per request is supported), but got " + Show(*n) + " instead.");
+    }
+  }
+  constexpr int64_t kMaxTokensLimit = std::numeric_limits<int32_t>::max();
+  auto max_tokens = p.Integer("max_tokens", 1, kMaxTokensLimit);
+  auto max_completion_tokens = p.Integer("max_completion_tokens", 1, kMaxTokensLimit);
+  if (max_completion_tokens) {
+    sp.max_tokens = static_cast<int32_t>(*max_completion_tokens);
+  } else if (max_tokens) {
+    sp.max_tokens = static_cast<int32_t>(*max_tokens);
+  }
+  if (p.ok()) ParseStop(p, &sp.stop);
+  if (p.ok()) ParseLogitBias(p, &sp.logit_bias);
+  if (const json* seed = p.Get("seed"); seed != nullptr && p.ok()) {
+    if (seed->is_number_unsigned()) {
+      sp.seed = seed->get<uint64_t>();
+    } else if (seed->is_number_integer()) {
+      sp.seed = static_cast<uint64_t>(seed->get<int64_t>());
+    } else if (auto v = Params::IntegerValue(*seed);
+               v && seed->get<double>() > -9.2e18 && seed->get<double>() < 9.2e18) {
+      sp.seed = static_cast<uint64_t>(*v);
+    } else {
+      p.TypeError("seed", "a 64-bit integer", *seed);
+    }
+    r.has_seed = p.ok();
+  }
+  if (!p.ok()) {
+    if (error_param != nullptr) *error_param = p.param();
+    return Status::InvalidArgument(p.message());
+  }
+  if (!r.has_seed) sp.seed = SeedFromCustomId(r.custom_id);
+  return r;
+}
+
+}  // namespace kvb::batch
