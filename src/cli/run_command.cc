@@ -184,6 +184,7 @@ int Run(const RunOptions& o) {
         break;
       }
       // Feed the engine.
+      std::vector<engine::Request> batch_in;
       while (next < pending.size() && inflight.size() < window) {
         const batch::InputLine& line = *pending[next];
         const size_t index = next++;
@@ -220,13 +221,14 @@ int Run(const RunOptions& o) {
           er.prompt = (*model)->Tokenize(prompt);
           er.sampling = std::move(req->sampling);
           inflight.emplace(index, InFlight{index, req->endpoint});
-          (*eng)->Submit(std::move(er));
+          batch_in.push_back(std::move(er));
         }
         if (!st.ok()) {
           std::fprintf(stderr, "kvbatch: %s\n", st.message().c_str());
           return 1;
         }
       }
+      (*eng)->SubmitAll(std::move(batch_in));
       // Commit what finished.
       for (engine::Result& r : results.Wait(std::chrono::milliseconds(200))) {
         auto it = inflight.find(r.id);

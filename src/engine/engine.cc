@@ -33,6 +33,15 @@ void Engine::Submit(Request request, bool urgent) {
   cv_.notify_all();
 }
 
+void Engine::SubmitAll(std::vector<Request> requests) {
+  if (requests.empty()) return;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto& r : requests) inbox_.emplace_back(std::move(r), false);
+  }
+  cv_.notify_all();
+}
+
 EngineStats Engine::Stats() const {
   std::lock_guard<std::mutex> lock(mu_);
   return stats_;

@@ -29,6 +29,9 @@ class Engine {
   ~Engine();  // stops the thread; unfinished requests are dropped
 
   void Submit(Request request, bool urgent = false);  // thread-safe
+  // Queues several requests at once: the scheduler sees them together, so
+  // the prefixes they share are found regardless of thread timing.
+  void SubmitAll(std::vector<Request> requests);
   EngineStats Stats() const;                           // a snapshot, thread-safe
   const ContextInfo& info() const { return info_; }
   void DeviceMemory(size_t* free, size_t* total) const { backend_->DeviceMemory(free, total); }
