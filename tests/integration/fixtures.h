@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <fstream>
 #include <mutex>
+#include <unistd.h>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
@@ -25,21 +26,31 @@ inline fs::path TestDir(const std::string& name) {
   return dir;
 }
 
-// The tiny model, generated once per test process.
+// The tiny model, generated once per test process (ctest runs tests as
+// parallel processes: each has its own file, removed at exit). Named
+// tiny.gguf inside a per-process folder, so responses name the model "tiny".
 inline const std::string& TinyModel() {
-  static std::string path;
+  struct Holder {
+    fs::path dir;
+    std::string path;
+    ~Holder() {
+      std::error_code ec;
+      if (!dir.empty()) fs::remove_all(dir, ec);
+    }
+  };
+  static Holder holder;
   static std::once_flag once;
   std::call_once(once, [] {
-    fs::path dir = fs::path(KVBATCH_TEST_TMP);
-    fs::create_directories(dir);
+    holder.dir = fs::path(KVBATCH_TEST_TMP) / ("model-" + std::to_string(::getpid()));
+    fs::create_directories(holder.dir);
     auto opts = tools::ModelPreset("tiny");
     opts->vocab_path = std::string(KVBATCH_VOCAB_DIR) + "/ggml-vocab-llama-spm.gguf";
-    opts->out_path = (dir / "tiny.gguf").string();
+    opts->out_path = (holder.dir / "tiny.gguf").string();
     Status st = tools::GenerateModel(*opts);
     if (!st.ok()) throw std::runtime_error(st.ToString());
-    path = opts->out_path;
+    holder.path = opts->out_path;
   });
-  return path;
+  return holder.path;
 }
 
 // Runs the kvbatch binary; returns its exit status (-signal if killed).
