@@ -2,6 +2,7 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <mutex>
 
@@ -14,6 +15,10 @@ namespace {
 
 void LogToStderr(ggml_log_level level, const char* text, void*) {
   static const bool debug = std::getenv("KVBATCH_DEBUG") != nullptr;
+  // The unified cache holds many sequences' cells; each sequence's own
+  // context is capped at the model's training context by the scheduler, so
+  // llama.cpp's warning about n_ctx_seq > n_ctx_train does not apply.
+  if (!debug && std::strstr(text, "possible training context overflow")) return;
   if (debug || level == GGML_LOG_LEVEL_ERROR || level == GGML_LOG_LEVEL_WARN) std::fputs(text, stderr);
 }
 

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# One command from a fresh Debian/Ubuntu machine to a working kvbatch:
+# installs build dependencies, fetches and builds llama.cpp (cached outside
+# the repo), builds kvbatch, generates the demo model and runs a demo batch.
+#
+#   scripts/setup.sh             everything, ending with the demo batch
+#   scripts/setup.sh --no-demo   stop after the build (tests, CI)
+#
+#   KVBATCH_LLAMA_DIR=/path      use your own llama.cpp checkout or install prefix
+#   KVBATCH_BUILD_DIR=build      where kvbatch is built
+set -euo pipefail
+cd "$(dirname "$0")/.."
+demo=1
+[ "${1:-}" = "--no-demo" ] && demo=0
+log() { echo "[setup] $*" >&2; }
+
+# 1. System packages (Debian names); skipped when already present.
+pkgs=(build-essential cmake git pkg-config ccache nlohmann-json3-dev libcli11-dev libgtest-dev libgmock-dev)
+missing=()
+for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+# Tools that may come from elsewhere than Debian's packages (nvm, pyenv):
+# only installed when the command is missing.
+command -v npm >/dev/null 2>&1 || missing+=(npm)
+command -v python3 >/dev/null 2>&1 || missing+=(python3)
+if [ ${#missing[@]} -gt 0 ]; then
+  sudo=""
+  [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  log "installing: ${missing[*]}"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+# 2. llama.cpp: the user's own, or the pinned one built into the cache.
+llama_dir=${KVBATCH_LLAMA_DIR:-}
+if [ -z "$llama_dir" ]; then
+  llama_dir=$(bash scripts/llama.sh)
+fi
+log "llama.cpp: $llama_dir"
+
+# 3. kvbatch itself.
+build=${KVBATCH_BUILD_DIR:-build}
+cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKVBATCH_LLAMA_DIR="$llama_dir" >/dev/null
+cmake --build "$build" -j "$(nproc)"
+log "built $build/kvbatch"
+
+[ $demo = 1 ] || exit 0
+
+# 4. The demo: a generated model (no download) and a shared-rubric batch.
+mkdir -p "$build/demo"
+python3 bench/make_workload.py --requests 64 --max-tokens 16 --out "$build/demo/requests.jsonl"
+"$build/kvbatch" run "$build/demo/requests.jsonl" -o "$build/demo/results.jsonl" -e "$build/demo/errors.jsonl"
+log "demo results: $build/demo/results.jsonl (first line below)"
+head -n 1 "$build/demo/results.jsonl" | cut -c 1-400
