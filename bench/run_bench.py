@@ -1,0 +1,203 @@
+#!/usr/bin/env python3
+"""The rubric benchmark: kvbatch run vs llama.cpp's llama-server vs a naive
+one-at-a-time baseline, on the same model and workload, in one go.
+
+  python3 bench/run_bench.py                    # CPU, 400 requests
+  python3 bench/run_bench.py --gpu              # all layers on the GPU
+
+Prints requests/s for each and the ratios; writes bench/results/<stamp>.json.
+"""
+import argparse
+import datetime
+import json
+import os
+import queue
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def sh(cmd, **kw):
+    return subprocess.run(cmd, check=True, **kw)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(url, body, timeout=600):
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+class LlamaServer:
+    def __init__(self, binary, model, args, log_path):
+        self.port = free_port()
+        self.log = open(log_path, "w")
+        self.proc = subprocess.Popen([binary, "-m", model, "--host", "127.0.0.1", "--port", str(self.port)] + args,
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"llama-server exited early; see {log_path}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except Exception:
+                time.sleep(0.5)
+        raise RuntimeError("llama-server did not become healthy")
+
+    def close(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def run_clients(url, bodies, clients):
+    """Sends every body with `clients` concurrent connections; returns (seconds, completion tokens)."""
+    q = queue.Queue()
+    for b in bodies:
+        q.put(b)
+    tokens = [0]
+    lock = threading.Lock()
+    errors = []
+
+    def worker():
+        while True:
+            try:
+                body = q.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                r = post(url, body)
+                with lock:
+                    tokens[0] += r["usage"]["completion_tokens"]
+            except Exception as e:  # keep going; report at the end
+                errors.append(str(e))
+
+    t0 = time.time()
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise RuntimeError(f"{len(errors)} requests failed, first: {errors[0]}")
+    return time.time() - t0, tokens[0]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=400)
+    ap.add_argument("--naive-requests", type=int, default=40, help="the naive baseline runs this many (it is slow)")
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--parallel", type=int, default=16, help="llama-server slots and concurrent clients")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--gpu", action="store_true", help="offload all layers (llama-server -ngl 999)")
+    ap.add_argument("--kvbatch", default=os.path.join(ROOT, "build", "kvbatch"))
+    ap.add_argument("--llama-server", default=None, help="default: the one scripts/llama.sh built")
+    ap.add_argument("--model", default=None, help="default: a generated bench model")
+    ap.add_argument("--kvbatch-args", default="", help="extra arguments for kvbatch run")
+    ap.add_argument("--skip", default="", help="comma list of: kvbatch,server,naive")
+    ap.add_argument("--out-dir", default=os.path.join(ROOT, "bench", "results"))
+    args = ap.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    os.makedirs(args.out_dir, exist_ok=True)
+    work = os.path.join(args.out_dir, "work")
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(work)
+
+    server_bin = args.llama_server
+    if server_bin is None:
+        prefix = subprocess.run(["bash", os.path.join(ROOT, "scripts", "llama.sh")], check=True,
+                                capture_output=True, text=True).stdout.strip()
+        server_bin = os.path.join(prefix, "bin", "llama-server")
+    model = args.model or os.path.join(work, "bench.gguf")
+    if not args.model:
+        sh([args.kvbatch, "gen-model", "--preset", "bench", "-o", model])
+
+    workload = os.path.join(work, "rubric.jsonl")
+    sh([sys.executable, os.path.join(ROOT, "bench", "make_workload.py"), "--requests", str(args.requests),
+        "--max-tokens", str(args.max_tokens), "--out", workload])
+    bodies = [json.loads(l)["body"] for l in open(workload)]
+    results = {"requests": args.requests, "max_tokens": args.max_tokens, "threads": args.threads,
+               "gpu": args.gpu, "parallel": args.parallel}
+    ngl = ["-ngl", "999"] if args.gpu else ["-ngl", "0"]
+
+    if "kvbatch" not in skip:
+        out = os.path.join(work, "kvbatch-out.jsonl")
+        cmd = [args.kvbatch, "run", workload, "-o", out, "-m", model, "--threads", str(args.threads),
+               "--progress-interval", "5"] + (["--gpu-layers", "0"] if not args.gpu else []) + args.kvbatch_args.split()
+        t0 = time.time()
+        sh(cmd)
+        secs = time.time() - t0
+        lines = [json.loads(l) for l in open(out)]
+        assert len(lines) == args.requests, "kvbatch did not answer every request"
+        toks = sum(l["response"]["body"]["usage"]["completion_tokens"] for l in lines)
+        results["kvbatch"] = {"seconds": secs, "req_s": args.requests / secs, "completion_tokens": toks,
+                              "command": " ".join(cmd)}
+        print(f"kvbatch run: {args.requests} requests in {secs:.1f} s = {args.requests / secs:.2f} req/s", flush=True)
+
+    if "server" not in skip:
+        ctx_per_slot = 2304
+        srv_args = ["-np", str(args.parallel), "-c", str(ctx_per_slot * args.parallel), "--no-kv-unified",
+                    "-fa", "on", "-t", str(args.threads), "-tb", str(args.threads), "--no-webui"] + ngl
+        srv = LlamaServer(server_bin, model, srv_args, os.path.join(work, "llama-server.log"))
+        try:
+            reqs = [dict(b, cache_prompt=True) for b in bodies]
+            secs, toks = run_clients(f"http://127.0.0.1:{srv.port}/v1/chat/completions", reqs, args.parallel)
+        finally:
+            srv.close()
+        results["llama_server"] = {"seconds": secs, "req_s": args.requests / secs, "completion_tokens": toks,
+                                   "command": "llama-server " + " ".join(srv_args)}
+        print(f"llama-server -np {args.parallel}: {args.requests} requests in {secs:.1f} s = "
+              f"{args.requests / secs:.2f} req/s", flush=True)
+
+    if "naive" not in skip:
+        n = min(args.naive_requests, args.requests)
+        srv_args = ["-np", "1", "-c", "2304", "-fa", "on", "-t", str(args.threads), "-tb", str(args.threads),
+                    "--no-webui", "--cache-ram", "0"] + ngl
+        srv = LlamaServer(server_bin, model, srv_args, os.path.join(work, "llama-server-naive.log"))
+        try:
+            reqs = [dict(b, cache_prompt=False) for b in bodies[:n]]
+            secs, toks = run_clients(f"http://127.0.0.1:{srv.port}/v1/chat/completions", reqs, 1)
+        finally:
+            srv.close()
+        results["naive"] = {"seconds": secs, "req_s": n / secs, "requests": n, "completion_tokens": toks,
+                            "command": "llama-server " + " ".join(srv_args) + " (cache_prompt=false, 1 client)"}
+        print(f"naive (one at a time, no prompt cache): {n} requests in {secs:.1f} s = {n / secs:.2f} req/s",
+              flush=True)
+
+    print("\n| system | req/s | vs kvbatch |")
+    print("|---|---|---|")
+    base = results.get("kvbatch", {}).get("req_s")
+    for key, label in [("kvbatch", "kvbatch run"), ("llama_server", f"llama-server -np {args.parallel}"),
+                       ("naive", "naive, one at a time")]:
+        if key in results:
+            r = results[key]["req_s"]
+            ratio = f"{base / r:.2f}x slower" if base and key != "kvbatch" else "-"
+            print(f"| {label} | {r:.2f} | {ratio} |")
+    if base and "llama_server" in results:
+        print(f"\nkvbatch / llama-server = {base / results['llama_server']['req_s']:.2f}x")
+    if base and "naive" in results:
+        print(f"kvbatch / naive        = {base / results['naive']['req_s']:.2f}x")
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    with open(os.path.join(args.out_dir, f"{stamp}.json"), "w") as f:
+        json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
