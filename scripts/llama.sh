@@ -7,6 +7,8 @@
 #   KVBATCH_CACHE   cache root            (default: ${XDG_CACHE_HOME:-~/.cache}/kvbatch)
 #   KVBATCH_CUDA    1/0: force CUDA on/off (default: on when nvcc and a GPU are present)
 #   KVBATCH_JOBS    build parallelism     (default: nproc)
+#   KVBATCH_LLAMA_SRC  an existing llama.cpp source tree to build instead of
+#                   fetching the pinned one (keyed by its path in the cache)
 set -euo pipefail
 
 NLC_VERSION=3.22.1   # node-llama-cpp version pinned; it fixes the llama.cpp commit
@@ -24,7 +26,11 @@ fi
 # Native CPU code is keyed by the CPU's feature flags so a cache is never
 # reused on a machine that cannot run it.
 cpukey=$( (grep -m1 '^flags' /proc/cpuinfo 2>/dev/null || uname -m) | md5sum | cut -c1-8)
-key="nlc${NLC_VERSION}-$([ "$cuda" = 1 ] && echo cuda || echo cpu)-${cpukey}"
+src_tag="nlc${NLC_VERSION}"
+if [ -n "${KVBATCH_LLAMA_SRC:-}" ]; then
+  src_tag="src$(echo "$(cd "$KVBATCH_LLAMA_SRC" && pwd)" | md5sum | cut -c1-8)"
+fi
+key="${src_tag}-$([ "$cuda" = 1 ] && echo cuda || echo cpu)-${cpukey}"
 prefix="$cache/llama-$key"
 
 if [ -f "$prefix/.complete" ]; then
@@ -35,7 +41,10 @@ fi
 
 work="$cache/work-$key"
 mkdir -p "$work"
-if [ ! -d "$work/src/.git" ]; then
+if [ -n "${KVBATCH_LLAMA_SRC:-}" ]; then
+  rm -rf "$work/src"
+  ln -s "$(cd "$KVBATCH_LLAMA_SRC" && pwd)" "$work/src"
+elif [ ! -d "$work/src/.git" ]; then
   log "fetching node-llama-cpp@$NLC_VERSION from the npm registry"
   (cd "$work" && rm -rf pkg && mkdir pkg && cd pkg &&
      npm pack --silent "node-llama-cpp@$NLC_VERSION" >/dev/null &&
@@ -79,10 +88,9 @@ cp -r "$work/src/common/jinja" "$prefix/include/llama-common/" 2>/dev/null || tr
 cp -r "$work/src/vendor/." "$prefix/include/llama-common/"
 cp "$work/build/bin/llama-server" "$prefix/bin/"
 find "$work/build" -name 'libllama-common*' -exec cp -a {} "$prefix/lib/" \;
-cp -r "$work/src/models" "$prefix/share-models" 2>/dev/null || true
 mkdir -p "$prefix/share" && rm -rf "$prefix/share/vocab" && mkdir "$prefix/share/vocab" &&
-  cp "$work/src/models/"ggml-vocab-*.gguf "$prefix/share/vocab/" && rm -rf "$prefix/share-models"
-git -C "$work/src" rev-parse HEAD >"$prefix/COMMIT"
+  { cp "$work/src/models/"ggml-vocab-*.gguf "$prefix/share/vocab/" 2>/dev/null || true; }
+git -C "$work/src" rev-parse HEAD >"$prefix/COMMIT" 2>/dev/null || echo "$src_tag" >"$prefix/COMMIT"
 touch "$prefix/.complete"
 log "installed into $prefix"
 echo "$prefix"

@@ -76,9 +76,12 @@ int main(int argc, char** argv) {
   run_cmd->add_option("--kv-cells", run.engine.context.kv_cells, "KV cache cells (default: sized from free memory)");
   run_cmd->add_option("--batch-tokens", run.engine.context.n_batch, "Tokens per engine step (decode + prefill chunks)")
       ->capture_default_str();
+  run_cmd->add_option("--ubatch-tokens", run.engine.context.n_ubatch,
+                      "Tokens per llama.cpp micro-batch (default: --batch-tokens on CPU, 512 on GPU)");
   run_cmd->add_option("--threads", run.engine.context.n_threads, "CPU threads (default: all cores)");
   run_cmd->add_option("--gpu-layers", run.n_gpu_layers, "Layers on the GPU (-1: all)")->capture_default_str();
   run_cmd->add_option("--anchors", run.engine.context.anchors, "Sequences reserved for shared prefixes")->capture_default_str();
+  run_cmd->add_option("--flash-attn", run.engine.context.flash_attn, "Flash attention (true/false)")->capture_default_str();
   run_cmd->add_flag("-q,--quiet", run.quiet, "No progress or summary");
   run_cmd->add_option("--progress-interval", run.progress_interval, "Seconds between progress lines when not on a terminal")
       ->capture_default_str();
