@@ -81,6 +81,7 @@ int main(int argc, char** argv) {
   run_cmd->add_option("--threads", run.engine.context.n_threads, "CPU threads (default: all cores)");
   run_cmd->add_option("--gpu-layers", run.n_gpu_layers, "Layers on the GPU (-1: all)")->capture_default_str();
   run_cmd->add_option("--anchors", run.engine.context.anchors, "Sequences reserved for shared prefixes")->capture_default_str();
+  run_cmd->add_option("--kv-type", run.engine.context.kv_type, "KV cache type: f16, f32 or q8_0")->capture_default_str();
   run_cmd->add_option("--flash-attn", run.engine.context.flash_attn, "Flash attention (true/false)")->capture_default_str();
   run_cmd->add_flag("-q,--quiet", run.quiet, "No progress or summary");
   run_cmd->add_option("--progress-interval", run.progress_interval, "Seconds between progress lines when not on a terminal")

@@ -114,7 +114,13 @@ StatusOr<std::unique_ptr<LlamaBackend>> LlamaBackend::Create(const Model* model,
   b->n_vocab_ = model->n_vocab();
   ggml_backend_dev_t gpu = model->on_gpu() ? FirstGpu() : nullptr;
 
-  const int64_t per_cell = model->KvBytesPerCell() * (o.kv_f32 ? 2 : 1);
+  ggml_type kv_type = GGML_TYPE_F16;
+  if (o.kv_type == "f32") kv_type = GGML_TYPE_F32;
+  else if (o.kv_type == "q8_0") kv_type = GGML_TYPE_Q8_0;
+  else if (o.kv_type != "f16") return Status::InvalidArgument("unknown KV cache type " + o.kv_type + " (f16, f32, q8_0)");
+  // KvBytesPerCell is for f16; scale by the chosen type's bytes per element.
+  const int64_t per_cell = static_cast<int64_t>(static_cast<double>(model->KvBytesPerCell()) / 2.0 *
+                                                ggml_type_size(kv_type) / ggml_blck_size(kv_type));
   int32_t cells = o.kv_cells;
   if (cells <= 0) {
     // Size the cache from free memory, with a margin for compute buffers.
@@ -145,7 +151,7 @@ StatusOr<std::unique_ptr<LlamaBackend>> LlamaBackend::Create(const Model* model,
   cp.kv_unified = true;
   cp.flash_attn_type = o.flash_attn ? LLAMA_FLASH_ATTN_TYPE_ENABLED : LLAMA_FLASH_ATTN_TYPE_DISABLED;
   cp.no_perf = true;
-  if (o.kv_f32) cp.type_k = cp.type_v = GGML_TYPE_F32;
+  cp.type_k = cp.type_v = kv_type;
   b->ctx_ = llama_init_from_model(model->raw(), cp);
   if (!b->ctx_) {
     return Status::ResourceExhausted("llama.cpp could not create a context with " + std::to_string(cells) +

@@ -20,7 +20,7 @@ struct ContextOptions {
   int32_t n_ubatch = 0;   // 0: n_batch on CPU, 512 on GPU
   int32_t n_threads = 0;  // 0: all cores
   bool flash_attn = true;
-  bool kv_f32 = false;    // f32 K/V instead of f16: twice the memory, less rounding noise
+  std::string kv_type = "f16";  // K/V cache type: f16, f32 (less rounding noise), q8_0 (half the memory)
 };
 
 struct ContextInfo {

@@ -173,7 +173,7 @@ TEST(RunCommand, ResumesAfterKill9WithoutLosingOrRepeatingWork) {
   for (size_t i = 0; i < got.size(); ++i) {
     const std::string id = got[i]["custom_id"];
     EXPECT_TRUE(seen.insert(id).second) << "answered twice: " << id;
-    EXPECT_EQ(id, lines[i]["custom_id"]);
+    EXPECT_EQ(id, lines[i]["custom_id"].get<std::string>());
     EXPECT_EQ(Content(got[i]), ref_text[id]) << id;
   }
   std::printf("[ report ] killed after %zu of %zu lines; resumed run completed the rest\n", before, lines.size());
