@@ -45,9 +45,10 @@ std::string Progress::Line(const ProgressSnapshot& s, double elapsed_s, int bar_
             std::string(std::max(0, bar_width - filled - 1), ' ') + "]";
   }
   char buf[256];
-  std::snprintf(buf, sizeof buf, " %3.0f%% | %.1f req/s | %s tok/s | ETA %s | cache hit %.0f%% | KV %s/%s cells | %d running",
+  std::snprintf(buf, sizeof buf, " %3.0f%% | %.1f req/s | %s tok/s | ETA %s | cache hit %.0f%% | KV %s/%s cells (%s reserved) | %d running",
                 100 * frac, rps, HumanCount(tps).c_str(), HumanDuration(eta).c_str(), hit,
-                HumanCount(e.cells_reserved).c_str(), HumanCount(e.cells_total).c_str(), e.active);
+                HumanCount(e.cells_used).c_str(), HumanCount(e.cells_total).c_str(),
+                HumanCount(e.cells_reserved).c_str(), e.active);
   line += buf;
   if (s.resumed > 0) line += " | resumed " + std::to_string(s.resumed);
   return line;

@@ -26,7 +26,7 @@ class Progress {
   void Finish();  // ends the bar's line
   double elapsed() const;
 
-  // "123/400 [=====>    ] 31% | 7.2 req/s | 1.1k tok/s | ETA 0:38 | cache 96% | KV 4.2k/65k"
+  // "123/400 [=====>    ] 31% | 7.2 req/s | 1.1k tok/s | ETA 0:38 | cache hit 96% | KV 4.2k/32.8k cells (5.1k reserved) | 32 running"
   static std::string Line(const ProgressSnapshot& s, double elapsed_s, int bar_width);
 
  private:

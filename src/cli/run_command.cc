@@ -2,12 +2,15 @@
 
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
 #include <csignal>
 #include <ctime>
 #include <deque>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <unordered_map>
+#include <unordered_set>
 
 #include "batch/input_file.h"
 #include "batch/request.h"
@@ -22,12 +25,6 @@ namespace {
 std::atomic<bool> g_interrupted{false};
 
 void OnSignal(int) { g_interrupted = true; }
-
-// What the run remembers about a request in flight.
-struct InFlight {
-  size_t index;  // into the ordered pending list
-  batch::Endpoint endpoint;
-};
 
 // Results cross from the engine thread to the main thread here.
 class ResultQueue {
@@ -53,8 +50,9 @@ class ResultQueue {
   std::deque<engine::Result> q_;
 };
 
-// Error kinds for the summary and the error body's code.
-std::string ErrorCode(const Status& s) {
+// The error kind (the error body's code, and the summary's grouping) and
+// HTTP status for a request the engine could not run.
+std::string ErrorKind(const Status& s) {
   switch (s.code()) {
     case StatusCode::kResourceExhausted: return "context_length_exceeded";
     case StatusCode::kInvalidArgument: return "invalid_request";
@@ -63,7 +61,7 @@ std::string ErrorCode(const Status& s) {
   }
 }
 
-int StatusCodeFor(const Status& s) {
+int HttpStatusFor(const Status& s) {
   switch (s.code()) {
     case StatusCode::kResourceExhausted:
     case StatusCode::kInvalidArgument:
@@ -72,202 +70,252 @@ int StatusCodeFor(const Status& s) {
   }
 }
 
+int Fail(const Status& st) {
+  std::fprintf(stderr, "kvbatch: %s\n", st.message().c_str());
+  return 1;
+}
+
+// Requests sharing a prefix run together: groups by prefix hash in order of
+// first appearance, input order within a group. Answered lines are dropped.
+std::vector<const batch::InputLine*> OrderPending(const batch::InputScan& scan,
+                                                  const std::unordered_set<std::string>& answered) {
+  std::vector<const batch::InputLine*> pending;
+  std::unordered_map<uint64_t, size_t> group_first;
+  for (const auto& l : scan.valid) {
+    group_first.emplace(l.prefix_hash, group_first.size());
+    if (!answered.count(l.custom_id)) pending.push_back(&l);
+  }
+  std::stable_sort(pending.begin(), pending.end(), [&](const batch::InputLine* a, const batch::InputLine* b) {
+    return group_first[a->prefix_hash] < group_first[b->prefix_hash];
+  });
+  return pending;
+}
+
+// One `kvbatch run` after validation: feeds the engine a bounded window of
+// requests, commits results as they finish, shows progress.
+class BatchRun {
+ public:
+  BatchRun(const RunOptions& o, batch::ResultLog& log, std::vector<const batch::InputLine*> pending,
+           std::map<std::string, int64_t>& failures)
+      : o_(o), log_(log), pending_(std::move(pending)), failures_(failures) {}
+
+  // Returns the exit code (0, 1 on runtime errors, 130 when interrupted).
+  int Execute(Progress& progress, int64_t resumed);
+
+  int64_t done() const { return done_; }
+  int64_t ok() const { return ok_; }
+  const engine::EngineStats& stats() const { return stats_; }
+
+ private:
+  Status Feed();
+  Status Commit(engine::Result& r);
+  Status Failure(const std::string& custom_id, int http_status, const std::string& kind, const std::string& message,
+                 const std::string& param);
+
+  const RunOptions& o_;
+  batch::ResultLog& log_;
+  std::vector<const batch::InputLine*> pending_;
+  std::map<std::string, int64_t>& failures_;
+
+  std::unique_ptr<engine::Model> model_;
+  std::unique_ptr<engine::Engine> engine_;
+  std::optional<batch::InputReader> reader_;
+  ResultQueue results_;
+  std::unordered_map<uint64_t, batch::Endpoint> inflight_;  // by index into pending_
+  size_t next_ = 0;
+  size_t window_ = 0;
+  int64_t created_ = 0;
+  int64_t done_ = 0;
+  int64_t ok_ = 0;
+  engine::EngineStats stats_;
+};
+
+int BatchRun::Execute(Progress& progress, int64_t resumed) {
+  const int64_t total = static_cast<int64_t>(pending_.size());
+  auto model = engine::Model::Load({o_.model, o_.n_gpu_layers});
+  if (!model.ok()) return Fail(model.status());
+  model_ = std::move(model).value();
+  auto eng = engine::Engine::Start(model_.get(), o_.engine, [this](engine::Result&& r) { results_.Push(std::move(r)); });
+  if (!eng.ok()) return Fail(eng.status());
+  engine_ = std::move(eng).value();
+  auto reader = batch::InputReader::Open(o_.input);
+  if (!reader.ok()) return Fail(reader.status());
+  reader_.emplace(std::move(reader).value());
+
+  const engine::ContextInfo& info = engine_->info();
+  if (!o_.quiet) {
+    std::fprintf(stderr,
+                 "kvbatch: %lld requests (%lld already answered) | model %s | %s | KV %d cells (%.0f MiB) | "
+                 "%d parallel sequences | context %d\n",
+                 static_cast<long long>(total), static_cast<long long>(resumed), model_->name().c_str(),
+                 info.device.c_str(), info.kv_cells, static_cast<double>(info.kv_bytes) / (1 << 20), info.max_seqs,
+                 info.n_ctx_seq);
+  }
+  // Keep enough requests queued for the scheduler to see shared prefixes
+  // ahead, but not the whole file: memory stays bounded.
+  window_ = static_cast<size_t>(info.max_seqs) * 2 + static_cast<size_t>(o_.engine.scheduler.lookahead);
+  created_ = static_cast<int64_t>(std::time(nullptr));
+
+  auto prev_int = std::signal(SIGINT, OnSignal);
+  auto prev_term = std::signal(SIGTERM, OnSignal);
+  int exit_code = 0;
+  while (done_ < total) {
+    if (g_interrupted) {
+      exit_code = 130;
+      break;
+    }
+    Status st = Feed();
+    for (engine::Result& r : results_.Wait(std::chrono::milliseconds(200)))
+      if (st.ok()) st = Commit(r);
+    if (!st.ok()) {
+      exit_code = Fail(st);
+      break;
+    }
+    stats_ = engine_->Stats();
+    progress.Update({done_, total, resumed, stats_});
+  }
+  stats_ = engine_->Stats();
+  progress.Update({done_, total, resumed, stats_}, true);
+  progress.Finish();
+  std::signal(SIGINT, prev_int);
+  std::signal(SIGTERM, prev_term);
+  if (Status st = log_.Sync(); !st.ok()) Fail(st);
+  if (exit_code == 130) {
+    std::fprintf(stderr, "kvbatch: interrupted; %lld of %lld answered this run are saved; rerun the same command to resume\n",
+                 static_cast<long long>(done_), static_cast<long long>(total));
+  }
+  return exit_code;
+}
+
+Status BatchRun::Failure(const std::string& custom_id, int http_status, const std::string& kind,
+                         const std::string& message, const std::string& param) {
+  ++failures_[kind];
+  ++done_;
+  const char* type = http_status >= 500 ? "server_error" : "invalid_request_error";
+  return log_.AppendFailure(custom_id, batch::FailureLine(custom_id, http_status, batch::ErrorBody(message, type, param, kind)));
+}
+
+// Reads, parses and tokenizes lines until the window is full, then hands
+// them to the engine in one go.
+Status BatchRun::Feed() {
+  std::vector<engine::Request> ready;
+  while (next_ < pending_.size() && inflight_.size() < window_) {
+    const batch::InputLine& line = *pending_[next_];
+    const size_t index = next_++;
+    auto text = reader_->ReadLine(line);
+    if (!text.ok()) return text.status();
+    std::string param;
+    auto req = batch::ParseRequest(*text, &param);
+    if (!req.ok()) {
+      if (Status st = Failure(line.custom_id, 400, "invalid_request", req.status().message(), param); !st.ok()) return st;
+      continue;
+    }
+    std::string prompt = std::move(req->prompt);
+    if (req->endpoint == batch::Endpoint::kChatCompletions) {
+      auto formatted = model_->FormatChat(req->messages);
+      if (!formatted.ok()) {
+        if (Status st = Failure(line.custom_id, 400, "unsupported", formatted.status().message(), "messages"); !st.ok())
+          return st;
+        continue;
+      }
+      prompt = std::move(formatted).value();
+    }
+    engine::Request er;
+    er.id = index;
+    er.prompt = model_->Tokenize(prompt);
+    er.sampling = std::move(req->sampling);
+    inflight_.emplace(index, req->endpoint);
+    ready.push_back(std::move(er));
+  }
+  engine_->SubmitAll(std::move(ready));
+  return Status::Ok();
+}
+
+Status BatchRun::Commit(engine::Result& r) {
+  auto it = inflight_.find(r.id);
+  if (it == inflight_.end()) return Status::Internal("result for an unknown request");
+  const std::string& custom_id = pending_[r.id]->custom_id;
+  const batch::Endpoint endpoint = it->second;
+  inflight_.erase(it);
+  if (!r.status.ok())
+    return Failure(custom_id, HttpStatusFor(r.status), ErrorKind(r.status), r.status.message(), "");
+  auto body = endpoint == batch::Endpoint::kChatCompletions
+                  ? batch::ChatCompletionBody(r, model_->name(), created_, batch::NewId("chatcmpl-"))
+                  : batch::TextCompletionBody(r, model_->name(), created_, batch::NewId("cmpl-"));
+  ++ok_;
+  ++done_;
+  return log_.AppendSuccess(custom_id, batch::SuccessLine(custom_id, body));
+}
+
+void PrintSummary(const RunOptions& o, const BatchRun* run, const std::map<std::string, int64_t>& failures,
+                  int64_t resumed, double wall) {
+  engine::EngineStats e = run ? run->stats() : engine::EngineStats{};
+  const int64_t done = run ? run->done() : 0;
+  int64_t failed = 0;
+  for (auto& [_, n] : failures) failed += n;
+  auto pct = [](int64_t a, int64_t b) { return b ? 100.0 * static_cast<double>(a) / static_cast<double>(b) : 0.0; };
+  std::fprintf(stderr, "\nkvbatch: done in %s (%.1f s)\n", HumanDuration(wall).c_str(), wall);
+  std::fprintf(stderr, "  requests     %lld ok, %lld failed", static_cast<long long>(run ? run->ok() : 0),
+               static_cast<long long>(failed));
+  if (resumed > 0) std::fprintf(stderr, ", %lld answered by an earlier run", static_cast<long long>(resumed));
+  std::fprintf(stderr, "\n");
+  for (auto& [kind, n] : failures) std::fprintf(stderr, "    %-28s %lld\n", kind.c_str(), static_cast<long long>(n));
+  std::fprintf(stderr, "  prompt       %lld tokens: %lld computed, %lld served from shared prefixes (%.1f%%)\n",
+               static_cast<long long>(e.prompt_tokens), static_cast<long long>(e.prefill_tokens),
+               static_cast<long long>(e.cached_tokens), pct(e.cached_tokens, e.prompt_tokens));
+  std::fprintf(stderr, "  completion   %lld tokens\n", static_cast<long long>(e.completion_tokens));
+  std::fprintf(stderr, "  throughput   %.2f req/s, %.0f tok/s\n", wall > 0 ? static_cast<double>(done) / wall : 0.0,
+               wall > 0 ? static_cast<double>(e.prefill_tokens + e.completion_tokens) / wall : 0.0);
+  // Running each request alone would decode every prompt token.
+  std::fprintf(stderr, "  saved        %lld prompt tokens not recomputed vs running each request alone (%.1fx less prefill)\n",
+               static_cast<long long>(e.prompt_tokens - e.prefill_tokens),
+               e.prefill_tokens ? static_cast<double>(e.prompt_tokens) / static_cast<double>(e.prefill_tokens) : 0.0);
+  std::fprintf(stderr, "  KV cells     peak %d in use of %d\n", e.cells_peak, e.cells_total);
+  std::fprintf(stderr, "  output       %s%s%s\n", o.output.c_str(), o.errors.empty() ? "" : ", errors in ",
+               o.errors.c_str());
+}
+
 }  // namespace
 
 int Run(const RunOptions& o) {
   // 1. Validate the whole input before anything runs.
   auto scan = batch::ScanInputFile(o.input);
-  if (!scan.ok()) {
-    std::fprintf(stderr, "kvbatch: %s\n", scan.status().message().c_str());
-    return 1;
-  }
-  if (!scan->errors.empty()) {
-    for (const auto& e : scan->errors)
-      std::fprintf(stderr, "%s:%lld: %s [%s]\n", o.input.c_str(), static_cast<long long>(e.line), e.message.c_str(),
-                   e.code.c_str());
-    if (!o.skip_invalid) {
-      std::fprintf(stderr, "kvbatch: %zu invalid line(s) in %s; nothing was run (use --skip-invalid to run the rest)\n",
-                   scan->errors.size(), o.input.c_str());
-      return 2;
-    }
+  if (!scan.ok()) return Fail(scan.status());
+  for (const auto& e : scan->errors)
+    std::fprintf(stderr, "%s:%lld: %s [%s]\n", o.input.c_str(), static_cast<long long>(e.line), e.message.c_str(),
+                 e.code.c_str());
+  if (!scan->errors.empty() && !o.skip_invalid) {
+    std::fprintf(stderr, "kvbatch: %zu invalid line(s) in %s; nothing was run (use --skip-invalid to run the rest)\n",
+                 scan->errors.size(), o.input.c_str());
+    return 2;
   }
 
-  // 2. Open (or resume) the result files.
+  // 2. Open (or resume) the result files; invalid lines go to the error file.
   auto log = batch::ResultLog::Open(o.output, o.errors);
-  if (!log.ok()) {
-    std::fprintf(stderr, "kvbatch: %s\n", log.status().message().c_str());
-    return 1;
-  }
-  int64_t resumed = static_cast<int64_t>(log->answered().size());
+  if (!log.ok()) return Fail(log.status());
+  const int64_t resumed = static_cast<int64_t>(log->answered().size());
   std::map<std::string, int64_t> failures;  // by error kind, this run
   if (o.skip_invalid) {
     for (const auto& e : scan->errors) {
       // A duplicate's id belongs to the first line; an unreadable line has no id.
       if (e.custom_id.empty() || e.code == batch::kDuplicateCustomId || log->answered().count(e.custom_id)) continue;
-      std::string msg = "line " + std::to_string(e.line) + ": " + e.message;
-      Status st = log->AppendFailure(e.custom_id, batch::RequestErrorLine(e.custom_id, e.code, msg));
-      if (!st.ok()) {
-        std::fprintf(stderr, "kvbatch: %s\n", st.message().c_str());
-        return 1;
-      }
+      const std::string msg = "line " + std::to_string(e.line) + ": " + e.message;
+      if (Status st = log->AppendFailure(e.custom_id, batch::RequestErrorLine(e.custom_id, e.code, msg)); !st.ok())
+        return Fail(st);
       ++failures[e.code];
     }
   }
 
-  // 3. Order what is left so that requests sharing a prefix run together:
-  //    groups by prefix hash, in order of first appearance; input order within.
-  std::vector<const batch::InputLine*> pending;
-  std::unordered_map<uint64_t, size_t> group_first;
-  for (const auto& l : scan->valid) {
-    group_first.emplace(l.prefix_hash, group_first.size());
-    if (!log->answered().count(l.custom_id)) pending.push_back(&l);
-  }
-  std::stable_sort(pending.begin(), pending.end(), [&](const batch::InputLine* a, const batch::InputLine* b) {
-    return group_first[a->prefix_hash] < group_first[b->prefix_hash];
-  });
-
-  const int64_t total = static_cast<int64_t>(pending.size());
+  // 3. Run what is left.
   Progress progress(stderr, o.quiet, o.progress_interval);
-  int64_t done = 0, ok_count = 0;
-  engine::EngineStats last_stats;
-  std::string model_name;
-  engine::ContextInfo info;
-
+  auto pending = OrderPending(*scan, log->answered());
+  std::unique_ptr<BatchRun> run;
   if (!pending.empty()) {
-    auto model = engine::Model::Load({o.model, o.n_gpu_layers});
-    if (!model.ok()) {
-      std::fprintf(stderr, "kvbatch: %s\n", model.status().message().c_str());
-      return 1;
-    }
-    model_name = (*model)->name();
-    ResultQueue results;
-    auto eng = engine::Engine::Start(model->get(), o.engine, [&](engine::Result&& r) { results.Push(std::move(r)); });
-    if (!eng.ok()) {
-      std::fprintf(stderr, "kvbatch: %s\n", eng.status().message().c_str());
-      return 1;
-    }
-    info = (*eng)->info();
-    if (!o.quiet) {
-      std::fprintf(stderr,
-                   "kvbatch: %lld requests (%lld already answered) | model %s | %s | KV %d cells (%.0f MiB) | "
-                   "%d parallel sequences | context %d\n",
-                   static_cast<long long>(total), static_cast<long long>(resumed), model_name.c_str(),
-                   info.device.c_str(), info.kv_cells, static_cast<double>(info.kv_bytes) / (1 << 20), info.max_seqs,
-                   info.n_ctx_seq);
-    }
-    auto reader = batch::InputReader::Open(o.input);
-    if (!reader.ok()) {
-      std::fprintf(stderr, "kvbatch: %s\n", reader.status().message().c_str());
-      return 1;
-    }
-
-    auto prev_int = std::signal(SIGINT, OnSignal);
-    auto prev_term = std::signal(SIGTERM, OnSignal);
-    // Keep enough requests queued for the scheduler to see shared prefixes
-    // ahead, but not the whole file: memory stays bounded.
-    const size_t window = static_cast<size_t>(info.max_seqs) * 2 + static_cast<size_t>(o.engine.scheduler.lookahead);
-    std::unordered_map<uint64_t, InFlight> inflight;
-    size_t next = 0;
-    const int64_t created = static_cast<int64_t>(std::time(nullptr));
-    int exit_code = 0;
-
-    auto fail = [&](const std::string& custom_id, int code, const std::string& kind, const std::string& msg,
-                    const std::string& param) {
-      ++failures[kind];
-      return log->AppendFailure(custom_id,
-                                batch::FailureLine(custom_id, code, batch::ErrorBody(msg, code >= 500 ? "server_error" : "invalid_request_error", param, kind)));
-    };
-
-    while (done < total) {
-      if (g_interrupted) {
-        exit_code = 130;
-        break;
-      }
-      // Feed the engine.
-      std::vector<engine::Request> batch_in;
-      while (next < pending.size() && inflight.size() < window) {
-        const batch::InputLine& line = *pending[next];
-        const size_t index = next++;
-        Status st;
-        auto text = reader->ReadLine(line);
-        if (!text.ok()) {
-          std::fprintf(stderr, "kvbatch: %s\n", text.status().message().c_str());
-          return 1;
-        }
-        std::string param;
-        auto req = batch::ParseRequest(*text, &param);
-        if (!req.ok()) {
-          st = fail(line.custom_id, 400, "invalid_request", req.status().message(), param);
-          ++done;
-        } else {
-          std::string prompt;
-          if (req->endpoint == batch::Endpoint::kChatCompletions) {
-            auto formatted = (*model)->FormatChat(req->messages);
-            if (!formatted.ok()) {
-              st = fail(line.custom_id, 400, "unsupported", formatted.status().message(), "messages");
-              ++done;
-              if (!st.ok()) {
-                std::fprintf(stderr, "kvbatch: %s\n", st.message().c_str());
-                return 1;
-              }
-              continue;
-            }
-            prompt = std::move(formatted).value();
-          } else {
-            prompt = std::move(req->prompt);
-          }
-          engine::Request er;
-          er.id = index;
-          er.prompt = (*model)->Tokenize(prompt);
-          er.sampling = std::move(req->sampling);
-          inflight.emplace(index, InFlight{index, req->endpoint});
-          batch_in.push_back(std::move(er));
-        }
-        if (!st.ok()) {
-          std::fprintf(stderr, "kvbatch: %s\n", st.message().c_str());
-          return 1;
-        }
-      }
-      (*eng)->SubmitAll(std::move(batch_in));
-      // Commit what finished.
-      for (engine::Result& r : results.Wait(std::chrono::milliseconds(200))) {
-        auto it = inflight.find(r.id);
-        if (it == inflight.end()) continue;
-        const std::string& custom_id = pending[it->second.index]->custom_id;
-        Status st;
-        if (!r.status.ok()) {
-          st = fail(custom_id, StatusCodeFor(r.status), ErrorCode(r.status), r.status.message(), "");
-        } else {
-          auto body = it->second.endpoint == batch::Endpoint::kChatCompletions
-                          ? batch::ChatCompletionBody(r, model_name, created, batch::NewId("chatcmpl-"))
-                          : batch::TextCompletionBody(r, model_name, created, batch::NewId("cmpl-"));
-          st = log->AppendSuccess(custom_id, batch::SuccessLine(custom_id, body));
-          ++ok_count;
-        }
-        if (!st.ok()) {
-          std::fprintf(stderr, "kvbatch: %s\n", st.message().c_str());
-          return 1;
-        }
-        inflight.erase(it);
-        ++done;
-      }
-      last_stats = (*eng)->Stats();
-      progress.Update({done, total, resumed, last_stats});
-    }
-    last_stats = (*eng)->Stats();
-    progress.Update({done, total, resumed, last_stats}, true);
-    progress.Finish();
-    std::signal(SIGINT, prev_int);
-    std::signal(SIGTERM, prev_term);
-    if (Status st = log->Sync(); !st.ok()) std::fprintf(stderr, "kvbatch: %s\n", st.message().c_str());
-    if (exit_code != 0) {
-      std::fprintf(stderr, "kvbatch: interrupted; %lld of %lld answered this run are saved; rerun the same command to resume\n",
-                   static_cast<long long>(done), static_cast<long long>(total));
-      return exit_code;
-    }
+    run = std::make_unique<BatchRun>(o, *log, std::move(pending), failures);
+    if (int rc = run->Execute(progress, resumed); rc != 0) return rc;
   }
 
-  // 4. Everything answered: put the files in input order.
+  // 4. Everything is answered: put the files in input order.
   std::unordered_map<std::string_view, int64_t> line_of;
   for (const auto& l : scan->valid) line_of.emplace(l.custom_id, l.line_no);
   for (const auto& e : scan->errors)
@@ -276,35 +324,8 @@ int Run(const RunOptions& o) {
     auto it = line_of.find(id);
     return it == line_of.end() ? INT64_MAX : it->second;
   });
-  if (!st.ok()) {
-    std::fprintf(stderr, "kvbatch: %s\n", st.message().c_str());
-    return 1;
-  }
-
-  if (!o.quiet) {
-    const auto& e = last_stats;
-    const double wall = progress.elapsed();
-    int64_t failed = 0;
-    for (auto& [_, n] : failures) failed += n;
-    std::fprintf(stderr, "\nkvbatch: done in %s (%.1f s)\n", HumanDuration(wall).c_str(), wall);
-    std::fprintf(stderr, "  requests     %lld ok, %lld failed", static_cast<long long>(ok_count), static_cast<long long>(failed));
-    if (resumed > 0) std::fprintf(stderr, ", %lld answered by an earlier run", static_cast<long long>(resumed));
-    std::fprintf(stderr, "\n");
-    for (auto& [kind, n] : failures) std::fprintf(stderr, "    %-28s %lld\n", kind.c_str(), static_cast<long long>(n));
-    const int64_t saved = e.prompt_tokens - e.prefill_tokens;
-    std::fprintf(stderr, "  prompt       %lld tokens: %lld computed, %lld served from shared prefixes (%.1f%%)\n",
-                 static_cast<long long>(e.prompt_tokens), static_cast<long long>(e.prefill_tokens),
-                 static_cast<long long>(e.cached_tokens),
-                 e.prompt_tokens ? 100.0 * static_cast<double>(e.cached_tokens) / static_cast<double>(e.prompt_tokens) : 0.0);
-    std::fprintf(stderr, "  completion   %lld tokens\n", static_cast<long long>(e.completion_tokens));
-    std::fprintf(stderr, "  throughput   %.2f req/s, %.0f tok/s\n", wall > 0 ? static_cast<double>(done) / wall : 0.0,
-                 wall > 0 ? static_cast<double>(e.prefill_tokens + e.completion_tokens) / wall : 0.0);
-    std::fprintf(stderr, "  saved        %lld prompt tokens not recomputed vs running each request alone (%.1fx less prefill)\n",
-                 static_cast<long long>(saved),
-                 e.prefill_tokens ? static_cast<double>(e.prompt_tokens) / static_cast<double>(e.prefill_tokens) : 0.0);
-    std::fprintf(stderr, "  KV cells     peak %d of %d\n", e.cells_peak, e.cells_total);
-    std::fprintf(stderr, "  output       %s%s%s\n", o.output.c_str(), o.errors.empty() ? "" : ", errors in ", o.errors.c_str());
-  }
+  if (!st.ok()) return Fail(st);
+  if (!o.quiet) PrintSummary(o, run.get(), failures, resumed, progress.elapsed());
   return 0;
 }
 

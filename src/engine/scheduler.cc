@@ -12,6 +12,7 @@ struct Scheduler::Seq {
   int64_t order = 0;      // admission order: the newest is requeued first
   int32_t n_past = 0;     // positions resident in this sequence
   int32_t cached = 0;     // prompt tokens credited as served from a shared prefix
+  int32_t forked = 0;     // positions shared with the anchor (cells it does not own)
   int32_t anchor = -1;    // the anchor this sequence was forked from (holds a ref)
   int32_t reserved = 0;   // worst-case cells this sequence may add
   int32_t max_new = 0;
@@ -210,6 +211,7 @@ bool Scheduler::TryAdmit(Request& r) {
   s->id = *slot;
   s->order = admit_order_++;
   s->n_past = m.length;
+  s->forked = m.length;
   s->reserved = need;
   s->max_new = max_new;
   if (m.length > 0) {
@@ -407,12 +409,20 @@ bool Scheduler::Step() {
   stats_.waiting = static_cast<int32_t>(waiting_.size());
   stats_.active = 0;
   stats_.anchors = 0;
+  stats_.cells_used = 0;
   for (size_t i = 0; i < seqs_.size(); ++i) {
-    if (seqs_[i]) ++stats_.active;
-    if (anchors_[i]) ++stats_.anchors;
+    if (seqs_[i]) {
+      ++stats_.active;
+      stats_.cells_used += seqs_[i]->n_past - seqs_[i]->forked;
+    }
+    if (anchors_[i]) {
+      ++stats_.anchors;
+      const int32_t fork = static_cast<int32_t>(anchors_[i]->tokens.size()) - anchors_[i]->reserved;
+      stats_.cells_used += anchors_[i]->n_past - fork;
+    }
   }
   stats_.cells_reserved = backend_->n_cells() - options_.reserve_cells - FreeCells();
-  stats_.cells_peak = std::max(stats_.cells_peak, stats_.cells_reserved);
+  stats_.cells_peak = std::max(stats_.cells_peak, stats_.cells_used);
   return true;
 }
 

@@ -38,8 +38,9 @@ struct EngineStats {
   int32_t active = 0;               // sequences running
   int32_t waiting = 0;
   int32_t anchors = 0;
+  int32_t cells_used = 0;           // KV cells holding tokens now (shared cells counted once)
   int32_t cells_reserved = 0;       // worst-case cells held by admitted work
-  int32_t cells_peak = 0;
+  int32_t cells_peak = 0;          // peak of cells_used
   int32_t cells_total = 0;
 };
 

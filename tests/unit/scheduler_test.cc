@@ -215,12 +215,16 @@ TEST(Scheduler, PromptLongerThanTheContextFailsAndTheRestComplete) {
 
 TEST(Scheduler, MaxTokensIsClampedToTheContextAndReportedAsLength) {
   FakeBackend backend(2, 512, 40, 64);
-  auto r = MakeRequest(0, SharedPrompt(0, 3, 30), 1000);
-  // Find a prompt whose greedy run does not hit EOS early.
-  auto results = RunAll(backend, {r}, SchedulerOptions{.max_anchors = 0});
-  const Result& res = results[0];
-  if (res.finish == FinishReason::kLength) EXPECT_EQ(res.completion_tokens, 10);
-  EXPECT_LE(res.completion_tokens, 10);
+  // The context holds 40 positions: a 30-token prompt leaves room for 10.
+  // Find a prompt whose greedy run does not stop on EOS within those 10.
+  Result res;
+  for (uint64_t id = 0; id < 50; ++id) {
+    auto results = RunAll(backend, {MakeRequest(id, SharedPrompt(0, id, 30), 1000)}, SchedulerOptions{.max_anchors = 0});
+    res = results[id];
+    if (res.finish == FinishReason::kLength) break;
+  }
+  EXPECT_EQ(res.finish, FinishReason::kLength);
+  EXPECT_EQ(res.completion_tokens, 10);
 }
 
 TEST(Scheduler, FailedDecodeRequeuesTheNewestWithoutChangingResults) {
