@@ -27,6 +27,13 @@ std::string Content(const nlohmann::json& line) {
   return line["response"]["body"]["choices"][0]["message"]["content"].get<std::string>();
 }
 
+// `kvbatch run dir/in.jsonl -o dir/out.jsonl -e dir/err.jsonl -m tiny` plus `extra`.
+int RunIn(const fs::path& dir, std::string* err, const std::string& extra = "") {
+  return RunKvbatch("run " + (dir / "in.jsonl").string() + " -o " + (dir / "out.jsonl").string() + " -e " +
+                        (dir / "err.jsonl").string() + " -m " + TinyModel() + " " + extra,
+                    err);
+}
+
 size_t CountLines(const fs::path& p) {
   std::ifstream f(p);
   return static_cast<size_t>(std::count(std::istreambuf_iterator<char>(f), {}, '\n'));
@@ -41,11 +48,7 @@ TEST(RunCommand, AnswersEveryLineInInputOrderWithCachedTokensReported) {
                    {"body", {{"model", "x"}, {"prompt", "Once upon a time"}, {"max_tokens", 5}, {"temperature", 0}}}});
   WriteLines(dir / "in.jsonl", lines);
   std::string err;
-  ASSERT_EQ(RunKvbatch("run " + (dir / "in.jsonl").string() + " -o " + (dir / "out.jsonl").string() + " -e " +
-                           (dir / "err.jsonl").string() + " -m " + TinyModel(),
-                       &err),
-            0)
-      << err;
+  ASSERT_EQ(RunIn(dir, &err), 0) << err;
   auto out = ReadJsonl(dir / "out.jsonl");
   ASSERT_EQ(out.size(), lines.size());
   EXPECT_EQ(CountLines(dir / "err.jsonl"), 0u);
@@ -75,11 +78,7 @@ TEST(RunCommand, PromptLongerThanTheContextIsA400AndTheRestComplete) {
   lines.insert(lines.begin() + 2, ChatLine("too-long", "sys", huge, 4));
   WriteLines(dir / "in.jsonl", lines);
   std::string err;
-  ASSERT_EQ(RunKvbatch("run " + (dir / "in.jsonl").string() + " -o " + (dir / "out.jsonl").string() + " -e " +
-                           (dir / "err.jsonl").string() + " -m " + TinyModel(),
-                       &err),
-            0)
-      << err;
+  ASSERT_EQ(RunIn(dir, &err), 0) << err;
   auto out = ReadJsonl(dir / "out.jsonl");
   auto errs = ReadJsonl(dir / "err.jsonl");
   EXPECT_EQ(out.size(), 5u);
@@ -110,11 +109,7 @@ TEST(RunCommand, InvalidInputStopsBeforeRunningAndListsEveryLine) {
   EXPECT_FALSE(fs::exists(dir / "out.jsonl"));
 
   // --skip-invalid: the valid lines run, the invalid ones go to the error file.
-  ASSERT_EQ(RunKvbatch("run --skip-invalid " + (dir / "in.jsonl").string() + " -o " + (dir / "out.jsonl").string() +
-                           " -e " + (dir / "err.jsonl").string() + " -m " + TinyModel(),
-                       &err),
-            0)
-      << err;
+  ASSERT_EQ(RunIn(dir, &err, "--skip-invalid"), 0) << err;
   auto out = ReadJsonl(dir / "out.jsonl");
   auto errs = ReadJsonl(dir / "err.jsonl");
   std::set<std::string> ok_ids, err_ids;

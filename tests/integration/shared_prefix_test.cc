@@ -46,6 +46,19 @@ std::map<uint64_t, Result> RunEngine(const Model& model, const std::vector<Reque
   return std::move(c.results);
 }
 
+// A chat request: the shared rubric (repeated `rubric` times) as the system
+// message, candidate `i` as the user message.
+Request RubricRequest(const Model& model, int i, int rubric, int max_tokens, float temperature) {
+  auto prompt = model.FormatChat({{"system", Rubric(rubric)}, {"user", Candidate(i)}});
+  EXPECT_TRUE(prompt.ok());
+  Request r;
+  r.id = static_cast<uint64_t>(i);
+  r.prompt = model.Tokenize(*prompt);
+  r.sampling.temperature = temperature;
+  r.sampling.max_tokens = max_tokens;
+  return r;
+}
+
 class SharedPrefix : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
@@ -61,18 +74,10 @@ Model* SharedPrefix::model_ = nullptr;
 TEST_F(SharedPrefix, BatchedLogitsMatchEachRequestRunAloneAndOnlyTheFirstComputesThePrefix) {
   constexpr int kRequests = 40;
   constexpr int kTopK = 10;
-  const std::string rubric = Rubric(30);
   std::vector<Request> reqs;
   for (int i = 0; i < kRequests; ++i) {
-    auto prompt = model_->FormatChat({{"system", rubric}, {"user", Candidate(i)}});
-    ASSERT_TRUE(prompt.ok());
-    Request r;
-    r.id = static_cast<uint64_t>(i);
-    r.prompt = model_->Tokenize(*prompt);
-    r.sampling.temperature = 0;
-    r.sampling.max_tokens = 8;
-    r.capture_top_logits = kTopK;
-    reqs.push_back(std::move(r));
+    reqs.push_back(RubricRequest(*model_, i, 30, 8, 0.0f));
+    reqs.back().capture_top_logits = kTopK;
   }
   ASSERT_GT(reqs[0].prompt.size(), 500u);
 
@@ -148,15 +153,7 @@ TEST_F(SharedPrefix, BatchedLogitsMatchEachRequestRunAloneAndOnlyTheFirstCompute
 TEST_F(SharedPrefix, DifferentRequestsGetDifferentAnswers) {
   // Guards the test above against a degenerate model that ignores its input.
   std::vector<Request> reqs;
-  for (int i = 0; i < 8; ++i) {
-    auto prompt = model_->FormatChat({{"system", Rubric(5)}, {"user", Candidate(i)}});
-    Request r;
-    r.id = static_cast<uint64_t>(i);
-    r.prompt = model_->Tokenize(*prompt);
-    r.sampling.temperature = 0;
-    r.sampling.max_tokens = 12;
-    reqs.push_back(std::move(r));
-  }
+  for (int i = 0; i < 8; ++i) reqs.push_back(RubricRequest(*model_, i, 5, 12, 0.0f));
   EngineOptions opts;
   opts.context.kv_cells = 4096;
   opts.context.max_seqs = 8;
@@ -172,15 +169,9 @@ TEST_F(SharedPrefix, DifferentRequestsGetDifferentAnswers) {
 TEST_F(SharedPrefix, SampledTextDoesNotDependOnBatchCompositionOrOrder) {
   std::vector<Request> reqs;
   for (int i = 0; i < 12; ++i) {
-    auto prompt = model_->FormatChat({{"system", Rubric(8)}, {"user", Candidate(i)}});
-    Request r;
-    r.id = static_cast<uint64_t>(i);
-    r.prompt = model_->Tokenize(*prompt);
-    r.sampling.temperature = 0.9f;
-    r.sampling.top_p = 0.95f;
-    r.sampling.max_tokens = 10;
-    r.sampling.seed = 1000 + static_cast<uint64_t>(i % 3);  // several requests share a seed
-    reqs.push_back(std::move(r));
+    reqs.push_back(RubricRequest(*model_, i, 8, 10, 0.9f));
+    reqs.back().sampling.top_p = 0.95f;
+    reqs.back().sampling.seed = 1000 + static_cast<uint64_t>(i % 3);  // several requests share a seed
   }
   EngineOptions opts;
   opts.context.kv_cells = 4096;
