@@ -72,6 +72,9 @@ int main(int argc, char** argv) {
   run_cmd->add_option("-e,--errors", run.errors, "Error JSONL for failed requests (default: the output file)");
   run_cmd->add_option("-m,--model", run.model, "GGUF model (default: the generated demo model)");
   run_cmd->add_flag("--skip-invalid", run.skip_invalid, "Run the valid lines; write invalid ones to the error file");
+  run_cmd->add_option("--default-max-tokens", run.default_max_tokens,
+                      "max_tokens for requests without one (0: until the context is full)")
+      ->capture_default_str();
   run_cmd->add_option("--max-seqs", run.engine.context.max_seqs, "Parallel sequences (default: 32 on CPU, 128 on GPU)");
   run_cmd->add_option("--kv-cells", run.engine.context.kv_cells, "KV cache cells (default: sized from free memory)");
   run_cmd->add_option("--batch-tokens", run.engine.context.n_batch, "Tokens per engine step (decode + prefill chunks)")

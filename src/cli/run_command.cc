@@ -224,6 +224,7 @@ Status BatchRun::Feed() {
     er.id = index;
     er.prompt = model_->Tokenize(prompt);
     er.sampling = std::move(req->sampling);
+    if (er.sampling.max_tokens <= 0 && o_.default_max_tokens > 0) er.sampling.max_tokens = o_.default_max_tokens;
     inflight_.emplace(index, req->endpoint);
     ready.push_back(std::move(er));
   }

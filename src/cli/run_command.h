@@ -19,6 +19,10 @@ struct RunOptions {
   bool quiet = false;
   double progress_interval = 10.0;  // seconds between lines when not on a terminal
   int32_t n_gpu_layers = -1;
+  // max_tokens for requests that give none; 0: until the context is full
+  // (OpenAI's meaning). Admission reserves a request's worst case, so without
+  // it a request may hold a whole context's worth of KV cells.
+  int32_t default_max_tokens = 0;
   engine::EngineOptions engine;
 };
 
