@@ -133,7 +133,7 @@ TEST(RunCommand, ResumesAfterKill9WithoutLosingOrRepeatingWork) {
   const std::string leads = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
   std::vector<nlohmann::json> lines;
   for (size_t i = 0; i < leads.size(); ++i)
-    lines.push_back(ChatLine("cand-" + std::to_string(i), Rubric(12), std::string(1, leads[i]) + ": " + Candidate(int(i)), 24));
+    lines.push_back(ChatLine("cand-" + std::to_string(i), Rubric(12), std::string(1, leads[i]) + ": " + Candidate(int(i)), 64));
   WriteLines(dir / "in.jsonl", lines);
   const std::string common = " -m " + TinyModel() + " --max-seqs 1 -q";
   std::string err;
@@ -149,7 +149,7 @@ TEST(RunCommand, ResumesAfterKill9WithoutLosingOrRepeatingWork) {
   pid_t pid;
   ASSERT_EQ(posix_spawn(&pid, KVBATCH_BIN, nullptr, nullptr, argv.data(), environ), 0);
   auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
-  while (CountLines(out) < 20 && std::chrono::steady_clock::now() < deadline)
+  while (CountLines(out) < 8 && std::chrono::steady_clock::now() < deadline)
     std::this_thread::sleep_for(std::chrono::milliseconds(2));
   ASSERT_EQ(kill(pid, SIGKILL), 0);
   int status = 0;
