@@ -124,15 +124,19 @@ bool Scheduler::MakeRoom(int32_t cells, int32_t keep_anchor) {
   return true;
 }
 
-int32_t Scheduler::SharedWithWaiting(const Request& r, size_t max_len) const {
+// The longest prefix of r (at most max_len) shared with a waiting request
+// in the lookahead, when it is at least `floor` tokens; else 0. Called on
+// every admission, so most candidates are rejected by one token compare.
+int32_t Scheduler::SharedWithWaiting(const Request& r, size_t max_len, size_t floor) const {
+  if (floor == 0 || floor > max_len) return 0;
   size_t best = 0;
   size_t n = std::min(waiting_.size(), static_cast<size_t>(options_.lookahead) + 1);
   for (size_t i = 0; i < n; ++i) {
     const Request& w = waiting_[i];
-    if (&w == &r) continue;
+    if (&w == &r || w.prompt.size() < floor || w.prompt[floor - 1] != r.prompt[floor - 1]) continue;
     best = std::max(best, CommonPrefix(r.prompt, w.prompt, max_len));
   }
-  return static_cast<int32_t>(best);
+  return best >= floor ? static_cast<int32_t>(best) : 0;
 }
 
 void Scheduler::Fail(Request& r, Status status) {
@@ -172,8 +176,8 @@ bool Scheduler::TryAdmit(Request& r) {
 
   // A longer prefix shared with requests still waiting: decode it once into
   // an anchor, then fork this request and the others from it.
-  const int32_t shared = SharedWithWaiting(r, max_len);
-  if (shared >= m.length + options_.min_anchor_gain) {
+  const int32_t shared = SharedWithWaiting(r, max_len, static_cast<size_t>(m.length + std::max(1, options_.min_anchor_gain)));
+  if (shared > 0) {
     auto slot = FreeSlot(/*anchor=*/true);
     if (!slot) {
       if (auto victim = cache_.LruIdle(m.seq)) {

@@ -71,7 +71,7 @@ class Scheduler {
 
   void Admit();
   bool TryAdmit(Request& r);
-  int32_t SharedWithWaiting(const Request& r, size_t max_len) const;
+  int32_t SharedWithWaiting(const Request& r, size_t max_len, size_t floor) const;
   std::optional<int32_t> FreeSlot(bool anchor) const;
   bool MakeRoom(int32_t cells, int32_t keep_anchor);
   void EvictAnchor(int32_t seq);
