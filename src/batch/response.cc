@@ -129,6 +129,22 @@ std::string NewId(std::string_view prefix) {
   return id;
 }
 
+namespace {
+
+// The fields chat.completion and text_completion objects share, around one choice.
+json CompletionObject(std::string_view object, json choice, const engine::Result& r, std::string_view model,
+                      int64_t created, std::string_view id, std::string_view system_fingerprint) {
+  return json{{"id", Str(id)},
+              {"object", object},
+              {"created", created},
+              {"model", Str(model)},
+              {"choices", json::array({std::move(choice)})},
+              {"usage", Usage(r)},
+              {"system_fingerprint", NullIfEmpty(system_fingerprint)}};
+}
+
+}  // namespace
+
 json ChatCompletionBody(const engine::Result& r, std::string_view model, int64_t created, std::string_view id,
                         std::string_view system_fingerprint) {
   json message = {{"role", "assistant"}, {"content", Str(r.text)}, {"refusal", nullptr}};
@@ -136,13 +152,7 @@ json ChatCompletionBody(const engine::Result& r, std::string_view model, int64_t
                  {"message", std::move(message)},
                  {"logprobs", nullptr},
                  {"finish_reason", engine::FinishReasonName(r.finish)}};
-  return json{{"id", Str(id)},
-              {"object", "chat.completion"},
-              {"created", created},
-              {"model", Str(model)},
-              {"choices", json::array({std::move(choice)})},
-              {"usage", Usage(r)},
-              {"system_fingerprint", NullIfEmpty(system_fingerprint)}};
+  return CompletionObject("chat.completion", std::move(choice), r, model, created, id, system_fingerprint);
 }
 
 json TextCompletionBody(const engine::Result& r, std::string_view model, int64_t created, std::string_view id,
@@ -151,13 +161,7 @@ json TextCompletionBody(const engine::Result& r, std::string_view model, int64_t
                  {"index", 0},
                  {"logprobs", nullptr},
                  {"finish_reason", engine::FinishReasonName(r.finish)}};
-  return json{{"id", Str(id)},
-              {"object", "text_completion"},
-              {"created", created},
-              {"model", Str(model)},
-              {"choices", json::array({std::move(choice)})},
-              {"usage", Usage(r)},
-              {"system_fingerprint", NullIfEmpty(system_fingerprint)}};
+  return CompletionObject("text_completion", std::move(choice), r, model, created, id, system_fingerprint);
 }
 
 json ErrorBody(std::string_view message, std::string_view type, std::string_view param, std::string_view code) {
