@@ -6,6 +6,7 @@
 #include <csignal>
 #include <ctime>
 #include <deque>
+#include <filesystem>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -289,6 +290,12 @@ int Run(const RunOptions& o) {
     std::fprintf(stderr, "kvbatch: %zu invalid line(s) in %s; nothing was run (use --skip-invalid to run the rest)\n",
                  scan->errors.size(), o.input.c_str());
     return 2;
+  }
+
+  // A missing model is reported before any output file is created.
+  if (std::error_code ec; !std::filesystem::is_regular_file(o.model, ec)) {
+    std::fprintf(stderr, "kvbatch: model file not found: %s\n", o.model.c_str());
+    return 1;
   }
 
   // 2. Open (or resume) the result files; invalid lines go to the error file.
