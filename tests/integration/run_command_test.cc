@@ -118,6 +118,11 @@ TEST(RunCommand, InvalidInputStopsBeforeRunningAndListsEveryLine) {
   EXPECT_EQ(ok_ids, (std::set<std::string>{"a", "e"}));
   EXPECT_EQ(err_ids, (std::set<std::string>{"c", "d"}));
   for (auto& l : errs) EXPECT_FALSE(l["error"]["message"].get<std::string>().empty());
+
+  // Rerunning the finished command changes nothing: every id stays once.
+  ASSERT_EQ(RunIn(dir, &err, "--skip-invalid"), 0) << err;
+  EXPECT_EQ(ReadJsonl(dir / "out.jsonl").size(), 2u);
+  EXPECT_EQ(ReadJsonl(dir / "err.jsonl").size(), 2u);
 }
 
 // kill -9 mid-run, rerun the same command: every custom_id exactly once, and
