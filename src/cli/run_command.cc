@@ -104,6 +104,8 @@ class BatchRun {
   int Execute(Progress& progress, int64_t resumed);
 
   int64_t done() const { return done_; }
+  // "GPU memory 20.1 of 79.6 GiB in use", or empty on a CPU.
+  std::string DeviceMemoryLine() const;
   int64_t ok() const { return ok_; }
   const engine::EngineStats& stats() const { return stats_; }
 
@@ -186,6 +188,16 @@ int BatchRun::Execute(Progress& progress, int64_t resumed) {
                  static_cast<long long>(done_), static_cast<long long>(total));
   }
   return exit_code;
+}
+
+std::string BatchRun::DeviceMemoryLine() const {
+  size_t free = 0, total = 0;
+  if (engine_) engine_->DeviceMemory(&free, &total);
+  if (total == 0) return "";
+  char buf[96];
+  std::snprintf(buf, sizeof buf, "GPU memory %.1f of %.1f GiB in use", static_cast<double>(total - free) / (1 << 30),
+                static_cast<double>(total) / (1 << 30));
+  return buf;
 }
 
 Status BatchRun::Failure(const std::string& custom_id, int http_status, const std::string& kind,
@@ -273,6 +285,7 @@ void PrintSummary(const RunOptions& o, const BatchRun* run, const std::map<std::
                static_cast<long long>(e.prompt_tokens - e.prefill_tokens),
                e.prefill_tokens ? static_cast<double>(e.prompt_tokens) / static_cast<double>(e.prefill_tokens) : 0.0);
   std::fprintf(stderr, "  KV cells     peak %d in use of %d\n", e.cells_peak, e.cells_total);
+  if (run && !run->DeviceMemoryLine().empty()) std::fprintf(stderr, "  device       %s\n", run->DeviceMemoryLine().c_str());
   std::fprintf(stderr, "  output       %s%s%s\n", o.output.c_str(), o.errors.empty() ? "" : ", errors in ",
                o.errors.c_str());
 }
