@@ -9,7 +9,19 @@
 #include "ggml-backend.h"
 #include "llama.h"
 
+#ifdef KVBATCH_HAVE_LLAMA_COMMON
+#include "chat.h"
+#endif
+
 namespace kvb::engine {
+
+#ifdef KVBATCH_HAVE_LLAMA_COMMON
+struct Model::Jinja {
+  common_chat_templates_ptr templates;
+};
+#else
+struct Model::Jinja {};
+#endif
 
 namespace {
 
@@ -46,6 +58,18 @@ StatusOr<std::unique_ptr<Model>> Model::Load(const ModelOptions& options) {
   m->vocab_ = llama_model_get_vocab(raw);
   m->name_ = std::filesystem::path(options.path).stem().string();
   if (const char* t = llama_model_chat_template(raw, nullptr)) m->template_ = t;
+#ifdef KVBATCH_HAVE_LLAMA_COMMON
+  if (!m->template_.empty()) {
+    try {
+      auto jinja = std::make_unique<Jinja>();
+      jinja->templates = common_chat_templates_init(raw, "");
+      if (jinja->templates) m->jinja_ = std::move(jinja);
+    } catch (const std::exception& e) {
+      // Not renderable as Jinja: the built-in detection may still know it.
+      std::fprintf(stderr, "kvbatch: the model's chat template does not parse as Jinja (%s); using llama.cpp's built-in templates\n", e.what());
+    }
+  }
+#endif
   for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
     ggml_backend_dev_t dev = ggml_backend_dev_get(i);
     if (ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_GPU && options.n_gpu_layers != 0) m->on_gpu_ = true;
@@ -58,6 +82,24 @@ Model::~Model() {
 }
 
 StatusOr<std::string> Model::FormatChat(const std::vector<ChatMessage>& messages) const {
+#ifdef KVBATCH_HAVE_LLAMA_COMMON
+  if (jinja_) {
+    common_chat_templates_inputs in;
+    for (const auto& m : messages) {
+      common_chat_msg msg;
+      msg.role = m.role;
+      msg.content = m.content;
+      in.messages.push_back(std::move(msg));
+    }
+    in.add_generation_prompt = true;
+    in.use_jinja = true;
+    try {
+      return common_chat_templates_apply(jinja_->templates.get(), in).prompt;
+    } catch (const std::exception& e) {
+      return Status::InvalidArgument(std::string("the model's chat template rejected these messages: ") + e.what());
+    }
+  }
+#endif
   std::vector<llama_chat_message> chat;
   size_t chars = 0;
   for (const auto& m : messages) {

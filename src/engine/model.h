@@ -25,8 +25,10 @@ class Model {
   static StatusOr<std::unique_ptr<Model>> Load(const ModelOptions& options);
   ~Model();
 
-  // The prompt for a chat, by the model's own template (llama.cpp's
-  // template support), ending with the assistant's turn.
+  // The prompt for a chat, by the model's own template, ending with the
+  // assistant's turn: rendered as Jinja by llama.cpp's common library (as
+  // llama-server does) when kvbatch is built with it, else by
+  // llama_chat_apply_template's built-in template detection.
   StatusOr<std::string> FormatChat(const std::vector<ChatMessage>& messages) const;
   // Tokens of a prompt; special tokens in the text are parsed, BOS added
   // when the model wants one.
@@ -50,6 +52,8 @@ class Model {
   std::string name_;
   std::string template_;
   bool on_gpu_ = false;
+  struct Jinja;  // llama.cpp's common chat templates, when built with them
+  std::unique_ptr<Jinja> jinja_;
 };
 
 // Initializes llama.cpp's backends once per process and routes its log to
