@@ -47,6 +47,7 @@ log "built $build/kvbatch"
 
 # 4. The demo: a generated model (no download) and a shared-rubric batch.
 mkdir -p "$build/demo"
+rm -f "$build/demo/results.jsonl" "$build/demo/errors.jsonl"  # a fresh demo each time
 python3 bench/make_workload.py --requests 64 --max-tokens 16 --out "$build/demo/requests.jsonl"
 "$build/kvbatch" run "$build/demo/requests.jsonl" -o "$build/demo/results.jsonl" -e "$build/demo/errors.jsonl"
 log "demo results: $build/demo/results.jsonl (first line below)"
