@@ -366,6 +366,9 @@ bool Scheduler::Step() {
       Requeue(*newest);
       return true;
     }
+    // Anything else (or a full cache with only anchors prefilling): fail
+    // the running requests and drop the unfinished anchors, so the step
+    // cannot repeat forever; waiting requests are admitted without them.
     std::vector<Seq*> all;
     for (auto& s : seqs_)
       if (s) all.push_back(s.get());
@@ -373,6 +376,12 @@ bool Scheduler::Step() {
       Request r = std::move(s->req);
       Release(*s);
       Fail(r, st);
+    }
+    for (auto& a : anchors_) {
+      if (!a || a->ready) continue;
+      backend_->RemoveSeq(a->id);
+      if (a->parent >= 0) cache_.Release(a->parent);
+      a.reset();
     }
     return true;
   }

@@ -243,6 +243,25 @@ TEST(Scheduler, FailedDecodeRequeuesTheNewestWithoutChangingResults) {
   for (auto& [id, r] : out) EXPECT_EQ(r.tokens, RunAlone(reqs[id]).tokens);
 }
 
+TEST(Scheduler, FailedAnchorPrefillIsDroppedAndTheRequestsStillComplete) {
+  FakeBackend backend(6, 4096, 4096, 512);
+  std::vector<Request> reqs;
+  for (uint64_t i = 0; i < 4; ++i) reqs.push_back(MakeRequest(i, SharedPrompt(100, i, 5), 4));
+  std::map<uint64_t, Result> out;
+  Scheduler s(&backend, SchedulerOptions{}, [&](Result&& r) { out[r.id] = std::move(r); });
+  for (auto r : reqs) s.Submit(std::move(r));
+  backend.fail_next = true;  // the first step only prefills the anchor
+  int guard = 0;
+  while (s.Step() && ++guard < 1000) {
+  }
+  EXPECT_TRUE(s.Idle());
+  ASSERT_EQ(out.size(), 4u);
+  for (auto& [id, r] : out) {
+    EXPECT_TRUE(r.status.ok()) << r.status.ToString();
+    EXPECT_EQ(r.tokens, RunAlone(reqs[id]).tokens);
+  }
+}
+
 TEST(Scheduler, StopStringCutsTheTextBeforeIt) {
   FakeBackend backend(2, 512, 512, 64);
   auto r = MakeRequest(0, SharedPrompt(0, 5, 8), 40);
