@@ -1,6 +1,7 @@
 #include "cli/run_command.h"
 
 #include <algorithm>
+#include <chrono>
 #include <atomic>
 #include <condition_variable>
 #include <csignal>
@@ -162,6 +163,8 @@ int BatchRun::Execute(Progress& progress, int64_t resumed) {
   auto prev_int = std::signal(SIGINT, OnSignal);
   auto prev_term = std::signal(SIGTERM, OnSignal);
   int exit_code = 0;
+  constexpr auto kSyncInterval = std::chrono::seconds(2);
+  auto last_sync = std::chrono::steady_clock::now();
   while (done_ < total) {
     if (g_interrupted) {
       exit_code = 130;
@@ -173,6 +176,17 @@ int BatchRun::Execute(Progress& progress, int64_t resumed) {
     if (!st.ok()) {
       exit_code = Fail(st);
       break;
+    }
+    // Every line is written to the OS as it finishes (a killed process
+    // loses nothing); a group fdatasync every 2 s bounds what a power loss
+    // can cost to recomputing that long (interleaved A/B runs showed no
+    // throughput cost).
+    if (auto now = std::chrono::steady_clock::now(); now - last_sync >= kSyncInterval) {
+      if (Status sync = log_.Sync(); !sync.ok()) {
+        exit_code = Fail(sync);
+        break;
+      }
+      last_sync = now;
     }
     stats_ = engine_->Stats();
     progress.Update({done_, total, resumed, stats_});
