@@ -105,9 +105,11 @@ std::optional<int32_t> Scheduler::FreeSlot(bool anchor) const {
   return std::nullopt;
 }
 
+// Drops an anchor nobody is forked from: ready ones leave the prefix cache,
+// unfinished ones were never in it.
 void Scheduler::EvictAnchor(int32_t seq) {
   auto& a = anchors_[seq];
-  assert(a && a->ready && cache_.Refs(seq) == 0);
+  assert(a && cache_.Refs(seq) == 0);
   backend_->RemoveSeq(seq);
   cache_.Remove(seq);
   if (a->parent >= 0) cache_.Release(a->parent);
@@ -377,12 +379,8 @@ bool Scheduler::Step() {
       Release(*s);
       Fail(r, st);
     }
-    for (auto& a : anchors_) {
-      if (!a || a->ready) continue;
-      backend_->RemoveSeq(a->id);
-      if (a->parent >= 0) cache_.Release(a->parent);
-      a.reset();
-    }
+    for (auto& a : anchors_)
+      if (a && !a->ready) EvictAnchor(a->id);
     return true;
   }
 
