@@ -15,7 +15,8 @@ demo=1
 log() { echo "[setup] $*" >&2; }
 
 # 1. System packages (Debian names); skipped when already present.
-pkgs=(build-essential cmake git pkg-config ccache nlohmann-json3-dev libcli11-dev libgtest-dev libgmock-dev)
+pkgs=(build-essential cmake git pkg-config ccache nlohmann-json3-dev libcli11-dev libgtest-dev libgmock-dev
+      libcpp-httplib-dev libsqlite3-dev)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 # Tools that may come from elsewhere than Debian's packages (nvm, pyenv):

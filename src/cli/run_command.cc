@@ -15,6 +15,7 @@
 #include <unordered_set>
 
 #include "batch/input_file.h"
+#include "batch/prepare.h"
 #include "batch/request.h"
 #include "batch/response.h"
 #include "batch/result_log.h"
@@ -51,26 +52,6 @@ class ResultQueue {
   std::condition_variable cv_;
   std::deque<engine::Result> q_;
 };
-
-// The error kind (the error body's code, and the summary's grouping) and
-// HTTP status for a request the engine could not run.
-std::string ErrorKind(const Status& s) {
-  switch (s.code()) {
-    case StatusCode::kResourceExhausted: return "context_length_exceeded";
-    case StatusCode::kInvalidArgument: return "invalid_request";
-    case StatusCode::kFailedPrecondition: return "unsupported";
-    default: return "server_error";
-  }
-}
-
-int HttpStatusFor(const Status& s) {
-  switch (s.code()) {
-    case StatusCode::kResourceExhausted:
-    case StatusCode::kInvalidArgument:
-    case StatusCode::kFailedPrecondition: return 400;
-    default: return 500;
-  }
-}
 
 int Fail(const Status& st) {
   std::fprintf(stderr, "kvbatch: %s\n", st.message().c_str());
@@ -113,8 +94,7 @@ class BatchRun {
  private:
   Status Feed();
   Status Commit(engine::Result& r);
-  Status Failure(const std::string& custom_id, int http_status, const std::string& kind, const std::string& message,
-                 const std::string& param);
+  Status Failure(const std::string& custom_id, const batch::RequestFailure& f);
 
   const RunOptions& o_;
   batch::ResultLog& log_;
@@ -214,12 +194,10 @@ std::string BatchRun::DeviceMemoryLine() const {
   return buf;
 }
 
-Status BatchRun::Failure(const std::string& custom_id, int http_status, const std::string& kind,
-                         const std::string& message, const std::string& param) {
-  ++failures_[kind];
+Status BatchRun::Failure(const std::string& custom_id, const batch::RequestFailure& f) {
+  ++failures_[f.code];
   ++done_;
-  const char* type = http_status >= 500 ? "server_error" : "invalid_request_error";
-  return log_.AppendFailure(custom_id, batch::FailureLine(custom_id, http_status, batch::ErrorBody(message, type, param, kind)));
+  return log_.AppendFailure(custom_id, batch::FailureLine(custom_id, f.http_status, batch::FailureBody(f)));
 }
 
 // Reads, parses and tokenizes lines until the window is full, then hands
@@ -234,26 +212,18 @@ Status BatchRun::Feed() {
     std::string param;
     auto req = batch::ParseRequest(*text, &param);
     if (!req.ok()) {
-      if (Status st = Failure(line.custom_id, 400, "invalid_request", req.status().message(), param); !st.ok()) return st;
+      if (Status st = Failure(line.custom_id, {400, "invalid_request", req.status().message(), param}); !st.ok())
+        return st;
       continue;
     }
-    std::string prompt = std::move(req->prompt);
-    if (req->endpoint == batch::Endpoint::kChatCompletions) {
-      auto formatted = model_->FormatChat(req->messages);
-      if (!formatted.ok()) {
-        if (Status st = Failure(line.custom_id, 400, "unsupported", formatted.status().message(), "messages"); !st.ok())
-          return st;
-        continue;
-      }
-      prompt = std::move(formatted).value();
+    const batch::Endpoint endpoint = req->endpoint;
+    auto prepared = batch::PrepareRequest(std::move(req).value(), *model_, o_.default_max_tokens, index);
+    if (auto* f = std::get_if<batch::RequestFailure>(&prepared)) {
+      if (Status st = Failure(line.custom_id, *f); !st.ok()) return st;
+      continue;
     }
-    engine::Request er;
-    er.id = index;
-    er.prompt = model_->Tokenize(prompt);
-    er.sampling = std::move(req->sampling);
-    if (er.sampling.max_tokens <= 0 && o_.default_max_tokens > 0) er.sampling.max_tokens = o_.default_max_tokens;
-    inflight_.emplace(index, req->endpoint);
-    ready.push_back(std::move(er));
+    inflight_.emplace(index, endpoint);
+    ready.push_back(std::get<engine::Request>(std::move(prepared)));
   }
   engine_->SubmitAll(std::move(ready));
   return Status::Ok();
@@ -265,11 +235,8 @@ Status BatchRun::Commit(engine::Result& r) {
   const std::string& custom_id = pending_[r.id]->custom_id;
   const batch::Endpoint endpoint = it->second;
   inflight_.erase(it);
-  if (!r.status.ok())
-    return Failure(custom_id, HttpStatusFor(r.status), ErrorKind(r.status), r.status.message(), "");
-  auto body = endpoint == batch::Endpoint::kChatCompletions
-                  ? batch::ChatCompletionBody(r, model_->name(), created_, batch::NewId("chatcmpl-"))
-                  : batch::TextCompletionBody(r, model_->name(), created_, batch::NewId("cmpl-"));
+  if (!r.status.ok()) return Failure(custom_id, batch::FailureFromStatus(r.status));
+  auto body = batch::ResponseBody(endpoint, r, model_->name(), created_);
   ++ok_;
   ++done_;
   return log_.AppendSuccess(custom_id, batch::SuccessLine(custom_id, body));

@@ -3,7 +3,8 @@
 namespace kvb::engine {
 
 StatusOr<std::unique_ptr<Engine>> Engine::Start(const Model* model, const EngineOptions& options,
-                                                std::function<void(Result&&)> on_result) {
+                                                std::function<void(Result&&)> on_result,
+                                                Scheduler::DeltaFn on_delta) {
   auto backend = LlamaBackend::Create(model, options.context);
   if (!backend.ok()) return backend.status();
   std::unique_ptr<Engine> e(new Engine);
@@ -11,7 +12,7 @@ StatusOr<std::unique_ptr<Engine>> Engine::Start(const Model* model, const Engine
   e->info_ = e->backend_->info();
   SchedulerOptions so = options.scheduler;
   so.max_anchors = options.context.anchors;
-  e->scheduler_ = std::make_unique<Scheduler>(e->backend_.get(), so, std::move(on_result));
+  e->scheduler_ = std::make_unique<Scheduler>(e->backend_.get(), so, std::move(on_result), std::move(on_delta));
   e->thread_ = std::thread([raw = e.get()] { raw->Loop(); });
   return e;
 }
@@ -42,6 +43,14 @@ void Engine::SubmitAll(std::vector<Request> requests) {
   cv_.notify_all();
 }
 
+void Engine::Cancel(uint64_t id) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    cancels_.push_back(id);
+  }
+  cv_.notify_all();
+}
+
 EngineStats Engine::Stats() const {
   std::lock_guard<std::mutex> lock(mu_);
   return stats_;
@@ -49,15 +58,19 @@ EngineStats Engine::Stats() const {
 
 void Engine::Loop() {
   std::vector<std::pair<Request, bool>> incoming;
+  std::vector<uint64_t> cancels;
   for (;;) {
     {
       std::unique_lock<std::mutex> lock(mu_);
-      cv_.wait(lock, [&] { return stop_ || !inbox_.empty() || !scheduler_->Idle(); });
+      cv_.wait(lock, [&] { return stop_ || !inbox_.empty() || !cancels_.empty() || !scheduler_->Idle(); });
       if (stop_) return;
       incoming.swap(inbox_);
+      cancels.swap(cancels_);
     }
     for (auto& [r, urgent] : incoming) scheduler_->Submit(std::move(r), urgent);
     incoming.clear();
+    for (uint64_t id : cancels) scheduler_->Cancel(id);
+    cancels.clear();
     scheduler_->Step();
     std::lock_guard<std::mutex> lock(mu_);
     stats_ = scheduler_->stats();

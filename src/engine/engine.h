@@ -23,15 +23,20 @@ struct EngineOptions {
 
 class Engine {
  public:
-  // `on_result` runs on the engine thread; keep it short (hand off to a queue).
+  // `on_result` and `on_delta` (streaming requests' text, see
+  // Scheduler::DeltaFn) run on the engine thread; keep them short.
   static StatusOr<std::unique_ptr<Engine>> Start(const Model* model, const EngineOptions& options,
-                                                 std::function<void(Result&&)> on_result);
+                                                 std::function<void(Result&&)> on_result,
+                                                 Scheduler::DeltaFn on_delta = nullptr);
   ~Engine();  // stops the thread; unfinished requests are dropped
 
   void Submit(Request request, bool urgent = false);  // thread-safe
   // Queues several requests at once: the scheduler sees them together, so
   // the prefixes they share are found regardless of thread timing.
   void SubmitAll(std::vector<Request> requests);
+  // Drops a queued or running request (thread-safe); its Result comes with
+  // status Cancelled, unless it finished first.
+  void Cancel(uint64_t id);
   EngineStats Stats() const;                           // a snapshot, thread-safe
   const ContextInfo& info() const { return info_; }
   void DeviceMemory(size_t* free, size_t* total) const { backend_->DeviceMemory(free, total); }
@@ -47,6 +52,7 @@ class Engine {
   mutable std::mutex mu_;
   std::condition_variable cv_;
   std::vector<std::pair<Request, bool>> inbox_;
+  std::vector<uint64_t> cancels_;
   EngineStats stats_;
   bool stop_ = false;
   std::thread thread_;

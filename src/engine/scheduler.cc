@@ -21,6 +21,7 @@ struct Scheduler::Seq {
   std::unique_ptr<Sampler> sampler;
   std::vector<Token> out;
   std::string text;
+  size_t streamed = 0;  // bytes of text already sent to on_delta
   FinishReason finish = FinishReason::kStop;
   std::vector<std::pair<Token, float>> top_logits;
 
@@ -48,8 +49,8 @@ size_t CommonPrefix(const std::vector<Token>& a, const std::vector<Token>& b, si
 
 }  // namespace
 
-Scheduler::Scheduler(Backend* backend, SchedulerOptions options, ResultFn on_result)
-    : backend_(backend), options_(options), on_result_(std::move(on_result)) {
+Scheduler::Scheduler(Backend* backend, SchedulerOptions options, ResultFn on_result, DeltaFn on_delta)
+    : backend_(backend), options_(options), on_result_(std::move(on_result)), on_delta_(std::move(on_delta)) {
   int32_t n = backend_->n_seq_max();
   options_.max_anchors = std::clamp(options_.max_anchors, 0, std::max(0, n - 1));
   max_running_ = n - options_.max_anchors;
@@ -228,6 +229,10 @@ bool Scheduler::TryAdmit(Request& r) {
   auto c = credit_.find(r.id);
   s->cached = c != credit_.end() ? std::min(c->second, m.length) : m.length;
   if (c != credit_.end()) credit_.erase(c);
+  if (auto st = streamed_.find(r.id); st != streamed_.end()) {
+    s->streamed = st->second;
+    streamed_.erase(st);
+  }
   s->sampler = backend_->NewSampler(r.sampling);
   s->req = std::move(r);
   seqs_[s->id] = std::move(s);
@@ -248,6 +253,7 @@ void Scheduler::Release(Seq& s) {
 }
 
 void Scheduler::Finish(Seq& s) {
+  Stream(s, true);
   Result res;
   res.id = s.req.id;
   res.text = std::move(s.text);
@@ -270,9 +276,52 @@ void Scheduler::Finish(Seq& s) {
 void Scheduler::Requeue(Seq& s) {
   ++stats_.requeued;
   credit_[s.req.id] = s.cached;
+  if (s.streamed > 0) streamed_[s.req.id] = s.streamed;
   Request r = std::move(s.req);
   Release(s);
   waiting_.push_front(std::move(r));
+}
+
+void Scheduler::Cancel(uint64_t id) {
+  auto w = std::find_if(waiting_.begin(), waiting_.end(), [id](const Request& r) { return r.id == id; });
+  if (w != waiting_.end()) {
+    Request r = std::move(*w);
+    waiting_.erase(w);
+    credit_.erase(id);
+    streamed_.erase(id);
+    Fail(r, Status::Cancelled("the request was cancelled"));
+    return;
+  }
+  for (auto& slot : seqs_) {
+    if (!slot || slot->req.id != id) continue;
+    Request r = std::move(slot->req);
+    Release(*slot);
+    Fail(r, Status::Cancelled("the request was cancelled"));
+    return;
+  }
+}
+
+// Sends the part of a streaming request's text that can no longer change.
+void Scheduler::Stream(Seq& s, bool final) {
+  if (!s.req.stream || !on_delta_) return;
+  size_t end = s.text.size();
+  if (!final) {
+    size_t hold = 0;  // a stop string may still complete over the next tokens
+    for (const std::string& stop : s.req.sampling.stop) hold = std::max(hold, stop.empty() ? 0 : stop.size() - 1);
+    end = end > hold ? end - hold : 0;
+    // Never split a UTF-8 character: back up to the start of the last one
+    // and keep it unless all its bytes are there.
+    size_t start = end;
+    while (start > 0 && (static_cast<unsigned char>(s.text[start - 1]) & 0xC0) == 0x80 && end - start < 3) --start;
+    if (start > 0) {
+      const auto lead = static_cast<unsigned char>(s.text[start - 1]);
+      const size_t need = lead >= 0xF0 ? 4 : lead >= 0xE0 ? 3 : lead >= 0xC0 ? 2 : 1;
+      if (need > 1 && end - (start - 1) < need) end = start - 1;
+    }
+  }
+  if (end <= s.streamed) return;
+  on_delta_(s.req.id, std::string_view(s.text).substr(s.streamed, end - s.streamed));
+  s.streamed = end;
 }
 
 // Appends a sampled token; returns true when the sequence is finished.
@@ -414,7 +463,11 @@ bool Scheduler::Step() {
       for (int32_t i = 0; i < k; ++i) s.top_logits.emplace_back(idx[i], logits[idx[i]]);
     }
     const Token t = s.sampler->Sample(logits);
-    if (s.max_new == 0 || Accept(s, t)) Finish(s);
+    if (s.max_new == 0 || Accept(s, t)) {
+      Finish(s);
+    } else {
+      Stream(s, false);
+    }
   }
 
   stats_.waiting = static_cast<int32_t>(waiting_.size());

@@ -10,6 +10,7 @@
 #include <functional>
 #include <memory>
 #include <optional>
+#include <string_view>
 #include <unordered_map>
 #include <vector>
 
@@ -47,14 +48,22 @@ struct EngineStats {
 class Scheduler {
  public:
   using ResultFn = std::function<void(Result&&)>;
+  // Text of a streaming request (Request::stream) as it becomes final: held
+  // back while it could still be the start of a stop string or is an
+  // incomplete UTF-8 character. The deltas of a request concatenate to its
+  // Result::text; the last one comes right before its Result.
+  using DeltaFn = std::function<void(uint64_t id, std::string_view text)>;
 
-  Scheduler(Backend* backend, SchedulerOptions options, ResultFn on_result);
+  Scheduler(Backend* backend, SchedulerOptions options, ResultFn on_result, DeltaFn on_delta = nullptr);
   ~Scheduler();
 
   // Queues a request. Requests sharing a prefix should be submitted next to
   // each other: anchors are made from prefixes shared within the lookahead.
   // `urgent` requests go to the front of the queue (interactive traffic).
   void Submit(Request request, bool urgent = false);
+  // Drops a waiting or running request; its Result has status Cancelled.
+  // Unknown (e.g. already finished) ids are ignored.
+  void Cancel(uint64_t id);
 
   // Runs one step: admit, decode one batch, sample, finish. Returns false
   // when there was nothing to do.
@@ -82,10 +91,12 @@ class Scheduler {
   void Requeue(Seq& s);
   void Release(Seq& s);
   bool Accept(Seq& s, Token t);
+  void Stream(Seq& s, bool final);
 
   Backend* backend_;
   SchedulerOptions options_;
   ResultFn on_result_;
+  DeltaFn on_delta_;
   PrefixCache cache_;
   int32_t max_running_;
 
@@ -95,6 +106,9 @@ class Scheduler {
   // Requests that had an anchor made for them: prompt tokens creditable as
   // cached (what was resident before the anchor), by request id.
   std::unordered_map<uint64_t, int32_t> credit_;
+  // Requeued streaming requests: bytes of text already streamed, by request id
+  // (the rerun regenerates the same text; only what is new is sent).
+  std::unordered_map<uint64_t, size_t> streamed_;
   int64_t admit_order_ = 0;
   EngineStats stats_;
 };

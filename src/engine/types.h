@@ -40,6 +40,7 @@ struct Request {
   std::vector<Token> prompt;
   SamplingParams sampling;
   int32_t capture_top_logits = 0;  // >0: report the top-k next-token logits after the prompt
+  bool stream = false;             // report text as it is generated (Scheduler::DeltaFn)
 };
 
 struct Result {

@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include <map>
+#include <optional>
 #include <set>
 
 namespace kvb::engine {
@@ -272,6 +273,75 @@ TEST(Scheduler, StopStringCutsTheTextBeforeIt) {
   const std::string& text = results[0].text;
   EXPECT_EQ(results[0].finish, FinishReason::kStop);
   EXPECT_EQ(text, free_run.text.substr(0, free_run.text.find(r.sampling.stop[0])));
+}
+
+TEST(Scheduler, StreamedDeltasConcatenateToTheTextAndHoldBackAStopPrefix) {
+  FakeBackend backend(4, 4096, 4096, 512);
+  auto r = MakeRequest(0, SharedPrompt(0, 5, 8), 40);
+  Result free_run = RunAlone(r);
+  ASSERT_GE(free_run.text.size(), 6u);
+  r.stream = true;
+  r.sampling.stop = {free_run.text.substr(4, 2)};
+  std::vector<std::string> deltas;
+  std::optional<Result> result;
+  Scheduler s(&backend, SchedulerOptions{.max_anchors = 0}, [&](Result&& res) { result = std::move(res); },
+              [&](uint64_t id, std::string_view text) {
+                EXPECT_EQ(id, 0u);
+                EXPECT_FALSE(result.has_value()) << "a delta after the result";
+                deltas.emplace_back(text);
+              });
+  s.Submit(r);
+  while (s.Step()) {
+  }
+  ASSERT_TRUE(result.has_value());
+  std::string joined;
+  for (const auto& d : deltas) {
+    EXPECT_FALSE(d.empty());
+    joined += d;
+  }
+  EXPECT_EQ(joined, result->text);
+  EXPECT_EQ(result->text, free_run.text.substr(0, free_run.text.find(r.sampling.stop[0])));
+  EXPECT_GT(deltas.size(), 1u) << "text must flow as it is generated, not only at the end";
+}
+
+TEST(Scheduler, RequeuedStreamingRequestDoesNotRepeatText) {
+  FakeBackend backend(6, 4096, 4096, 512);
+  std::map<uint64_t, std::string> streamed;
+  std::map<uint64_t, Result> out;
+  Scheduler s(&backend, SchedulerOptions{.max_anchors = 0}, [&](Result&& r) { out[r.id] = std::move(r); },
+              [&](uint64_t id, std::string_view text) { streamed[id] += text; });
+  for (uint64_t i = 0; i < 4; ++i) {
+    auto r = MakeRequest(i, SharedPrompt(0, i, 6), 12);
+    r.stream = true;
+    s.Submit(std::move(r));
+  }
+  for (int i = 0; i < 4; ++i) s.Step();
+  backend.fail_next = true;
+  while (s.Step()) {
+  }
+  EXPECT_EQ(s.stats().requeued, 1);
+  ASSERT_EQ(out.size(), 4u);
+  for (auto& [id, r] : out) EXPECT_EQ(streamed[id], r.text);
+}
+
+TEST(Scheduler, CancelDropsWaitingAndRunningRequests) {
+  FakeBackend backend(2, 4096, 4096, 512);
+  std::map<uint64_t, Result> out;
+  Scheduler s(&backend, SchedulerOptions{.max_anchors = 0}, [&](Result&& r) { out[r.id] = std::move(r); });
+  for (uint64_t i = 0; i < 4; ++i) s.Submit(MakeRequest(i, SharedPrompt(0, i, 6), 50));
+  s.Step();  // 0 and 1 run, 2 and 3 wait
+  s.Cancel(1);
+  s.Cancel(3);
+  s.Cancel(42);  // unknown: ignored
+  while (s.Step()) {
+  }
+  ASSERT_EQ(out.size(), 4u);
+  EXPECT_EQ(out[1].status.code(), StatusCode::kCancelled);
+  EXPECT_EQ(out[3].status.code(), StatusCode::kCancelled);
+  EXPECT_TRUE(out[0].status.ok());
+  EXPECT_TRUE(out[2].status.ok());
+  EXPECT_EQ(out[2].tokens, RunAlone(MakeRequest(2, SharedPrompt(0, 2, 6), 50)).tokens);
+  EXPECT_TRUE(s.Idle());
 }
 
 TEST(Scheduler, UrgentRequestsJumpTheQueue) {

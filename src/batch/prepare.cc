@@ -1,0 +1,44 @@
+#include "batch/prepare.h"
+
+#include <utility>
+
+#include "batch/response.h"
+
+namespace kvb::batch {
+
+nlohmann::json FailureBody(const RequestFailure& f) {
+  const char* type = f.http_status >= 500 ? "server_error" : "invalid_request_error";
+  return ErrorBody(f.message, type, f.param, f.code);
+}
+
+std::variant<engine::Request, RequestFailure> PrepareRequest(ParsedRequest&& req, const engine::Model& model,
+                                                             int32_t default_max_tokens, uint64_t id) {
+  std::string prompt = std::move(req.prompt);
+  if (req.endpoint == Endpoint::kChatCompletions) {
+    auto formatted = model.FormatChat(req.messages);
+    if (!formatted.ok()) return RequestFailure{400, "unsupported", formatted.status().message(), "messages"};
+    prompt = std::move(formatted).value();
+  }
+  engine::Request er;
+  er.id = id;
+  er.prompt = model.Tokenize(prompt);
+  er.sampling = std::move(req.sampling);
+  if (er.sampling.max_tokens <= 0 && default_max_tokens > 0) er.sampling.max_tokens = default_max_tokens;
+  return er;
+}
+
+RequestFailure FailureFromStatus(const Status& s) {
+  switch (s.code()) {
+    case StatusCode::kResourceExhausted: return {400, "context_length_exceeded", s.message(), ""};
+    case StatusCode::kInvalidArgument: return {400, "invalid_request", s.message(), ""};
+    case StatusCode::kFailedPrecondition: return {400, "unsupported", s.message(), ""};
+    default: return {500, "server_error", s.message(), ""};
+  }
+}
+
+nlohmann::json ResponseBody(Endpoint endpoint, const engine::Result& r, std::string_view model_name, int64_t created) {
+  return endpoint == Endpoint::kChatCompletions ? ChatCompletionBody(r, model_name, created, NewId("chatcmpl-"))
+                                                : TextCompletionBody(r, model_name, created, NewId("cmpl-"));
+}
+
+}  // namespace kvb::batch
