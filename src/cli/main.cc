@@ -5,6 +5,7 @@
 #include <filesystem>
 
 #include "cli/run_command.h"
+#include "cli/serve_command.h"
 #include "tools/gen_model.h"
 
 namespace fs = std::filesystem;
@@ -57,6 +58,21 @@ int GenModel(const std::string& preset, const std::string& out, const std::strin
   return 0;
 }
 
+// Engine flags shared by run and serve.
+void AddEngineFlags(CLI::App* cmd, kvb::engine::EngineOptions& e, int32_t& n_gpu_layers) {
+  cmd->add_option("--max-seqs", e.context.max_seqs, "Parallel sequences (default: 32 on CPU, 128 on GPU)");
+  cmd->add_option("--kv-cells", e.context.kv_cells, "KV cache cells (default: sized from free memory)");
+  cmd->add_option("--batch-tokens", e.context.n_batch, "Tokens per engine step (decode + prefill chunks)")
+      ->capture_default_str();
+  cmd->add_option("--ubatch-tokens", e.context.n_ubatch,
+                  "Tokens per llama.cpp micro-batch (default: --batch-tokens on CPU, 512 on GPU)");
+  cmd->add_option("--threads", e.context.n_threads, "CPU threads (default: all cores)");
+  cmd->add_option("--gpu-layers", n_gpu_layers, "Layers on the GPU (-1: all)")->capture_default_str();
+  cmd->add_option("--anchors", e.context.anchors, "Sequences reserved for shared prefixes")->capture_default_str();
+  cmd->add_option("--kv-type", e.context.kv_type, "KV cache type: f16, f32 or q8_0")->capture_default_str();
+  cmd->add_option("--flash-attn", e.context.flash_attn, "Flash attention (true/false)")->capture_default_str();
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -75,20 +91,25 @@ int main(int argc, char** argv) {
   run_cmd->add_option("--default-max-tokens", run.default_max_tokens,
                       "max_tokens for requests without one (0: until the context is full)")
       ->capture_default_str();
-  run_cmd->add_option("--max-seqs", run.engine.context.max_seqs, "Parallel sequences (default: 32 on CPU, 128 on GPU)");
-  run_cmd->add_option("--kv-cells", run.engine.context.kv_cells, "KV cache cells (default: sized from free memory)");
-  run_cmd->add_option("--batch-tokens", run.engine.context.n_batch, "Tokens per engine step (decode + prefill chunks)")
-      ->capture_default_str();
-  run_cmd->add_option("--ubatch-tokens", run.engine.context.n_ubatch,
-                      "Tokens per llama.cpp micro-batch (default: --batch-tokens on CPU, 512 on GPU)");
-  run_cmd->add_option("--threads", run.engine.context.n_threads, "CPU threads (default: all cores)");
-  run_cmd->add_option("--gpu-layers", run.n_gpu_layers, "Layers on the GPU (-1: all)")->capture_default_str();
-  run_cmd->add_option("--anchors", run.engine.context.anchors, "Sequences reserved for shared prefixes")->capture_default_str();
-  run_cmd->add_option("--kv-type", run.engine.context.kv_type, "KV cache type: f16, f32 or q8_0")->capture_default_str();
-  run_cmd->add_option("--flash-attn", run.engine.context.flash_attn, "Flash attention (true/false)")->capture_default_str();
+  AddEngineFlags(run_cmd, run.engine, run.n_gpu_layers);
   run_cmd->add_flag("-q,--quiet", run.quiet, "No progress or summary");
   run_cmd->add_option("--progress-interval", run.progress_interval, "Seconds between progress lines when not on a terminal")
       ->capture_default_str();
+
+  kvb::cli::ServeOptions serve;
+  auto* serve_cmd = app.add_subcommand("serve", "Serve the OpenAI Files + Batches API and online completions over HTTP");
+  serve_cmd->add_option("-m,--model", serve.model, "GGUF model (default: the generated demo model)");
+  serve_cmd->add_option("--host", serve.server.host, "Address to listen on")->capture_default_str();
+  serve_cmd->add_option("--port", serve.server.port, "Port (0: any free port, printed on start)")->capture_default_str();
+  serve_cmd->add_option("--data-dir", serve.data_dir, "Store and files (default: <data home>/serve)");
+  serve_cmd->add_option("--api-key", serve.server.api_key, "Require 'Authorization: Bearer KEY' (default: $KVBATCH_API_KEY, else none)");
+  serve_cmd->add_option("--max-file-bytes", serve.server.max_file_bytes, "Largest upload accepted")->capture_default_str();
+  serve_cmd->add_option("--default-max-tokens", serve.server.default_max_tokens,
+                        "max_tokens for requests without one (0: until the context is full)")
+      ->capture_default_str();
+  serve_cmd->add_option("--window", serve.window, "Batch requests in the engine at once (0: 2 x sequences + 64)")
+      ->capture_default_str();
+  AddEngineFlags(serve_cmd, serve.engine, serve.n_gpu_layers);
 
   std::string preset = "tiny", out, vocab, type;
   uint64_t seed = 42;
@@ -104,7 +125,13 @@ int main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
 
   if (*gen_cmd) return GenModel(preset, out, vocab, seed, type, false);
-  if (*path_cmd || (*run_cmd && run.model.empty())) {
+  if (*serve_cmd) {
+    if (serve.data_dir.empty()) serve.data_dir = (DataHome() / "serve").string();
+    if (serve.server.api_key.empty()) {
+      if (const char* k = std::getenv("KVBATCH_API_KEY")) serve.server.api_key = k;
+    }
+  }
+  if (*path_cmd || (*run_cmd && run.model.empty()) || (*serve_cmd && serve.model.empty())) {
     fs::path demo = DemoModelPath();
     if (!fs::exists(demo)) {
       if (int rc = GenModel("bench", demo.string(), "", 42, "", false); rc != 0) return rc;
@@ -113,7 +140,8 @@ int main(int argc, char** argv) {
       std::printf("%s\n", demo.c_str());
       return 0;
     }
-    run.model = demo.string();
+    run.model = serve.model = demo.string();
   }
+  if (*serve_cmd) return kvb::cli::Serve(serve);
   return kvb::cli::Run(run);
 }

@@ -1,0 +1,149 @@
+// Batches API: create, retrieve, list, cancel; pause and resume (extensions).
+#include <ctime>
+#include <regex>
+
+#include "api/objects.h"
+#include "api/routes.h"
+#include "batch/request.h"
+#include "batch/response.h"
+
+namespace kvb::api {
+
+using nlohmann::json;
+
+namespace {
+
+// "24h" (OpenAI's only value) or any N followed by s, m, h or d. Returns
+// seconds, or 0 when malformed.
+int64_t WindowSeconds(const std::string& w) {
+  static const std::regex re(R"(([1-9][0-9]{0,6})([smhd]))");
+  std::smatch m;
+  if (!std::regex_match(w, m, re)) return 0;
+  const int64_t n = std::stoll(m[1].str());
+  switch (m[2].str()[0]) {
+    case 's': return n;
+    case 'm': return n * 60;
+    case 'h': return n * 3600;
+    default: return n * 86400;
+  }
+}
+
+json Object(Context& ctx, const store::BatchRecord& b) { return BatchObject(b, ctx.worker->Progress(b.id)); }
+
+void SendBatchStatus(httplib::Response& res, const std::string& id, const Status& st) {
+  if (st.code() == StatusCode::kNotFound) return SendError(res, 404, "No such Batch object: " + id, "not_found", "id");
+  SendStatus(res, st);
+}
+
+void CreateBatch(Context& ctx, const httplib::Request& req, httplib::Response& res) {
+  json body;
+  if (!ParseObjectBody(req, res, &body)) return;
+  auto string_field = [&](const char* name, std::string* out) {
+    auto it = body.find(name);
+    if (it == body.end() || it->is_null()) {
+      SendError(res, 400, std::string("Missing required parameter: '") + name + "'.", "missing_required_parameter",
+                name);
+      return false;
+    }
+    if (!it->is_string()) {
+      SendError(res, 400, std::string("Invalid type for '") + name + "': expected a string.", "invalid_type", name);
+      return false;
+    }
+    *out = it->get<std::string>();
+    return true;
+  };
+  store::BatchRecord b;
+  if (!string_field("input_file_id", &b.input_file_id) || !string_field("endpoint", &b.endpoint) ||
+      !string_field("completion_window", &b.completion_window))
+    return;
+  if (!batch::EndpointFromPath(b.endpoint))
+    return SendError(res, 400,
+                     "Invalid value for 'endpoint': '" + batch::ToValidUtf8(b.endpoint) +
+                         "'. Supported values are '/v1/chat/completions' and '/v1/completions'.",
+                     "invalid_value", "endpoint");
+  const int64_t window = WindowSeconds(b.completion_window);
+  if (window == 0)
+    return SendError(res, 400,
+                     "Invalid value for 'completion_window': '" + batch::ToValidUtf8(b.completion_window) +
+                         "'. Use '24h' (or a duration such as '90m', '2h', '7d').",
+                     "invalid_value", "completion_window");
+  if (auto it = body.find("metadata"); it != body.end() && !it->is_null()) {
+    if (!it->is_object() || it->size() > 16)
+      return SendError(res, 400, "Invalid 'metadata': expected an object of at most 16 string values.",
+                       "invalid_value", "metadata");
+    for (const auto& [k, v] : it->items()) {
+      if (!v.is_string() || k.size() > 64 || v.get<std::string>().size() > 512)
+        return SendError(res, 400,
+                         "Invalid 'metadata': keys are strings of at most 64 characters, values strings of at "
+                         "most 512.",
+                         "invalid_value", "metadata." + batch::ToValidUtf8(k));
+    }
+    if (auto p = it->find("priority"); p != it->end()) {
+      const std::string v = p->get<std::string>();
+      char* end = nullptr;
+      long n = std::strtol(v.c_str(), &end, 10);
+      if (v.empty() || *end != '\0' || n < -1000 || n > 1000)
+        return SendError(res, 400, "Invalid 'metadata.priority': expected an integer from -1000 to 1000, as a string.",
+                         "invalid_value", "metadata.priority");
+      b.priority = static_cast<int32_t>(n);
+    }
+    b.metadata_json = batch::DumpJson(*it);
+  }
+  auto file = ctx.store->GetFile(b.input_file_id);
+  if (!file.ok())
+    return SendError(res, 404, "No such File object: " + batch::ToValidUtf8(b.input_file_id), "not_found",
+                     "input_file_id");
+  if (file->purpose != "batch")
+    return SendError(res, 400, "The input file must have purpose 'batch', not '" + file->purpose + "'.",
+                     "invalid_file_purpose", "input_file_id");
+  b.id = batch::NewId("batch_");
+  b.status = "validating";
+  b.created_at = static_cast<int64_t>(std::time(nullptr));
+  b.expires_at = b.created_at + window;
+  if (Status st = ctx.store->PutBatch(b); !st.ok()) return SendStatus(res, st);
+  ctx.worker->Wake();
+  SendJson(res, 200, Object(ctx, b));
+}
+
+}  // namespace
+
+void AddBatchRoutes(httplib::Server& http, Context& ctx) {
+  http.Post("/v1/batches", [&ctx](const httplib::Request& req, httplib::Response& res) { CreateBatch(ctx, req, res); });
+
+  http.Get("/v1/batches", [&ctx](const httplib::Request& req, httplib::Response& res) {
+    int limit = 20;
+    if (req.has_param("limit")) {
+      const std::string v = req.get_param_value("limit");
+      char* end = nullptr;
+      long n = std::strtol(v.c_str(), &end, 10);
+      if (v.empty() || *end != '\0' || n < 1 || n > 100)
+        return SendError(res, 400, "Invalid 'limit': expected an integer from 1 to 100.", "invalid_value", "limit");
+      limit = static_cast<int>(n);
+    }
+    auto batches = ctx.store->ListBatches(req.get_param_value("after"), limit + 1);
+    if (!batches.ok()) return SendStatus(res, batches.status());
+    const bool more = static_cast<int>(batches->size()) > limit;
+    if (more) batches->resize(static_cast<size_t>(limit));
+    json data = json::array();
+    for (const auto& b : *batches) data.push_back(Object(ctx, b));
+    SendJson(res, 200, ListObject(std::move(data), more));
+  });
+
+  http.Get(R"(/v1/batches/([^/]+))", [&ctx](const httplib::Request& req, httplib::Response& res) {
+    const std::string id = req.matches[1].str();
+    auto b = ctx.store->GetBatch(id);
+    if (!b.ok()) return SendBatchStatus(res, id, b.status());
+    SendJson(res, 200, Object(ctx, *b));
+  });
+
+  http.Post(R"(/v1/batches/([^/]+)/(cancel|pause|resume))", [&ctx](const httplib::Request& req,
+                                                                   httplib::Response& res) {
+    const std::string id = req.matches[1].str();
+    const std::string action = req.matches[2].str();
+    auto b = action == "cancel" ? ctx.worker->Cancel(id) : ctx.worker->SetPaused(id, action == "pause");
+    if (!b.ok()) return SendBatchStatus(res, id, b.status());
+    SendJson(res, 200, Object(ctx, *b));
+  });
+}
+
+}  // namespace kvb::api

@@ -1,0 +1,174 @@
+// Online /v1/chat/completions and /v1/completions, plain and streaming (SSE).
+// They share the engine with batch work and go ahead of it in the queue.
+#include <condition_variable>
+#include <ctime>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <optional>
+
+#include "api/routes.h"
+#include "batch/prepare.h"
+#include "batch/request.h"
+#include "batch/response.h"
+
+namespace kvb::api {
+
+using nlohmann::json;
+
+namespace {
+
+// What the engine thread hands to the HTTP thread of one request.
+struct Channel {
+  std::mutex mu;
+  std::condition_variable cv;
+  std::deque<std::string> deltas;
+  std::optional<engine::Result> result;
+
+  worker::RequestCallbacks Callbacks(const std::shared_ptr<Channel>& self) {
+    worker::RequestCallbacks cb;
+    cb.on_delta = [self](std::string_view text) {
+      {
+        std::lock_guard<std::mutex> lock(self->mu);
+        self->deltas.emplace_back(text);
+      }
+      self->cv.notify_all();
+    };
+    cb.on_result = [self](engine::Result&& r) {
+      {
+        std::lock_guard<std::mutex> lock(self->mu);
+        self->result = std::move(r);
+      }
+      self->cv.notify_all();
+    };
+    return cb;
+  }
+};
+
+std::string Event(const json& j) { return "data: " + batch::DumpJson(j) + "\n\n"; }
+
+void Complete(Context& ctx, batch::Endpoint endpoint, const httplib::Request& req, httplib::Response& res) {
+  json body;
+  if (!ParseObjectBody(req, res, &body)) return;
+  bool stream = false;
+  bool include_usage = false;
+  if (auto it = body.find("stream"); it != body.end() && !it->is_null()) {
+    if (!it->is_boolean()) return SendError(res, 400, "Invalid type for 'stream': expected a boolean.", "invalid_type", "stream");
+    stream = it->get<bool>();
+  }
+  if (auto it = body.find("stream_options"); it != body.end() && it->is_object()) {
+    auto u = it->find("include_usage");
+    include_usage = u != it->end() && u->is_boolean() && u->get<bool>();
+  }
+  // The same parser and checks as a batch line, so both give the same answer.
+  const std::string request_id = batch::NewId("req_");
+  json line = {{"custom_id", request_id}, {"method", "POST"}, {"url", batch::EndpointPath(endpoint)}, {"body", body}};
+  std::string param;
+  auto parsed = batch::ParseRequest(batch::DumpJson(line), &param);
+  if (!parsed.ok()) {
+    if (param.rfind("body.", 0) == 0) param.erase(0, 5);
+    return SendError(res, 400, parsed.status().message(), "invalid_request", param);
+  }
+  const uint64_t id = ctx.hub->NextId();
+  auto prepared = batch::PrepareRequest(std::move(parsed).value(), *ctx.model, ctx.options.default_max_tokens, id);
+  if (auto* f = std::get_if<batch::RequestFailure>(&prepared))
+    return SendJson(res, f->http_status, batch::FailureBody(*f));
+  engine::Request er = std::get<engine::Request>(std::move(prepared));
+  er.stream = stream;
+
+  auto ch = std::make_shared<Channel>();
+  ctx.hub->Submit(std::move(er), ch->Callbacks(ch), /*urgent=*/true);
+  const int64_t created = static_cast<int64_t>(std::time(nullptr));
+  const std::string model = ctx.model->name();
+
+  if (!stream) {
+    std::unique_lock<std::mutex> lock(ch->mu);
+    ch->cv.wait(lock, [&] { return ch->result.has_value(); });
+    const engine::Result& r = *ch->result;
+    if (!r.status.ok()) {
+      batch::RequestFailure f = batch::FailureFromStatus(r.status);
+      return SendJson(res, f.http_status, batch::FailureBody(f));
+    }
+    return SendJson(res, 200, batch::ResponseBody(endpoint, r, model, created));
+  }
+
+  const bool chat = endpoint == batch::Endpoint::kChatCompletions;
+  const std::string chunk_id = batch::NewId(chat ? "chatcmpl-" : "cmpl-");
+  auto chunk = [=](json choice) {
+    json c = {{"id", chunk_id},
+              {"object", chat ? "chat.completion.chunk" : "text_completion"},
+              {"created", created},
+              {"model", model},
+              {"system_fingerprint", nullptr},
+              {"choices", json::array({std::move(choice)})}};
+    return c;
+  };
+  auto content = [=](const std::string& text, json finish) {
+    if (chat)
+      return json{{"index", 0}, {"delta", text.empty() && !finish.is_null() ? json::object() : json{{"content", text}}},
+                  {"logprobs", nullptr}, {"finish_reason", std::move(finish)}};
+    return json{{"index", 0}, {"text", text}, {"logprobs", nullptr}, {"finish_reason", std::move(finish)}};
+  };
+  auto started = std::make_shared<bool>(false);
+  auto finished = std::make_shared<bool>(false);
+  res.set_header("Cache-Control", "no-cache");
+  res.set_chunked_content_provider(
+      "text/event-stream",
+      [=, &ctx](size_t, httplib::DataSink& sink) {
+        std::string out;
+        if (!*started && chat) {
+          *started = true;
+          out += Event(chunk({{"index", 0},
+                              {"delta", {{"role", "assistant"}, {"content", ""}, {"refusal", nullptr}}},
+                              {"logprobs", nullptr},
+                              {"finish_reason", nullptr}}));
+        }
+        std::deque<std::string> deltas;
+        std::optional<engine::Result> result;
+        {
+          std::unique_lock<std::mutex> lock(ch->mu);
+          ch->cv.wait_for(lock, std::chrono::seconds(15), [&] { return !ch->deltas.empty() || ch->result; });
+          deltas.swap(ch->deltas);
+          if (ch->result) result = std::move(ch->result);
+        }
+        for (const std::string& d : deltas) out += Event(chunk(content(batch::ToValidUtf8(d), nullptr)));
+        if (result) {
+          *finished = true;
+          if (!result->status.ok()) {
+            batch::RequestFailure f = batch::FailureFromStatus(result->status);
+            out += Event(batch::FailureBody(f));
+          } else {
+            json full = batch::ResponseBody(endpoint, *result, model, created);
+            out += Event(chunk(content("", full["choices"][0]["finish_reason"])));
+            if (include_usage) {
+              json u = chunk(json::object());
+              u["choices"] = json::array();
+              u["usage"] = full["usage"];
+              out += Event(u);
+            }
+          }
+          out += "data: [DONE]\n\n";
+        }
+        if (out.empty()) out = ": keep-alive\n\n";  // SSE comment: notices a gone client
+        if (!sink.write(out.data(), out.size())) return false;
+        if (*finished) sink.done();
+        return true;
+      },
+      [=, &ctx](bool) {
+        // The client went away before the end: stop generating for it.
+        if (!*finished) ctx.hub->Cancel(id);
+      });
+}
+
+}  // namespace
+
+void AddCompletionRoutes(httplib::Server& http, Context& ctx) {
+  http.Post("/v1/chat/completions", [&ctx](const httplib::Request& req, httplib::Response& res) {
+    Complete(ctx, batch::Endpoint::kChatCompletions, req, res);
+  });
+  http.Post("/v1/completions", [&ctx](const httplib::Request& req, httplib::Response& res) {
+    Complete(ctx, batch::Endpoint::kCompletions, req, res);
+  });
+}
+
+}  // namespace kvb::api

@@ -1,0 +1,229 @@
+// Files API: upload (multipart, streamed to disk), list, retrieve, content, delete.
+// Clients name files only by id: no client string ever reaches a path.
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <ctime>
+#include <filesystem>
+#include <memory>
+
+#include "api/objects.h"
+#include "api/routes.h"
+#include "batch/response.h"
+
+namespace kvb::api {
+
+using nlohmann::json;
+
+namespace {
+
+constexpr size_t kMaxFieldBytes = 4096;  // non-file form fields (purpose)
+
+// The upload's bytes go straight to a temporary file; it becomes the file
+// only when complete, so a broken upload never leaves a file behind.
+struct Upload {
+  int fd = -1;
+  std::string tmp_path;
+  std::string field;
+  std::string filename;
+  std::string purpose;
+  int64_t bytes = 0;
+  bool got_file = false;
+  bool too_large = false;
+  bool io_error = false;
+
+  ~Upload() {
+    if (fd >= 0) ::close(fd);
+    if (!tmp_path.empty()) std::remove(tmp_path.c_str());
+  }
+};
+
+bool WriteAll(int fd, const char* data, size_t len) {
+  while (len > 0) {
+    ssize_t n = ::write(fd, data, len);
+    if (n < 0) return false;
+    data += n;
+    len -= static_cast<size_t>(n);
+  }
+  return true;
+}
+
+void CreateFile(Context& ctx, const httplib::Request& req, httplib::Response& res,
+                const httplib::ContentReader& reader) {
+  if (!req.is_multipart_form_data()) {
+    SendError(res, 400, "Uploads must be multipart/form-data with a 'file' and a 'purpose' field.", "invalid_request");
+    return;
+  }
+  const std::string id = batch::NewId("file-");
+  auto up = std::make_unique<Upload>();
+  up->tmp_path = ctx.options.files_dir + "/" + id + ".upload";
+  const int64_t limit = ctx.options.max_file_bytes;
+  const bool read_ok = reader(
+      [&](const httplib::MultipartFormData& part) {
+        up->field = part.name;
+        if (part.name == "file") {
+          if (up->got_file) return true;  // a second file part is ignored
+          up->got_file = true;
+          up->filename = part.filename.empty() ? "upload.jsonl" : part.filename;
+          up->fd = ::open(up->tmp_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+          if (up->fd < 0) up->io_error = true;
+        }
+        return true;
+      },
+      [&](const char* data, size_t len) {
+        if (up->field == "purpose") {
+          if (up->purpose.size() + len <= kMaxFieldBytes) up->purpose.append(data, len);
+        } else if (up->field == "file" && up->fd >= 0 && !up->too_large && !up->io_error) {
+          up->bytes += static_cast<int64_t>(len);
+          if (up->bytes > limit) {
+            // Keep reading (and dropping) the rest, so the client gets the 413.
+            up->too_large = true;
+          } else if (!WriteAll(up->fd, data, len)) {
+            up->io_error = true;
+          }
+        }
+        return true;
+      });
+  if (up->too_large) {
+    SendError(res, 413,
+              "The file is larger than this server's limit of " + std::to_string(limit) +
+                  " bytes (kvbatch serve --max-file-bytes).",
+              "file_too_large", "file");
+    return;
+  }
+  if (!read_ok) {
+    SendError(res, 400, "The upload could not be read completely.", "invalid_request");
+    return;
+  }
+  if (up->io_error) {
+    SendError(res, 500, "The server could not store the file.", "server_error");
+    return;
+  }
+  if (!up->got_file) {
+    SendError(res, 400, "Missing the 'file' field.", "invalid_request", "file");
+    return;
+  }
+  if (up->purpose.empty()) {
+    SendError(res, 400, "Missing the 'purpose' field.", "invalid_request", "purpose");
+    return;
+  }
+  if (up->purpose != "batch") {
+    SendError(res, 400,
+              "Invalid value for 'purpose': '" + batch::ToValidUtf8(up->purpose) +
+                  "'. This server accepts files with purpose 'batch'.",
+              "invalid_value", "purpose");
+    return;
+  }
+  if (::fsync(up->fd) != 0 || ::close(up->fd) != 0) {
+    up->fd = -1;
+    SendError(res, 500, "The server could not store the file.", "server_error");
+    return;
+  }
+  up->fd = -1;
+  store::FileRecord f;
+  f.id = id;
+  f.filename = batch::ToValidUtf8(up->filename);
+  f.purpose = up->purpose;
+  f.path = ctx.options.files_dir + "/" + id + ".jsonl";
+  f.bytes = up->bytes;
+  f.created_at = static_cast<int64_t>(std::time(nullptr));
+  std::error_code ec;
+  std::filesystem::rename(up->tmp_path, f.path, ec);
+  if (ec) {
+    SendError(res, 500, "The server could not store the file.", "server_error");
+    return;
+  }
+  up->tmp_path.clear();
+  if (Status st = ctx.store->PutFile(f); !st.ok()) {
+    std::filesystem::remove(f.path, ec);
+    SendStatus(res, st);
+    return;
+  }
+  SendJson(res, 200, FileObject(f));
+}
+
+// limit in [1, max]; absent: def. False (and a 400 sent) when malformed.
+bool LimitParam(const httplib::Request& req, httplib::Response& res, int def, int max, int* out) {
+  *out = def;
+  if (!req.has_param("limit")) return true;
+  const std::string v = req.get_param_value("limit");
+  char* end = nullptr;
+  long n = std::strtol(v.c_str(), &end, 10);
+  if (v.empty() || *end != '\0' || n < 1 || n > max) {
+    SendError(res, 400, "Invalid 'limit': expected an integer from 1 to " + std::to_string(max) + ".",
+              "invalid_value", "limit");
+    return false;
+  }
+  *out = static_cast<int>(n);
+  return true;
+}
+
+}  // namespace
+
+void AddFileRoutes(httplib::Server& http, Context& ctx) {
+  http.Post("/v1/files", [&ctx](const httplib::Request& req, httplib::Response& res,
+                                const httplib::ContentReader& reader) { CreateFile(ctx, req, res, reader); });
+
+  http.Get("/v1/files", [&ctx](const httplib::Request& req, httplib::Response& res) {
+    int limit = 0;
+    if (!LimitParam(req, res, 10000, 10000, &limit)) return;
+    const std::string order = req.has_param("order") ? req.get_param_value("order") : "desc";
+    if (order != "asc" && order != "desc") {
+      SendError(res, 400, "Invalid 'order': expected 'asc' or 'desc'.", "invalid_value", "order");
+      return;
+    }
+    auto files = ctx.store->ListFiles(req.get_param_value("purpose"), req.get_param_value("after"), limit + 1,
+                                      order == "asc");
+    if (!files.ok()) return SendStatus(res, files.status());
+    const bool more = static_cast<int>(files->size()) > limit;
+    if (more) files->resize(static_cast<size_t>(limit));
+    json data = json::array();
+    for (const auto& f : *files) data.push_back(FileObject(f));
+    SendJson(res, 200, ListObject(std::move(data), more));
+  });
+
+  http.Get(R"(/v1/files/([^/]+))", [&ctx](const httplib::Request& req, httplib::Response& res) {
+    auto f = ctx.store->GetFile(req.matches[1].str());
+    if (!f.ok()) return SendError(res, 404, "No such File object: " + req.matches[1].str(), "not_found", "id");
+    SendJson(res, 200, FileObject(*f));
+  });
+
+  http.Get(R"(/v1/files/([^/]+)/content)", [&ctx](const httplib::Request& req, httplib::Response& res) {
+    auto f = ctx.store->GetFile(req.matches[1].str());
+    if (!f.ok()) return SendError(res, 404, "No such File object: " + req.matches[1].str(), "not_found", "id");
+    auto fd = std::make_shared<int>(::open(f->path.c_str(), O_RDONLY | O_CLOEXEC));
+    if (*fd < 0) return SendError(res, 500, "The file's content is missing on the server.", "server_error");
+    res.set_content_provider(
+        static_cast<size_t>(f->bytes), "application/octet-stream",
+        [fd](size_t offset, size_t length, httplib::DataSink& sink) {
+          char buf[1 << 16];
+          const size_t want = std::min(length, sizeof buf);
+          ssize_t n = ::pread(*fd, buf, want, static_cast<off_t>(offset));
+          if (n <= 0) return false;
+          return sink.write(buf, static_cast<size_t>(n));
+        },
+        [fd](bool) { ::close(*fd); });
+  });
+
+  http.Delete(R"(/v1/files/([^/]+))", [&ctx](const httplib::Request& req, httplib::Response& res) {
+    const std::string id = req.matches[1].str();
+    auto f = ctx.store->GetFile(id);
+    if (!f.ok()) return SendError(res, 404, "No such File object: " + id, "not_found", "id");
+    // The input of an unfinished batch stays until the batch is done: its
+    // requests are read from it, also after a restart.
+    auto busy = ctx.store->BatchesWithStatus({"validating", "in_progress", "finalizing", "cancelling"});
+    if (!busy.ok()) return SendStatus(res, busy.status());
+    for (const auto& b : *busy) {
+      if (b.input_file_id == id)
+        return SendError(res, 409, "The file is the input of batch " + b.id + ", which has not finished.",
+                         "file_in_use", "id");
+    }
+    if (Status st = ctx.store->DeleteFile(id); !st.ok()) return SendStatus(res, st);
+    std::error_code ec;
+    std::filesystem::remove(f->path, ec);
+    SendJson(res, 200, {{"id", id}, {"object", "file"}, {"deleted", true}});
+  });
+}
+
+}  // namespace kvb::api

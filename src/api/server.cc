@@ -1,0 +1,140 @@
+#include "api/server.h"
+
+#include <ctime>
+
+#include "api/routes.h"
+#include "batch/response.h"
+
+namespace kvb::api {
+
+using nlohmann::json;
+
+void SendJson(httplib::Response& res, int status, const json& body) {
+  res.status = status;
+  res.set_content(batch::DumpJson(body), "application/json");
+}
+
+void SendError(httplib::Response& res, int status, std::string_view message, std::string_view code,
+               std::string_view param) {
+  std::string_view type = status >= 500 ? "server_error"
+                          : status == 401 ? "authentication_error"
+                          : status == 404 ? "not_found_error"
+                                          : "invalid_request_error";
+  SendJson(res, status, batch::ErrorBody(message, type, param, code));
+}
+
+int HttpStatus(const Status& s) {
+  switch (s.code()) {
+    case StatusCode::kInvalidArgument: return 400;
+    case StatusCode::kNotFound: return 404;
+    case StatusCode::kFailedPrecondition: return 409;
+    case StatusCode::kResourceExhausted: return 413;
+    default: return 500;
+  }
+}
+
+void SendStatus(httplib::Response& res, const Status& s) {
+  const int status = HttpStatus(s);
+  SendError(res, status, s.message(), status == 404 ? "not_found" : status == 409 ? "conflict" : "");
+}
+
+bool ParseObjectBody(const httplib::Request& req, httplib::Response& res, json* out) {
+  *out = json::parse(req.body, nullptr, false);
+  if (out->is_discarded()) {
+    SendError(res, 400, "We could not parse the JSON body of your request. Expected a JSON object.", "invalid_json");
+    return false;
+  }
+  if (!out->is_object()) {
+    SendError(res, 400, "The request body must be a JSON object.", "invalid_json");
+    return false;
+  }
+  return true;
+}
+
+Server::Server(Context context) : ctx_(std::move(context)), http_(std::make_unique<httplib::Server>()) {
+  ctx_.started_at = static_cast<int64_t>(std::time(nullptr));
+  httplib::Server& http = *http_;
+  // Streaming responses hold a thread each; batch work never does.
+  http.new_task_queue = [] { return new httplib::ThreadPool(64); };
+  // Uploads are streamed to disk and checked against the limit as they come;
+  // this only stops what is far over it before reading.
+  http.set_payload_max_length(static_cast<size_t>(ctx_.options.max_file_bytes) + (size_t{64} << 20));
+  http.set_read_timeout(300, 0);
+  http.set_write_timeout(300, 0);
+
+  const std::string key = ctx_.options.api_key;
+  http.set_pre_routing_handler([key](const httplib::Request& req, httplib::Response& res) {
+    if (key.empty() || req.path.rfind("/v1/", 0) != 0) return httplib::Server::HandlerResponse::Unhandled;
+    const std::string auth = req.get_header_value("Authorization");
+    if (auth == "Bearer " + key) return httplib::Server::HandlerResponse::Unhandled;
+    SendError(res, 401,
+              auth.empty() ? "You didn't provide an API key. Provide it in the Authorization header as 'Bearer KEY'."
+                           : "Incorrect API key provided.",
+              "invalid_api_key");
+    return httplib::Server::HandlerResponse::Handled;
+  });
+  // Statuses set without a body (unknown routes, httplib's own 413/400).
+  http.set_error_handler(httplib::Server::HandlerWithResponse([](const httplib::Request& req, httplib::Response& res) {
+    if (!res.body.empty()) return httplib::Server::HandlerResponse::Unhandled;
+    if (res.status == 404) {
+      SendError(res, 404, "Unknown request URL: " + req.method + " " + req.path + ".", "unknown_url");
+    } else if (res.status == 413) {
+      SendError(res, 413, "The request is larger than this server accepts.", "file_too_large");
+    } else {
+      SendError(res, res.status, "The request could not be processed.", "");
+    }
+    return httplib::Server::HandlerResponse::Handled;
+  }));
+  http.set_exception_handler([](const httplib::Request&, httplib::Response& res, std::exception_ptr ep) {
+    std::string what = "internal error";
+    try {
+      if (ep) std::rethrow_exception(ep);
+    } catch (const std::exception& e) {
+      what = e.what();
+    } catch (...) {
+    }
+    SendError(res, 500, what, "server_error");
+  });
+
+  http.Get("/health", [](const httplib::Request&, httplib::Response& res) { SendJson(res, 200, {{"status", "ok"}}); });
+  auto model_object = [this] {
+    return json{{"id", ctx_.model->name()}, {"object", "model"}, {"created", ctx_.started_at}, {"owned_by", "kvbatch"}};
+  };
+  http.Get("/v1/models", [model_object](const httplib::Request&, httplib::Response& res) {
+    SendJson(res, 200, {{"object", "list"}, {"data", json::array({model_object()})}});
+  });
+  http.Get(R"(/v1/models/([^/]+))", [this, model_object](const httplib::Request& req, httplib::Response& res) {
+    if (req.matches[1] != ctx_.model->name()) {
+      SendError(res, 404, "The model '" + req.matches[1].str() + "' does not exist.", "model_not_found", "model");
+      return;
+    }
+    SendJson(res, 200, model_object());
+  });
+  AddFileRoutes(http, ctx_);
+  AddBatchRoutes(http, ctx_);
+  AddCompletionRoutes(http, ctx_);
+}
+
+Server::~Server() = default;
+
+Status Server::Bind() {
+  if (ctx_.options.port == 0) {
+    port_ = http_->bind_to_any_port(ctx_.options.host);
+    if (port_ <= 0) return Status::IoError("cannot bind " + ctx_.options.host);
+    return Status::Ok();
+  }
+  if (!http_->bind_to_port(ctx_.options.host, ctx_.options.port))
+    return Status::IoError("cannot listen on " + ctx_.options.host + ":" + std::to_string(ctx_.options.port) +
+                           " (in use?)");
+  port_ = ctx_.options.port;
+  return Status::Ok();
+}
+
+Status Server::Run() {
+  if (!http_->listen_after_bind()) return Status::IoError("the HTTP server stopped with an error");
+  return Status::Ok();
+}
+
+void Server::Stop() { http_->stop(); }
+
+}  // namespace kvb::api

@@ -1,0 +1,60 @@
+// `kvbatch serve`'s HTTP front: the OpenAI Files, Batches, Chat Completions,
+// Completions and Models endpoints on cpp-httplib. JSON and HTTP stay here;
+// batches go to the store and the worker, online requests straight to the
+// engine (ahead of batch work).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "engine/model.h"
+#include "store/store.h"
+#include "util/status.h"
+#include "worker/batch_worker.h"
+#include "worker/engine_hub.h"
+
+namespace httplib {
+class Server;
+}
+
+namespace kvb::api {
+
+struct ServerOptions {
+  std::string host = "127.0.0.1";
+  int port = 4080;             // 0: any free port (see Server::port)
+  std::string api_key;         // empty: no authentication
+  std::string files_dir;       // where uploaded files are written
+  int64_t max_file_bytes = int64_t{16} << 30;  // uploads over this get 413
+  int32_t default_max_tokens = 0;              // online requests without max_tokens
+};
+
+// The shared parts every route handler uses.
+struct Context {
+  store::Store* store = nullptr;
+  worker::EngineHub* hub = nullptr;
+  worker::BatchWorker* worker = nullptr;
+  const engine::Model* model = nullptr;
+  ServerOptions options;
+  int64_t started_at = 0;
+};
+
+class Server {
+ public:
+  explicit Server(Context context);
+  ~Server();
+
+  // Binds the address; after this, port() is the bound port.
+  Status Bind();
+  // Serves until Stop(); returns when stopped.
+  Status Run();
+  void Stop();  // thread-safe
+  int port() const { return port_; }
+
+ private:
+  Context ctx_;
+  std::unique_ptr<httplib::Server> http_;
+  int port_ = 0;
+};
+
+}  // namespace kvb::api

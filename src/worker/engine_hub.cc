@@ -1,0 +1,63 @@
+#include "worker/engine_hub.h"
+
+namespace kvb::worker {
+
+StatusOr<std::unique_ptr<EngineHub>> EngineHub::Start(const engine::Model* model,
+                                                      const engine::EngineOptions& options) {
+  std::unique_ptr<EngineHub> hub(new EngineHub());
+  EngineHub* h = hub.get();
+  auto engine = engine::Engine::Start(
+      model, options, [h](engine::Result&& r) { h->OnResult(std::move(r)); },
+      [h](uint64_t id, std::string_view text) { h->OnDelta(id, text); });
+  if (!engine.ok()) return engine.status();
+  hub->engine_ = std::move(engine).value();
+  return hub;
+}
+
+int32_t EngineHub::max_seqs() const { return engine_->info().max_seqs; }
+
+void EngineHub::Submit(engine::Request request, RequestCallbacks callbacks, bool urgent) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    pending_[request.id] = std::move(callbacks);
+  }
+  engine_->Submit(std::move(request), urgent);
+}
+
+void EngineHub::SubmitAll(std::vector<std::pair<engine::Request, RequestCallbacks>> requests) {
+  std::vector<engine::Request> batch;
+  batch.reserve(requests.size());
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto& [r, cb] : requests) {
+      pending_[r.id] = std::move(cb);
+      batch.push_back(std::move(r));
+    }
+  }
+  engine_->SubmitAll(std::move(batch));
+}
+
+void EngineHub::OnDelta(uint64_t id, std::string_view text) {
+  std::function<void(std::string_view)> fn;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = pending_.find(id);
+    if (it == pending_.end()) return;
+    fn = it->second.on_delta;
+  }
+  if (fn) fn(text);
+}
+
+void EngineHub::OnResult(engine::Result&& r) {
+  RequestCallbacks cb;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = pending_.find(r.id);
+    if (it == pending_.end()) return;
+    cb = std::move(it->second);
+    pending_.erase(it);
+  }
+  if (cb.on_result) cb.on_result(std::move(r));
+}
+
+}  // namespace kvb::worker
