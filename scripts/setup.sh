@@ -44,6 +44,13 @@ cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKVBATCH_LLAMA_DIR="$l
 cmake --build "$build" -j "$(nproc)"
 log "built $build/kvbatch"
 
+# The API tests' client: the official OpenAI Node SDK, pinned by the lockfile.
+if [ ! -f tests/api/node_modules/.package-lock.json ] ||
+   [ tests/api/package-lock.json -nt tests/api/node_modules/.package-lock.json ]; then
+  log "installing the API tests' npm packages"
+  (cd tests/api && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+fi
+
 [ $demo = 1 ] || exit 0
 
 # 4. The demo: a generated model (no download) and a shared-rubric batch.
