@@ -93,6 +93,8 @@ int Serve(const ServeOptions& o) {
   Status st = server.Run();
   std::fprintf(stderr, "kvbatch serve: stopping\n");
   worker.Stop();
+  // The engine goes before the worker: its thread may still call back into it.
+  hub->reset();
   // Wake the signal thread if the server stopped for another reason.
   pthread_kill(waiter.native_handle(), SIGTERM);
   waiter.join();

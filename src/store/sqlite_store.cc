@@ -286,29 +286,34 @@ StatusOr<std::vector<FileRecord>> SqliteStore::ListFiles(std::string_view purpos
   std::vector<FileRecord> out;
   if (limit <= 0) return out;
   std::lock_guard lock(mu_);
-  // Keyset pagination: rows strictly past (created_at, id) of the `after` file.
+  // Keyset pagination: rows strictly past (created_at, rowid) of the `after`
+  // file. rowid (insertion order) breaks ties within a second, so the order is
+  // the order of creation.
   int64_t after_created = 0;
+  int64_t after_rowid = 0;
   if (!after.empty()) {
-    auto st = Prepare(db_, "SELECT created_at FROM files WHERE id = ?1");
+    auto st = Prepare(db_, "SELECT created_at, rowid FROM files WHERE id = ?1");
     if (!st.ok()) return st.status();
     st->Text(1, after);
     int rc = st->Step();
     if (rc == SQLITE_DONE) return out;  // unknown cursor: the listing has ended
     if (rc != SQLITE_ROW) return SqlError(db_, "list files");
     after_created = st->ColInt(0);
+    after_rowid = st->ColInt(1);
   }
   // Built from constant fragments only; every value is a bound parameter.
   std::string sql = std::string("SELECT ") + kFileColumns + " FROM files WHERE 1";
   if (!purpose.empty()) sql += " AND purpose = ?1";
-  if (!after.empty()) sql += ascending ? " AND (created_at, id) > (?2, ?3)" : " AND (created_at, id) < (?2, ?3)";
-  sql += ascending ? " ORDER BY created_at, id" : " ORDER BY created_at DESC, id DESC";
+  if (!after.empty())
+    sql += ascending ? " AND (created_at, rowid) > (?2, ?3)" : " AND (created_at, rowid) < (?2, ?3)";
+  sql += ascending ? " ORDER BY created_at, rowid" : " ORDER BY created_at DESC, rowid DESC";
   sql += " LIMIT ?4";
   auto st = Prepare(db_, sql);
   if (!st.ok()) return st.status();
   if (!purpose.empty()) st->Text(1, purpose);
   if (!after.empty()) {
     st->Int(2, after_created);
-    st->Text(3, after);
+    st->Int(3, after_rowid);
   }
   st->Int(4, limit);
   int rc;
@@ -365,23 +370,25 @@ StatusOr<std::vector<BatchRecord>> SqliteStore::ListBatches(std::string_view aft
   if (limit <= 0) return std::vector<BatchRecord>();
   std::lock_guard lock(mu_);
   int64_t after_created = 0;
+  int64_t after_rowid = 0;  // insertion order breaks ties within a second
   if (!after.empty()) {
-    auto st = Prepare(db_, "SELECT created_at FROM batches WHERE id = ?1");
+    auto st = Prepare(db_, "SELECT created_at, rowid FROM batches WHERE id = ?1");
     if (!st.ok()) return st.status();
     st->Text(1, after);
     int rc = st->Step();
     if (rc == SQLITE_DONE) return std::vector<BatchRecord>();  // unknown cursor: the listing has ended
     if (rc != SQLITE_ROW) return SqlError(db_, "list batches");
     after_created = st->ColInt(0);
+    after_rowid = st->ColInt(1);
   }
   std::string sql = std::string("SELECT ") + kBatchColumns + " FROM batches";
-  if (!after.empty()) sql += " WHERE (created_at, id) < (?1, ?2)";
-  sql += " ORDER BY created_at DESC, id DESC LIMIT ?3";
+  if (!after.empty()) sql += " WHERE (created_at, rowid) < (?1, ?2)";
+  sql += " ORDER BY created_at DESC, rowid DESC LIMIT ?3";
   auto st = Prepare(db_, sql);
   if (!st.ok()) return st.status();
   if (!after.empty()) {
     st->Int(1, after_created);
-    st->Text(2, after);
+    st->Int(2, after_rowid);
   }
   st->Int(3, limit);
   return ReadBatches(db_, *st);
@@ -392,7 +399,7 @@ StatusOr<std::vector<BatchRecord>> SqliteStore::BatchesWithStatus(const std::vec
   std::lock_guard lock(mu_);
   std::string sql = std::string("SELECT ") + kBatchColumns + " FROM batches WHERE status IN (";
   for (size_t i = 0; i < statuses.size(); ++i) sql += i == 0 ? "?" : ", ?";
-  sql += ") ORDER BY created_at, id";
+  sql += ") ORDER BY created_at, rowid";
   auto st = Prepare(db_, sql);
   if (!st.ok()) return st.status();
   for (size_t i = 0; i < statuses.size(); ++i) st->Text(static_cast<int>(i) + 1, statuses[i]);

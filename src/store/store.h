@@ -120,7 +120,7 @@ class Store {
   // --- files ---
   virtual Status PutFile(const FileRecord& file) = 0;
   virtual StatusOr<FileRecord> GetFile(std::string_view id) = 0;
-  // Files with `purpose` (all when empty), by created_at then id; `after` is
+  // Files with `purpose` (all when empty), in creation order; `after` is
   // the id of the last file of the previous page (empty: from the start).
   virtual StatusOr<std::vector<FileRecord>> ListFiles(std::string_view purpose, std::string_view after, int limit,
                                                       bool ascending) = 0;
@@ -129,7 +129,7 @@ class Store {
   // --- batches ---
   virtual Status PutBatch(const BatchRecord& batch) = 0;  // inserts
   virtual StatusOr<BatchRecord> GetBatch(std::string_view id) = 0;
-  // Newest first (created_at, then id, descending); `after` is the id of the
+  // Newest first (reverse creation order); `after` is the id of the
   // last batch of the previous page.
   virtual StatusOr<std::vector<BatchRecord>> ListBatches(std::string_view after, int limit) = 0;
   // Batches in any of `statuses`, oldest first (what the worker picks up).

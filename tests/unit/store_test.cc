@@ -140,19 +140,19 @@ TEST_P(SqliteStore, FilesRoundTripAndUnknownIdsAreNotFound) {
   EXPECT_EQ(store_->DeleteFile("file-a").code(), StatusCode::kNotFound);
 }
 
-TEST_P(SqliteStore, ListFilesPagesByCreatedAtThenIdAfterTheLastId) {
-  // file-c and file-b share created_at: id breaks the tie.
+TEST_P(SqliteStore, ListFilesPagesByCreatedAtThenCreationOrderAfterTheLastId) {
+  // file-c and file-b share created_at: the order they were created in breaks the tie.
   for (const FileRecord& f : {MakeFile("file-c", 20), MakeFile("file-a", 30), MakeFile("file-b", 20),
                               MakeFile("file-d", 10, "batch_output")}) {
     ASSERT_TRUE(store_->PutFile(f).ok());
   }
   auto all = store_->ListFiles("", "", 100, /*ascending=*/true);
   ASSERT_TRUE(all.ok());
-  EXPECT_EQ(Ids(*all), (std::vector<std::string>{"file-d", "file-b", "file-c", "file-a"}));
+  EXPECT_EQ(Ids(*all), (std::vector<std::string>{"file-d", "file-c", "file-b", "file-a"}));
   auto desc = store_->ListFiles("", "", 100, /*ascending=*/false);
-  EXPECT_EQ(Ids(*desc), (std::vector<std::string>{"file-a", "file-c", "file-b", "file-d"}));
+  EXPECT_EQ(Ids(*desc), (std::vector<std::string>{"file-a", "file-b", "file-c", "file-d"}));
   auto batch_only = store_->ListFiles("batch", "", 100, true);
-  EXPECT_EQ(Ids(*batch_only), (std::vector<std::string>{"file-b", "file-c", "file-a"}));
+  EXPECT_EQ(Ids(*batch_only), (std::vector<std::string>{"file-c", "file-b", "file-a"}));
 
   // Pages of 2 walk every file once, in both directions.
   for (bool ascending : {true, false}) {
@@ -168,8 +168,8 @@ TEST_P(SqliteStore, ListFilesPagesByCreatedAtThenIdAfterTheLastId) {
     }
     EXPECT_EQ(walked, ascending ? Ids(*all) : Ids(*desc));
   }
-  auto after_tie = store_->ListFiles("batch", "file-b", 10, true);
-  EXPECT_EQ(Ids(*after_tie), (std::vector<std::string>{"file-c", "file-a"}));
+  auto after_tie = store_->ListFiles("batch", "file-c", 10, true);
+  EXPECT_EQ(Ids(*after_tie), (std::vector<std::string>{"file-b", "file-a"}));
 
   // An unknown cursor ends the listing; limit <= 0 gives nothing.
   EXPECT_TRUE(store_->ListFiles("", "file-gone", 10, true)->empty());
@@ -270,16 +270,17 @@ TEST_P(SqliteStore, UpdateBatchWritesFieldsButLeavesResultCountersAlone) {
 }
 
 TEST_P(SqliteStore, ListBatchesNewestFirstAfterTheLastId) {
+  // batch_c and batch_b share created_at: batch_b, created later, is newer.
   for (const BatchRecord& b :
        {MakeBatch("batch_a", 10), MakeBatch("batch_c", 30), MakeBatch("batch_b", 30), MakeBatch("batch_d", 20)}) {
     ASSERT_TRUE(store_->PutBatch(b).ok());
   }
   auto all = store_->ListBatches("", 100);
   ASSERT_TRUE(all.ok());
-  EXPECT_EQ(Ids(*all), (std::vector<std::string>{"batch_c", "batch_b", "batch_d", "batch_a"}));
+  EXPECT_EQ(Ids(*all), (std::vector<std::string>{"batch_b", "batch_c", "batch_d", "batch_a"}));
   auto first = store_->ListBatches("", 2);
-  EXPECT_EQ(Ids(*first), (std::vector<std::string>{"batch_c", "batch_b"}));
-  auto second = store_->ListBatches("batch_b", 2);
+  EXPECT_EQ(Ids(*first), (std::vector<std::string>{"batch_b", "batch_c"}));
+  auto second = store_->ListBatches("batch_c", 2);
   EXPECT_EQ(Ids(*second), (std::vector<std::string>{"batch_d", "batch_a"}));
   EXPECT_TRUE(store_->ListBatches("batch_a", 2)->empty());
   EXPECT_TRUE(store_->ListBatches("batch_gone", 2)->empty());
