@@ -1,0 +1,211 @@
+// Shared helpers for the end-to-end API tests of `kvbatch serve`: a tiny
+// generated model, server processes (started on a free port, stopped with
+// SIGTERM, SIGKILL as a fallback), input files and batch polling.
+import { spawn, execFile } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { promisify } from 'node:util';
+import OpenAI from 'openai';
+
+const execFileP = promisify(execFile);
+
+export const KVBATCH_BIN = process.env.KVBATCH_BIN || '/work/main/build/kvbatch';
+export const VOCAB_DIR =
+  process.env.KVBATCH_VOCAB_DIR || '/root/.cache/kvbatch/llama-nlc3.22.1-cpu-496b83d1/share/vocab';
+
+export function childEnv() {
+  return { ...process.env, KVBATCH_VOCAB_DIR: VOCAB_DIR };
+}
+
+export const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+// `promise`, or `onTimeout` after ms; the timer never keeps the process alive.
+export function withTimeout(promise, ms, onTimeout = null) {
+  let timer;
+  const t = new Promise((r) => {
+    timer = setTimeout(() => r(onTimeout), ms);
+  });
+  return Promise.race([promise, t]).finally(() => clearTimeout(timer));
+}
+
+// A fresh temporary directory holding tiny.gguf.
+export async function makeWorkDir(prefix = 'kvbatch-api-') {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), prefix));
+  const model = path.join(dir, 'tiny.gguf');
+  await execFileP(KVBATCH_BIN, ['gen-model', '--preset', 'tiny', '-o', model], { env: childEnv() });
+  return { dir, model };
+}
+
+export function removeDir(dir) {
+  if (dir) fs.rmSync(dir, { recursive: true, force: true });
+}
+
+const running = new Set();
+// Last resort: no orphan servers if a test file dies without its after().
+process.on('exit', () => {
+  for (const s of running) {
+    try {
+      s.proc.kill('SIGKILL');
+    } catch {}
+  }
+});
+
+// Starts `kvbatch serve` and resolves once it prints its listening line.
+// Returns { proc, pid, port, baseURL, dataDir, client(apiKey?), stdout(), stderr(), exited }.
+// One engine thread by default: several servers (and a compiler) share two
+// cores, and llama.cpp's spinning worker threads oversubscribe them badly.
+export function startServer({
+  model, dataDir, maxSeqs = 4, defaultMaxTokens = 16, threads = 1, extraArgs = [], timeoutMs = 30000,
+}) {
+  const args = [
+    'serve', '-m', model, '--port', '0', '--data-dir', dataDir, '--max-seqs', String(maxSeqs),
+    '--default-max-tokens', String(defaultMaxTokens), '--threads', String(threads), ...extraArgs,
+  ];
+  const env = childEnv();
+  delete env.KVBATCH_API_KEY;
+  const proc = spawn(KVBATCH_BIN, args, { env, stdio: ['ignore', 'pipe', 'pipe'] });
+  let out = '';
+  let err = '';
+  const exited = new Promise((resolve) => proc.on('exit', (code, signal) => resolve({ code, signal })));
+  const server = {
+    proc, pid: proc.pid, dataDir, exited,
+    stdout: () => out, stderr: () => err,
+  };
+  running.add(server);
+  exited.then(() => running.delete(server));
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => {
+      proc.kill('SIGKILL');
+      reject(new Error(`kvbatch serve did not start in ${timeoutMs} ms\nstdout: ${out}\nstderr: ${err}`));
+    }, timeoutMs);
+    proc.stderr.on('data', (d) => { err += d; });
+    proc.stdout.on('data', (d) => {
+      out += d;
+      const m = /listening on http:\/\/127\.0\.0\.1:(\d+)\/v1/.exec(out);
+      if (m && !server.port) {
+        clearTimeout(timer);
+        server.port = Number(m[1]);
+        server.baseURL = `http://127.0.0.1:${server.port}/v1`;
+        server.client = (apiKey = 'unused') =>
+          new OpenAI({ baseURL: server.baseURL, apiKey, maxRetries: 0, timeout: 60000 });
+        resolve(server);
+      }
+    });
+    exited.then(({ code, signal }) => {
+      clearTimeout(timer);
+      if (!server.port) reject(new Error(`kvbatch serve exited (${code ?? signal}) before listening\nstderr: ${err}`));
+    });
+  });
+}
+
+// SIGTERM, then SIGKILL after graceMs. Resolves with { code, signal }.
+export async function stopServer(server, graceMs = 5000) {
+  if (!server || !server.proc) return null;
+  if (server.proc.exitCode !== null || server.proc.signalCode !== null) return server.exited;
+  server.proc.kill('SIGTERM');
+  const r = await withTimeout(server.exited, graceMs, null);
+  if (r) return r;
+  server.proc.kill('SIGKILL');
+  return server.exited;
+}
+
+export function jsonl(rows) {
+  return rows.map((r) => (typeof r === 'string' ? r : JSON.stringify(r))).join('\n') + '\n';
+}
+
+// Writes rows (objects, or raw strings for malformed lines) as JSONL; returns the path.
+export function makeInputFile(dir, name, rows) {
+  const p = path.join(dir, name);
+  fs.writeFileSync(p, jsonl(rows));
+  return p;
+}
+
+export const SYSTEM_PROMPT =
+  'You are a meticulous assistant for a logistics company. You answer questions about shipments, ' +
+  'warehouses, delivery windows, customs paperwork and invoices. Keep every answer short and precise, ' +
+  'cite the relevant policy section when you can, and never invent tracking numbers or dates. ' +
+  'If a question is ambiguous, state the assumption you make before answering it.';
+
+export function chatLine(customId, question, body = {}) {
+  return {
+    custom_id: customId,
+    method: 'POST',
+    url: '/v1/chat/completions',
+    body: {
+      model: 'tiny',
+      messages: [
+        { role: 'system', content: SYSTEM_PROMPT },
+        { role: 'user', content: question },
+      ],
+      ...body,
+    },
+  };
+}
+
+export function chatRows(n, { prefix = 'req-', body = {} } = {}) {
+  const rows = [];
+  for (let i = 0; i < n; i++) rows.push(chatLine(`${prefix}${i}`, `Question number ${i}: where is parcel ${i * 7}?`, body));
+  return rows;
+}
+
+export async function uploadFile(client, filePath) {
+  return client.files.create({ file: fs.createReadStream(filePath), purpose: 'batch' });
+}
+
+// Polls batches.retrieve until the status is one of `statuses`; returns the batch.
+// `until` (optional) is a predicate on the batch that also ends the wait.
+export async function waitForBatch(client, id, statuses, timeoutMs = 45000, { intervalMs = 150, until } = {}) {
+  const want = Array.isArray(statuses) ? statuses : [statuses];
+  const deadline = Date.now() + timeoutMs;
+  let b;
+  for (;;) {
+    b = await client.batches.retrieve(id);
+    if (want.includes(b.status) || (until && until(b))) return b;
+    if (Date.now() > deadline)
+      throw new Error(`batch ${id} still '${b.status}' after ${timeoutMs} ms (wanted ${want.join('|')}): ` +
+        JSON.stringify(b.request_counts));
+    await sleep(intervalMs);
+  }
+}
+
+export function parseJsonl(text) {
+  return text.split('\n').filter((l) => l.trim() !== '').map((l) => JSON.parse(l));
+}
+
+export async function fileText(client, fileId) {
+  if (!fileId) return '';
+  const r = await client.files.content(fileId);
+  return r.text();
+}
+
+// Output and error lines of a finished batch.
+export async function batchResults(client, batch) {
+  const output = parseJsonl(await fileText(client, batch.output_file_id));
+  const errors = parseJsonl(await fileText(client, batch.error_file_id));
+  return { output, errors };
+}
+
+// Every custom_id of `ids` exactly once across the lines.
+export function assertCoverage(assert, ids, lines) {
+  const seen = new Map();
+  for (const l of lines) seen.set(l.custom_id, (seen.get(l.custom_id) || 0) + 1);
+  for (const [id, n] of seen) assert.equal(n, 1, `custom_id ${id} appears ${n} times`);
+  assert.deepEqual([...seen.keys()].sort(), [...ids].sort());
+}
+
+// Runs `kvbatch run` on an input file; returns the parsed output lines.
+export async function kvbatchRun(model, input, out, args = []) {
+  await execFileP(KVBATCH_BIN, ['run', input, '-o', out, '-m', model, '-q', ...args], {
+    env: childEnv(),
+    maxBuffer: 64 << 20,
+  });
+  return parseJsonl(fs.readFileSync(out, 'utf8'));
+}
+
+export function contentOf(line) {
+  const body = line.response && line.response.body;
+  if (!body || !body.choices) return undefined;
+  const c = body.choices[0];
+  return c.message ? c.message.content : c.text;
+}
