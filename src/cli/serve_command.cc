@@ -28,6 +28,14 @@ int Fail(const std::string& what) {
 }  // namespace
 
 int Serve(const ServeOptions& o) {
+  // SIGINT/SIGTERM stop the server from a thread of their own (sigwait), so
+  // nothing runs in a signal handler. Blocked before any thread starts (the
+  // model loader and the engine start threads), so every thread inherits it.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGINT);
+  sigaddset(&signals, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
   std::error_code ec;
   const fs::path data = o.data_dir;
   const fs::path files = data / "files";
@@ -71,13 +79,6 @@ int Serve(const ServeOptions& o) {
   api::Server server(ctx);
   if (Status st = server.Bind(); !st.ok()) return Fail(st.message());
 
-  // SIGINT/SIGTERM stop the server from a thread of their own (sigwait), so
-  // nothing runs in a signal handler. Blocked before any thread starts.
-  sigset_t signals;
-  sigemptyset(&signals);
-  sigaddset(&signals, SIGINT);
-  sigaddset(&signals, SIGTERM);
-  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
   std::thread waiter([&] {
     int sig = 0;
     sigwait(&signals, &sig);

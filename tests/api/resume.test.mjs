@@ -145,9 +145,7 @@ test('a second server on a running server\'s data dir fails to start', async () 
   assert.ok(models.data.some((m) => m.id === 'tiny'));
 });
 
-test('SIGTERM stops the server gracefully: exit status 0, and a restart works',
-  { todo: 'serve_command.cc blocks SIGINT/SIGTERM only after EngineHub::Start, so the engine thread leaves them unblocked and the default action kills the process' },
-  async () => {
+test('SIGTERM stops the server gracefully: exit status 0, and a restart works', async () => {
     const dataDir = path.join(work.dir, 'term');
     const s = await start(dataDir, { maxSeqs: 2 });
     const f = await h.uploadFile(s.client(), h.makeInputFile(work.dir, 'term.jsonl', h.chatRows(4, { body: { max_tokens: 4 } })));
