@@ -4,11 +4,13 @@
 
 #include <memory>
 #include <string>
+#include <unordered_map>
 
 #include "engine/backend.h"
 #include "engine/model.h"
 
 struct llama_context;
+struct llama_sampler;
 
 namespace kvb::engine {
 
@@ -58,7 +60,12 @@ class LlamaBackend : public Backend {
 
  private:
   LlamaBackend() = default;
+  void ClearGrammars();
+  static constexpr size_t kMaxCachedGrammars = 64;
+
   const Model* model_ = nullptr;
+  // Parsed grammars by GBNF text (null: does not parse), cloned per request.
+  std::unordered_map<std::string, llama_sampler*> grammars_;
   llama_context* ctx_ = nullptr;
   int32_t n_vocab_ = 0;
   ContextInfo info_;

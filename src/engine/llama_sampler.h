@@ -1,0 +1,20 @@
+// The real Sampler, on llama.cpp's sampler API: a greedy argmax fast path,
+// llama.cpp's sampler chain otherwise, and an optional grammar checked the
+// way llama-server does it (sample first, constrain only when rejected).
+#pragma once
+
+#include <memory>
+
+#include "engine/backend.h"
+
+struct llama_sampler;
+
+namespace kvb::engine {
+
+// `grammar`: a grammar sampler (llama_sampler_init_grammar) that the new
+// sampler clones, or null for unconstrained output. p.grammar is not parsed
+// here: parsing once per distinct grammar is the caller's job.
+std::unique_ptr<Sampler> NewLlamaSampler(int32_t n_vocab, const SamplingParams& p,
+                                         const llama_sampler* grammar);
+
+}  // namespace kvb::engine
