@@ -1,6 +1,7 @@
 #include "engine/llama_backend.h"
 
 #include "engine/llama_sampler.h"
+#include "engine/vocab_trie.h"
 
 #include <algorithm>
 #include <cmath>
@@ -133,6 +134,7 @@ const float* LlamaBackend::Logits(int32_t batch_index) { return llama_get_logits
 
 std::unique_ptr<Sampler> LlamaBackend::NewSampler(const SamplingParams& p) {
   if (p.grammar.empty()) return NewLlamaSampler(n_vocab_, p, nullptr);
+  if (!trie_) trie_ = VocabTrie::Build(model_->vocab());
   // A job usually has one schema for thousands of requests: parse each
   // distinct grammar once and clone it per request.
   auto it = grammars_.find(p.grammar);
@@ -142,7 +144,7 @@ std::unique_ptr<Sampler> LlamaBackend::NewSampler(const SamplingParams& p) {
     it = grammars_.emplace(p.grammar, g).first;
   }
   if (it->second == nullptr) return nullptr;
-  return NewLlamaSampler(n_vocab_, p, it->second);
+  return NewLlamaSampler(n_vocab_, p, it->second, trie_.get());
 }
 
 void LlamaBackend::ClearGrammars() {

@@ -5,6 +5,7 @@
 #include <limits>
 #include <vector>
 
+#include "engine/vocab_trie.h"
 #include "llama.h"
 
 namespace kvb::engine {
@@ -28,7 +29,8 @@ constexpr size_t kGreedyWindow = 64;
 // (the model already follows the format) costs one token check.
 class LlamaSampler : public Sampler {
  public:
-  LlamaSampler(int32_t n_vocab, const SamplingParams& p, const llama_sampler* grammar) : n_vocab_(n_vocab) {
+  LlamaSampler(int32_t n_vocab, const SamplingParams& p, const llama_sampler* grammar, const VocabTrie* trie)
+      : n_vocab_(n_vocab), trie_(trie) {
     const bool penalties = p.presence_penalty != 0.0f || p.frequency_penalty != 0.0f;
     greedy_ = (p.temperature <= 0.0f || p.top_k == 1) && !penalties;
     if (grammar) grammar_ = llama_sampler_clone(grammar);
@@ -118,31 +120,48 @@ class LlamaSampler : public Sampler {
         std::push_heap(top.begin(), top.end(), worse);
       }
     }
-    if (Token t = BestAllowed(top); t != kNoToken) return t;
-    if (top.size() == static_cast<size_t>(n_vocab_)) return kNoToken;
-    cur_.resize(n_vocab_);
-    for (int32_t i = 0; i < n_vocab_; ++i) cur_[i] = {i, Biased(logits, i), 0.0f};
-    return BestAllowed(cur_);
-  }
-
-  Token BestAllowed(std::vector<llama_token_data>& cands) {
-    llama_token_data_array arr{cands.data(), cands.size(), -1, false};
+    llama_token_data_array arr{top.data(), top.size(), -1, false};
     llama_sampler_apply(grammar_, &arr);
     Token best = kNoToken;
     float best_v = -std::numeric_limits<float>::infinity();
-    for (const auto& d : cands)
+    for (const auto& d : top)
       if (!Rejected(d) && (best == kNoToken || d.logit > best_v)) best_v = d.logit, best = d.id;
+    if (best != kNoToken) return best;
+    AllowedTokens();
+    for (Token t : allowed_)
+      if (const float v = Biased(logits, t); best == kNoToken || v > best_v || (v == best_v && t < best)) best_v = v, best = t;
     return best;
   }
 
-  // A pick from the chain; with `constrained`, from the grammar-masked candidates.
-  Token Draw(const float* logits, bool constrained) {
-    for (int32_t i = 0; i < n_vocab_; ++i) cur_[i] = llama_token_data{i, logits[i], 0.0f};
-    llama_token_data_array arr{cur_.data(), cur_.size(), -1, false};
-    if (constrained) {
-      llama_sampler_apply(grammar_, &arr);
-      if (std::all_of(cur_.begin(), cur_.end(), Rejected)) return kNoToken;
+  // allowed_ = every token the grammar allows next.
+  void AllowedTokens() {
+    allowed_.clear();
+    if (trie_) {
+      trie_->Allowed(grammar_, &allowed_);
+      return;
     }
+    std::vector<llama_token_data> all(n_vocab_);
+    for (int32_t i = 0; i < n_vocab_; ++i) all[i] = {i, 0.0f, 0.0f};
+    llama_token_data_array arr{all.data(), all.size(), -1, false};
+    llama_sampler_apply(grammar_, &arr);
+    for (const auto& d : all)
+      if (!Rejected(d)) allowed_.push_back(d.id);
+  }
+
+  // A pick from the chain; with `constrained`, from the tokens the grammar
+  // allows (the others are left out, as if their probability were 0).
+  Token Draw(const float* logits, bool constrained) {
+    if (constrained) {
+      AllowedTokens();
+      if (allowed_.empty()) return kNoToken;
+      std::sort(allowed_.begin(), allowed_.end());  // a stable order: same draws for the same logits
+      cur_.resize(allowed_.size());
+      for (size_t i = 0; i < allowed_.size(); ++i) cur_[i] = llama_token_data{allowed_[i], logits[allowed_[i]], 0.0f};
+    } else {
+      cur_.resize(n_vocab_);
+      for (int32_t i = 0; i < n_vocab_; ++i) cur_[i] = llama_token_data{i, logits[i], 0.0f};
+    }
+    llama_token_data_array arr{cur_.data(), cur_.size(), -1, false};
     llama_sampler_apply(chain_, &arr);
     if (arr.selected < 0 || arr.selected >= static_cast<int64_t>(arr.size)) return kNoToken;
     return arr.data[arr.selected].id;
@@ -151,16 +170,18 @@ class LlamaSampler : public Sampler {
   int32_t n_vocab_;
   bool greedy_ = false;
   std::vector<float> bias_;  // greedy only: dense logit bias, empty when none
+  const VocabTrie* trie_;
   std::vector<llama_token_data> cur_;
+  std::vector<Token> allowed_;
   llama_sampler* chain_ = nullptr;
   llama_sampler* grammar_ = nullptr;
 };
 
 }  // namespace
 
-std::unique_ptr<Sampler> NewLlamaSampler(int32_t n_vocab, const SamplingParams& p,
-                                         const llama_sampler* grammar) {
-  return std::make_unique<LlamaSampler>(n_vocab, p, grammar);
+std::unique_ptr<Sampler> NewLlamaSampler(int32_t n_vocab, const SamplingParams& p, const llama_sampler* grammar,
+                                         const VocabTrie* trie) {
+  return std::make_unique<LlamaSampler>(n_vocab, p, grammar, trie);
 }
 
 }  // namespace kvb::engine

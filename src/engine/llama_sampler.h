@@ -11,10 +11,14 @@ struct llama_sampler;
 
 namespace kvb::engine {
 
+class VocabTrie;
+
 // `grammar`: a grammar sampler (llama_sampler_init_grammar) that the new
 // sampler clones, or null for unconstrained output. p.grammar is not parsed
-// here: parsing once per distinct grammar is the caller's job.
-std::unique_ptr<Sampler> NewLlamaSampler(int32_t n_vocab, const SamplingParams& p,
-                                         const llama_sampler* grammar);
+// here: parsing once per distinct grammar is the caller's job. `trie`
+// (optional, outlives the sampler) finds the allowed tokens when the
+// grammar rejects a pick; without it the grammar checks the whole vocabulary.
+std::unique_ptr<Sampler> NewLlamaSampler(int32_t n_vocab, const SamplingParams& p, const llama_sampler* grammar,
+                                         const VocabTrie* trie = nullptr);
 
 }  // namespace kvb::engine
