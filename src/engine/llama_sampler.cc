@@ -22,7 +22,7 @@ constexpr size_t kGreedyWindow = 64;
 
 // Greedy (temperature 0, no penalties) or llama.cpp's chain: logit bias,
 // penalties, top-k, top-p, min-p, temperature, then a draw from the
-// request's own RNG. With a grammar: the unconstrained pick is checked
+// request's own counter-based RNG (GumbelPick). With a grammar: the unconstrained pick is checked
 // against the grammar alone (one token); only when it is rejected is the
 // grammar applied to the candidates and the pick redone. The result is the
 // pick from the grammar-masked distribution either way; the common case
@@ -61,8 +61,8 @@ class LlamaSampler : public Sampler {
     if (p.top_p < 1.0f) llama_sampler_chain_add(chain_, llama_sampler_init_top_p(p.top_p, 1));
     if (p.min_p > 0.0f) llama_sampler_chain_add(chain_, llama_sampler_init_min_p(p.min_p, 1));
     llama_sampler_chain_add(chain_, llama_sampler_init_temp(p.temperature));
-    const uint32_t seed = static_cast<uint32_t>(p.seed ^ (p.seed >> 32));
-    llama_sampler_chain_add(chain_, llama_sampler_init_dist(seed));
+    seed_ = p.seed;
+    draw_ = true;  // the draw itself is ours (GumbelPick), not llama.cpp's dist
   }
   ~LlamaSampler() override {
     if (chain_) llama_sampler_free(chain_);
@@ -72,6 +72,7 @@ class LlamaSampler : public Sampler {
   Token Sample(const float* logits) override {
     Token t = greedy_ ? Argmax(logits) : Draw(logits, false);
     if (grammar_ && !Allowed(t)) t = greedy_ ? ConstrainedArgmax(logits) : Draw(logits, true);
+    ++step_;
     if (t == kNoToken) return t;
     if (grammar_) llama_sampler_accept(grammar_, t);
     if (chain_) llama_sampler_accept(chain_, t);
@@ -163,16 +164,76 @@ class LlamaSampler : public Sampler {
     }
     llama_token_data_array arr{cur_.data(), cur_.size(), -1, false};
     llama_sampler_apply(chain_, &arr);
+    if (draw_) return GumbelPick(arr, constrained ? 1 : 0);
     if (arr.selected < 0 || arr.selected >= static_cast<int64_t>(arr.size)) return kNoToken;
     return arr.data[arr.selected].id;
   }
 
+  // A draw from softmax(logits) by the Gumbel-max trick: the argmax of
+  // logit + G, with G ~ Gumbel(0,1) from a hash of (seed, step, ...).
+  // Exactly distributed like the softmax, and robust where inverse-CDF
+  // sampling is not: float noise in the logits (batch shapes change
+  // llama.cpp's reductions) flips the pick only when the two best perturbed
+  // values are that close (an O(1) gap), not whenever the uniform draw lands
+  // near a boundary of the cumulative sum (an O(p) gap: thousands of
+  // near-equal tiny probabilities in a flat distribution). Two levels keep
+  // it cheap (one exp per candidate, two logs per block of 64 ids): the max
+  // of a block's perturbed logits is Gumbel(logsumexp of the block) and
+  // its argmax is an independent softmax draw within the block, so a block
+  // is drawn first, then a token in it. `salt` makes the grammar's redraw
+  // independent of the rejected draw (which keeps sample-then-check exact).
+  Token GumbelPick(const llama_token_data_array& arr, uint64_t salt) {
+    // Blocks by token id, not by position: the chain's top-k / top-p leave
+    // candidates in an order that itself depends on float noise.
+    constexpr int32_t kBlockShift = 6;  // 64 ids per block
+    const uint64_t key = Mix(seed_ + 0x9e3779b97f4a7c15ull * (step_ + 1) + salt);
+    float max = -std::numeric_limits<float>::infinity();
+    for (size_t i = 0; i < arr.size; ++i) max = std::max(max, arr.data[i].logit);
+    if (!std::isfinite(max)) return kNoToken;
+    block_sum_.assign((static_cast<size_t>(n_vocab_) >> kBlockShift) + 1, 0.0f);
+    for (size_t i = 0; i < arr.size; ++i)
+      block_sum_[static_cast<size_t>(arr.data[i].id) >> kBlockShift] += std::exp(arr.data[i].logit - max);
+    size_t best_block = block_sum_.size();
+    double best_v = -std::numeric_limits<double>::infinity();
+    for (size_t b = 0; b < block_sum_.size(); ++b) {
+      if (!(block_sum_[b] > 0.0f)) continue;
+      const double v = std::log(static_cast<double>(block_sum_[b])) + Gumbel(Mix(key ^ (b * 0xd6e8feb86659fd93ull)));
+      if (v > best_v) best_v = v, best_block = b;
+    }
+    if (best_block == block_sum_.size()) return kNoToken;
+    Token best = kNoToken;
+    best_v = -std::numeric_limits<double>::infinity();
+    const uint64_t token_key = Mix(key ^ 0xa0761d6478bd642full);
+    for (size_t i = 0; i < arr.size; ++i) {
+      const llama_token_data& d = arr.data[i];
+      if ((static_cast<size_t>(d.id) >> kBlockShift) != best_block || !std::isfinite(d.logit)) continue;
+      const double v = d.logit + Gumbel(Mix(token_key ^ (static_cast<uint64_t>(d.id) * 0xd1b54a32d192ed03ull)));
+      if (v > best_v || (v == best_v && d.id < best)) best_v = v, best = d.id;
+    }
+    return best;
+  }
+
+  static double Gumbel(uint64_t h) {
+    const double u = (static_cast<double>(h >> 11) + 0.5) * 0x1.0p-53;  // (0, 1)
+    return -std::log(-std::log(u));
+  }
+
+  static uint64_t Mix(uint64_t z) {  // SplitMix64's finalizer
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+  }
+
   int32_t n_vocab_;
   bool greedy_ = false;
+  bool draw_ = false;    // temperature > 0: GumbelPick after the chain
+  uint64_t seed_ = 0;
+  uint64_t step_ = 0;    // tokens sampled so far: the draw's counter
   std::vector<float> bias_;  // greedy only: dense logit bias, empty when none
   const VocabTrie* trie_;
   std::vector<llama_token_data> cur_;
   std::vector<Token> allowed_;
+  std::vector<float> block_sum_;  // GumbelPick's per-block sums
   llama_sampler* chain_ = nullptr;
   llama_sampler* grammar_ = nullptr;
 };

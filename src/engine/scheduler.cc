@@ -206,7 +206,7 @@ bool Scheduler::TryAdmit(Request& r) {
   std::vector<std::unique_ptr<Sampler>> samplers;
   for (int32_t i = 0; i < n_choices; ++i) {
     SamplingParams params = r.sampling;
-    params.seed = ChoiceSeed(r.sampling.seed, i);
+    params.seed = SamplerSeed(r.sampling.seed, r.prompt, i);
     samplers.push_back(backend_->NewSampler(params));
     if (!samplers.back()) {
       Fail(r, Status::InvalidArgument("the request's grammar does not parse"));

@@ -34,16 +34,27 @@ struct SamplingParams {
   std::string grammar;
 };
 
-// The RNG seed of choice `index` of a request seeded with `seed`: choice 0
-// uses the seed itself (so it equals the n = 1 answer), the others a
-// SplitMix64 mix of seed and index (independent streams, not seed + i,
-// which would equal choice 0 of the request seeded seed + i).
+// The seed of choice `index` of a request seeded with `seed`: choice 0 uses
+// the seed itself (so it equals the n = 1 answer), the others a SplitMix64
+// mix of seed and index (independent streams, not seed + i, which would
+// equal choice 0 of the request seeded seed + i).
 inline uint64_t ChoiceSeed(uint64_t seed, int32_t index) {
   if (index == 0) return seed;
   uint64_t z = seed + 0x9e3779b97f4a7c15ull * static_cast<uint64_t>(index);
   z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
   z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
   return z ^ (z >> 31);
+}
+
+// The sampler seed of a choice: ChoiceSeed mixed with a hash of the prompt
+// tokens. The same request (prompt, seed) always draws the same random
+// numbers; requests with different prompts that share a seed (a batch
+// file with "seed": 42 on every line) draw independent ones.
+inline uint64_t SamplerSeed(uint64_t seed, const std::vector<Token>& prompt, int32_t choice) {
+  uint64_t h = 0xcbf29ce484222325ull;  // FNV-1a over the tokens' bytes
+  for (Token t : prompt)
+    for (int b = 0; b < 4; ++b) h = (h ^ ((static_cast<uint32_t>(t) >> (8 * b)) & 0xff)) * 0x100000001b3ull;
+  return ChoiceSeed(seed ^ h, choice);
 }
 
 enum class FinishReason { kStop, kLength };

@@ -384,6 +384,13 @@ TEST(Scheduler, IdleAnchorsAreEvictedWhenCellsAreNeeded) {
   EXPECT_LE(backend.peak_cells, 400);
 }
 
+// The seed that makes a single-choice request sample like choice `c` of r:
+// samplers are seeded with SamplerSeed(seed, prompt, choice), and
+// SamplerSeed(s, p, 0) == s ^ SamplerSeed(0, p, 0).
+uint64_t AloneSeed(const Request& r, int32_t c) {
+  return SamplerSeed(r.sampling.seed, r.prompt, c) ^ SamplerSeed(0, r.prompt, 0);
+}
+
 // n > 1: the prompt is decoded once; every choice forks its cells and then
 // sees exactly the prompt and its own tokens (FakeBackend checks positions;
 // logits depend on everything a sequence sees), so choice i equals the
@@ -403,7 +410,7 @@ TEST(Scheduler, ChoicesShareThePromptAndEachSeesOnlyItsOwnTokens) {
   for (int32_t i = 0; i < 3; ++i) {
     auto alone = r;
     alone.n = 1;
-    alone.sampling.seed = ChoiceSeed(r.sampling.seed, i);
+    alone.sampling.seed = AloneSeed(r, i);
     EXPECT_EQ(res.choices[i].tokens, RunAlone(alone).tokens) << "choice " << i;
     generated += static_cast<int32_t>(res.choices[i].tokens.size());
     distinct.insert(res.choices[i].tokens);
@@ -445,7 +452,7 @@ TEST(Scheduler, ChoicesForkFromASharedPrefixAnchorAndAdmissionReservesEveryChoic
     for (int32_t c = 0; c < 3; ++c) {
       auto alone = reqs[id];
       alone.n = 1;
-      alone.sampling.seed = ChoiceSeed(reqs[id].sampling.seed, c);
+      alone.sampling.seed = AloneSeed(reqs[id], c);
       EXPECT_EQ(res.choices[c].tokens, RunAlone(alone).tokens) << id << " choice " << c;
     }
   }
@@ -493,7 +500,7 @@ TEST(Scheduler, RequeuedAndCancelledChoiceGroupsBehave) {
       auto alone = reqs[id];
       alone.n = 1;
       alone.stream = false;
-      alone.sampling.seed = ChoiceSeed(reqs[id].sampling.seed, c);
+      alone.sampling.seed = AloneSeed(reqs[id], c);
       EXPECT_EQ(out[id].choices[c].tokens, RunAlone(alone).tokens);
       EXPECT_EQ((streamed[{id, c}]), out[id].choices[c].text) << id << " choice " << c;
     }
