@@ -14,11 +14,9 @@ namespace {
 
 bool Rejected(const llama_token_data& d) { return std::isinf(d.logit) && d.logit < 0; }
 
-// Candidates examined first when the grammar rejects a greedy pick: if any
-// of the best kGreedyWindow tokens is allowed, the best of them is the
-// constrained argmax (every other token scores lower), at the cost of
-// checking 64 tokens instead of the whole vocabulary.
-constexpr size_t kGreedyWindow = 64;
+// Windows of candidates examined, best first, when the grammar rejects a
+// greedy pick (see ConstrainedArgmax).
+constexpr size_t kGreedyWindows[] = {64};
 
 // Greedy (temperature 0, no penalties) or llama.cpp's chain: logit bias,
 // penalties, top-k, top-p, min-p, temperature, then a draw from the
@@ -103,32 +101,33 @@ class LlamaSampler : public Sampler {
     return !Rejected(d);
   }
 
-  // The best token the grammar allows, or kNoToken.
+  // The best token the grammar allows, or kNoToken. The best 64, then the
+  // next 960 candidates are checked first: if any of a window is allowed,
+  // the best of them is the constrained argmax (every token outside scores
+  // lower). Only when both fail (a random model, a string at its maxLength)
+  // is the allowed set computed.
   Token ConstrainedArgmax(const float* logits) {
-    const size_t k = std::min(kGreedyWindow, static_cast<size_t>(n_vocab_));
-    std::vector<llama_token_data> top;
-    top.reserve(k + 1);
-    // A bounded min-heap of the k best.
-    auto worse = [](const llama_token_data& a, const llama_token_data& b) { return a.logit > b.logit; };
-    for (int32_t i = 0; i < n_vocab_; ++i) {
-      const float v = Biased(logits, i);
-      if (top.size() < k) {
-        top.push_back({i, v, 0.0f});
-        std::push_heap(top.begin(), top.end(), worse);
-      } else if (v > top.front().logit) {
-        std::pop_heap(top.begin(), top.end(), worse);
-        top.back() = {i, v, 0.0f};
-        std::push_heap(top.begin(), top.end(), worse);
-      }
+    cur_.resize(n_vocab_);
+    for (int32_t i = 0; i < n_vocab_; ++i) cur_[i] = {i, Biased(logits, i), 0.0f};
+    auto better = [](const llama_token_data& a, const llama_token_data& b) {
+      return a.logit > b.logit || (a.logit == b.logit && a.id < b.id);
+    };
+    size_t from = 0;
+    for (size_t window : kGreedyWindows) {
+      const size_t to = std::min(window, cur_.size());
+      if (to <= from) break;
+      std::nth_element(cur_.begin() + from, cur_.begin() + to - 1, cur_.end(), better);
+      llama_token_data_array arr{cur_.data() + from, to - from, -1, false};
+      llama_sampler_apply(grammar_, &arr);
+      const llama_token_data* best = nullptr;
+      for (size_t i = from; i < to; ++i)
+        if (!Rejected(cur_[i]) && (!best || better(cur_[i], *best))) best = &cur_[i];
+      if (best) return best->id;
+      from = to;
     }
-    llama_token_data_array arr{top.data(), top.size(), -1, false};
-    llama_sampler_apply(grammar_, &arr);
+    AllowedTokens();
     Token best = kNoToken;
     float best_v = -std::numeric_limits<float>::infinity();
-    for (const auto& d : top)
-      if (!Rejected(d) && (best == kNoToken || d.logit > best_v)) best_v = d.logit, best = d.id;
-    if (best != kNoToken) return best;
-    AllowedTokens();
     for (Token t : allowed_)
       if (const float v = Biased(logits, t); best == kNoToken || v > best_v || (v == best_v && t < best)) best_v = v, best = t;
     return best;
