@@ -14,6 +14,41 @@ namespace {
 
 bool Rejected(const llama_token_data& d) { return std::isinf(d.logit) && d.logit < 0; }
 
+// Incremental UTF-8 validation (RFC 3629: no overlongs, surrogates or code
+// points past U+10FFFF). llama.cpp's grammar decodes bytes more leniently,
+// so with a grammar the sampler also keeps the output valid UTF-8: JSON text
+// must be, and an invalid byte would become U+FFFD in the response (one more
+// character than the grammar counted against a maxLength).
+struct Utf8State {
+  uint8_t need = 0;  // continuation bytes still expected
+  uint8_t lo = 0x80, hi = 0xBF;  // range of the next continuation byte
+
+  bool Step(uint8_t c) {
+    if (need > 0) {
+      if (c < lo || c > hi) return false;
+      --need, lo = 0x80, hi = 0xBF;
+      return true;
+    }
+    if (c < 0x80) return true;
+    if (c >= 0xC2 && c <= 0xDF) return need = 1, true;
+    if (c == 0xE0) return need = 2, lo = 0xA0, true;
+    if ((c >= 0xE1 && c <= 0xEC) || c == 0xEE || c == 0xEF) return need = 2, true;
+    if (c == 0xED) return need = 2, hi = 0x9F, true;
+    if (c == 0xF0) return need = 3, lo = 0x90, true;
+    if (c >= 0xF1 && c <= 0xF3) return need = 3, true;
+    if (c == 0xF4) return need = 3, hi = 0x8F, true;
+    return false;
+  }
+  // Whether `piece` may follow; *next = the state after it.
+  bool Accepts(const std::string& piece, Utf8State* next) const {
+    Utf8State s = *this;
+    for (char c : piece)
+      if (!s.Step(static_cast<uint8_t>(c))) return false;
+    *next = s;
+    return true;
+  }
+};
+
 // Windows of candidates examined, best first, when the grammar rejects a
 // greedy pick (see ConstrainedArgmax).
 constexpr size_t kGreedyWindows[] = {64};
@@ -73,6 +108,7 @@ class LlamaSampler : public Sampler {
     ++step_;
     if (t == kNoToken) return t;
     if (grammar_) llama_sampler_accept(grammar_, t);
+    if (grammar_ && trie_) utf8_.Accepts(trie_->Piece(t), &utf8_);
     if (chain_) llama_sampler_accept(chain_, t);
     return t;
   }
@@ -93,8 +129,15 @@ class LlamaSampler : public Sampler {
     return best;
   }
 
+  // Whether `t` keeps the output valid UTF-8 (see Utf8State).
+  bool Utf8Ok(Token t) const {
+    Utf8State next;
+    return !trie_ || utf8_.Accepts(trie_->Piece(t), &next);
+  }
+
   // Whether the grammar accepts token t next (a one-candidate apply).
   bool Allowed(Token t) {
+    if (!Utf8Ok(t)) return false;
     llama_token_data d{t, 0.0f, 0.0f};
     llama_token_data_array one{&d, 1, -1, false};
     llama_sampler_apply(grammar_, &one);
@@ -121,7 +164,7 @@ class LlamaSampler : public Sampler {
       llama_sampler_apply(grammar_, &arr);
       const llama_token_data* best = nullptr;
       for (size_t i = from; i < to; ++i)
-        if (!Rejected(cur_[i]) && (!best || better(cur_[i], *best))) best = &cur_[i];
+        if (!Rejected(cur_[i]) && (!best || better(cur_[i], *best)) && Utf8Ok(cur_[i].id)) best = &cur_[i];
       if (best) return best->id;
       from = to;
     }
@@ -138,6 +181,7 @@ class LlamaSampler : public Sampler {
     allowed_.clear();
     if (trie_) {
       trie_->Allowed(grammar_, &allowed_);
+      std::erase_if(allowed_, [this](Token t) { return !Utf8Ok(t); });
       return;
     }
     std::vector<llama_token_data> all(n_vocab_);
@@ -233,6 +277,7 @@ class LlamaSampler : public Sampler {
   std::vector<llama_token_data> cur_;
   std::vector<Token> allowed_;
   std::vector<float> block_sum_;  // GumbelPick's per-block sums
+  Utf8State utf8_;                // of the output so far (with a grammar)
   llama_sampler* chain_ = nullptr;
   llama_sampler* grammar_ = nullptr;
 };

@@ -43,12 +43,14 @@ std::unique_ptr<VocabTrie> VocabTrie::Build(const llama_vocab* vocab) {
   const int32_t n_vocab = llama_vocab_n_tokens(vocab);
   std::vector<std::pair<std::string, Token>> pieces;
   pieces.reserve(n_vocab);
+  t->pieces_.resize(n_vocab);
   for (Token id = 0; id < n_vocab; ++id) {
     if (llama_vocab_is_eog(vocab, id)) {
       t->eog_.push_back(id);
       continue;
     }
     std::string p = GrammarPiece(vocab, id);
+    t->pieces_[id] = p;
     if (p.empty() || p[0] == '\0') {
       t->unprobed_.push_back(id);
       continue;

@@ -16,6 +16,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "engine/types.h"
@@ -37,6 +38,9 @@ class VocabTrie {
   // (the trie is read-only); scratch space is the caller's.
   void Allowed(const llama_sampler* grammar, std::vector<Token>* out) const;
 
+  // A token's text as the grammar sees it (empty for end-of-generation tokens).
+  const std::string& Piece(Token t) const { return pieces_[static_cast<size_t>(t)]; }
+
  private:
   struct Node {
     int32_t begin = 0, end = 0;  // tokens_[begin, end): tokens under this node (pieces with this prefix)
@@ -51,6 +55,7 @@ class VocabTrie {
   std::vector<Token> tokens_;         // sorted by piece: each node's tokens are contiguous
   std::vector<Token> eog_;            // end-of-generation tokens
   std::vector<Token> unprobed_;       // tokens with an empty piece (the grammar rejects them)
+  std::vector<std::string> pieces_;   // by token id
   Token probe_[256];                  // a token whose piece is exactly that byte; -1 when none
 };
 

@@ -93,6 +93,8 @@ TEST(StructuredOutput, ScoringBatchOf200EveryFinishedAnswerValidatesAgainstTheSc
     if (c["finish_reason"] == "stop") {
       ++stop;
       EXPECT_EQ(ValidateScore(text), "") << id << ": " << text;
+      // The grammar's output is valid UTF-8 as generated: nothing had to be replaced.
+      EXPECT_EQ(text.find("\xEF\xBF\xBD"), std::string::npos) << id << ": " << text;
       if (ValidateScore(text).empty()) ++verdicts[json::parse(text)["verdict"].get<std::string>()];
     } else {
       ASSERT_EQ(c["finish_reason"], "length");
