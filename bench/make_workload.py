@@ -34,6 +34,19 @@ def candidate(i: int, rng: random.Random) -> str:
             f"{rng.choice(['fintech', 'logistics', 'gaming', 'health', 'retail'])} company.")
 
 
+# The scoring answer: {"score": 0-100, "verdict": hire/maybe/reject, "reason": short string}.
+SCORE_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "score": {"type": "integer", "minimum": 0, "maximum": 100},
+        "verdict": {"type": "string", "enum": ["hire", "maybe", "reject"]},
+        "reason": {"type": "string", "maxLength": 80},
+    },
+    "required": ["score", "verdict", "reason"],
+    "additionalProperties": False,
+}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=400)
@@ -42,6 +55,8 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--out", required=True)
     ap.add_argument("--completions", action="store_true", help="write /v1/completions lines instead of chat")
+    ap.add_argument("--schema", action="store_true",
+                    help="ask for structured output: response_format json_schema with SCORE_SCHEMA")
     args = ap.parse_args()
     rng = random.Random(42)
     system = rubric(args.rubric_words)
@@ -50,6 +65,9 @@ def main() -> None:
             body = {"model": "kvbatch-demo", "max_tokens": args.max_tokens, "temperature": args.temperature,
                     "messages": [{"role": "system", "content": system},
                                  {"role": "user", "content": candidate(i, rng)}]}
+            if args.schema:
+                body["response_format"] = {"type": "json_schema",
+                                           "json_schema": {"name": "score", "schema": SCORE_SCHEMA, "strict": True}}
             f.write(json.dumps({"custom_id": f"candidate-{i}", "method": "POST",
                                 "url": "/v1/chat/completions", "body": body}) + "\n")
 

@@ -4,6 +4,7 @@ one-at-a-time baseline, on the same model and workload, in one go.
 
   python3 bench/run_bench.py                    # CPU, 400 requests
   python3 bench/run_bench.py --gpu              # all layers on the GPU
+  python3 bench/run_bench.py --schema           # kvbatch unconstrained vs JSON-schema output
 
 Prints requests/s for each and the ratios; writes bench/results/<stamp>.json.
 """
@@ -99,6 +100,71 @@ def run_clients(url, bodies, clients):
     return time.time() - t0, tokens[0]
 
 
+def run_kvbatch(args, model, workload, out):
+    """One `kvbatch run`; returns (seconds, completion tokens, finish reasons, output lines)."""
+    if os.path.exists(out):
+        os.remove(out)
+    cmd = [args.kvbatch, "run", workload, "-o", out, "-m", model, "--threads", str(args.threads), "-q"] + \
+        (["--gpu-layers", "0"] if not args.gpu else []) + args.kvbatch_args.split()
+    t0 = time.time()
+    sh(cmd)
+    secs = time.time() - t0
+    lines = [json.loads(l) for l in open(out)]
+    assert len(lines) == args.requests, "kvbatch did not answer every request"
+    toks = sum(l["response"]["body"]["usage"]["completion_tokens"] for l in lines)
+    finish = {}
+    for l in lines:
+        r = l["response"]["body"]["choices"][0]["finish_reason"]
+        finish[r] = finish.get(r, 0) + 1
+    return secs, toks, finish, lines, " ".join(cmd)
+
+
+def schema_bench(args, work):
+    """The rubric workload unconstrained vs with response_format json_schema: same
+    requests, same max_tokens, alternating runs; the cost of grammar-constrained decoding."""
+    model = args.model or os.path.join(work, "bench.gguf")
+    if not args.model:
+        sh([args.kvbatch, "gen-model", "--preset", "bench", "-o", model])
+    files = {}
+    for mode in ("plain", "schema"):
+        files[mode] = os.path.join(work, f"rubric-{mode}.jsonl")
+        sh([sys.executable, os.path.join(ROOT, "bench", "make_workload.py"), "--requests", str(args.requests),
+            "--max-tokens", str(args.max_tokens), "--out", files[mode]] + (["--schema"] if mode == "schema" else []))
+    runs = {"plain": [], "schema": []}
+    valid = None
+    for rnd in range(args.rounds):
+        for mode in ("plain", "schema"):
+            secs, toks, finish, lines, cmd = run_kvbatch(args, model, files[mode], os.path.join(work, f"out-{mode}.jsonl"))
+            runs[mode].append({"seconds": secs, "req_s": args.requests / secs, "tok_s": toks / secs,
+                               "completion_tokens": toks, "finish": finish, "command": cmd})
+            print(f"round {rnd + 1} {mode:6s}: {secs:6.1f} s  {args.requests / secs:6.2f} req/s  "
+                  f"{toks / secs:7.1f} completion tok/s  ({toks} tokens, {finish})", flush=True)
+            if mode == "schema":
+                valid = sum(1 for l in lines if l["response"]["body"]["choices"][0]["finish_reason"] != "stop"
+                            or is_valid_score(l["response"]["body"]["choices"][0]["message"]["content"]))
+    best = {m: min(r["seconds"] for r in runs[m]) for m in runs}
+    tok = {m: max(r["tok_s"] for r in runs[m]) for m in runs}
+    print(f"\nbest of {args.rounds}: plain {best['plain']:.1f} s, schema {best['schema']:.1f} s")
+    print(f"schema / plain wall time     = {best['schema'] / best['plain']:.3f}")
+    print(f"schema / plain tok/s         = {tok['schema'] / tok['plain']:.3f}  (per generated token)")
+    print(f"schema answers: 'stop' ones all validate: {valid == args.requests}")
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    with open(os.path.join(args.out_dir, f"schema-{stamp}.json"), "w") as f:
+        json.dump({"requests": args.requests, "max_tokens": args.max_tokens, "threads": args.threads,
+                   "runs": runs, "wall_ratio": best["schema"] / best["plain"],
+                   "tok_s_ratio": tok["schema"] / tok["plain"]}, f, indent=2)
+
+
+def is_valid_score(text):
+    try:
+        v = json.loads(text)
+    except ValueError:
+        return False
+    return (isinstance(v, dict) and set(v) == {"score", "verdict", "reason"} and isinstance(v["score"], int)
+            and 0 <= v["score"] <= 100 and v["verdict"] in ("hire", "maybe", "reject")
+            and isinstance(v["reason"], str) and len(v["reason"]) <= 80)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=400)
@@ -113,12 +179,18 @@ def main():
     ap.add_argument("--kvbatch-args", default="", help="extra arguments for kvbatch run")
     ap.add_argument("--skip", default="", help="comma list of: kvbatch,server,naive")
     ap.add_argument("--out-dir", default=os.path.join(ROOT, "bench", "results"))
+    ap.add_argument("--schema", action="store_true",
+                    help="instead: kvbatch on the same requests without and with response_format json_schema")
+    ap.add_argument("--rounds", type=int, default=2, help="--schema: alternating rounds of both runs")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     os.makedirs(args.out_dir, exist_ok=True)
     work = os.path.join(args.out_dir, "work")
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work)
+
+    if args.schema:
+        return schema_bench(args, work)
 
     server_bin = args.llama_server
     if server_bin is None:

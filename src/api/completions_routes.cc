@@ -22,15 +22,15 @@ namespace {
 struct Channel {
   std::mutex mu;
   std::condition_variable cv;
-  std::deque<std::string> deltas;
+  std::deque<std::pair<int32_t, std::string>> deltas;  // (choice, text)
   std::optional<engine::Result> result;
 
   worker::RequestCallbacks Callbacks(const std::shared_ptr<Channel>& self) {
     worker::RequestCallbacks cb;
-    cb.on_delta = [self](std::string_view text) {
+    cb.on_delta = [self](int32_t choice, std::string_view text) {
       {
         std::lock_guard<std::mutex> lock(self->mu);
-        self->deltas.emplace_back(text);
+        self->deltas.emplace_back(choice, std::string(text));
       }
       self->cv.notify_all();
     };
@@ -75,6 +75,7 @@ void Complete(Context& ctx, batch::Endpoint endpoint, const httplib::Request& re
     return SendJson(res, f->http_status, batch::FailureBody(*f));
   engine::Request er = std::get<engine::Request>(std::move(prepared));
   er.stream = stream;
+  const int32_t n_choices = std::max<int32_t>(1, er.n);
 
   auto ch = std::make_shared<Channel>();
   ctx.hub->Submit(std::move(er), ch->Callbacks(ch), /*urgent=*/true);
@@ -103,11 +104,13 @@ void Complete(Context& ctx, batch::Endpoint endpoint, const httplib::Request& re
               {"choices", json::array({std::move(choice)})}};
     return c;
   };
-  auto content = [=](const std::string& text, json finish) {
+  auto content = [=](int32_t index, const std::string& text, json finish) {
     if (chat)
-      return json{{"index", 0}, {"delta", text.empty() && !finish.is_null() ? json::object() : json{{"content", text}}},
-                  {"logprobs", nullptr}, {"finish_reason", std::move(finish)}};
-    return json{{"index", 0}, {"text", text}, {"logprobs", nullptr}, {"finish_reason", std::move(finish)}};
+      return json{{"index", index},
+                  {"delta", text.empty() && !finish.is_null() ? json::object() : json{{"content", text}}},
+                  {"logprobs", nullptr},
+                  {"finish_reason", std::move(finish)}};
+    return json{{"index", index}, {"text", text}, {"logprobs", nullptr}, {"finish_reason", std::move(finish)}};
   };
   auto started = std::make_shared<bool>(false);
   auto finished = std::make_shared<bool>(false);
@@ -118,12 +121,13 @@ void Complete(Context& ctx, batch::Endpoint endpoint, const httplib::Request& re
         std::string out;
         if (!*started && chat) {
           *started = true;
-          out += Event(chunk({{"index", 0},
-                              {"delta", {{"role", "assistant"}, {"content", ""}, {"refusal", nullptr}}},
-                              {"logprobs", nullptr},
-                              {"finish_reason", nullptr}}));
+          for (int32_t i = 0; i < n_choices; ++i)
+            out += Event(chunk({{"index", i},
+                                {"delta", {{"role", "assistant"}, {"content", ""}, {"refusal", nullptr}}},
+                                {"logprobs", nullptr},
+                                {"finish_reason", nullptr}}));
         }
-        std::deque<std::string> deltas;
+        std::deque<std::pair<int32_t, std::string>> deltas;
         std::optional<engine::Result> result;
         {
           std::unique_lock<std::mutex> lock(ch->mu);
@@ -131,7 +135,7 @@ void Complete(Context& ctx, batch::Endpoint endpoint, const httplib::Request& re
           deltas.swap(ch->deltas);
           if (ch->result) result = std::move(ch->result);
         }
-        for (const std::string& d : deltas) out += Event(chunk(content(batch::ToValidUtf8(d), nullptr)));
+        for (const auto& [choice, d] : deltas) out += Event(chunk(content(choice, batch::ToValidUtf8(d), nullptr)));
         if (result) {
           *finished = true;
           if (!result->status.ok()) {
@@ -139,7 +143,8 @@ void Complete(Context& ctx, batch::Endpoint endpoint, const httplib::Request& re
             out += Event(batch::FailureBody(f));
           } else {
             json full = batch::ResponseBody(endpoint, *result, model, created);
-            out += Event(chunk(content("", full["choices"][0]["finish_reason"])));
+            for (const json& c : full["choices"])
+              out += Event(chunk(content(c["index"].get<int32_t>(), "", c["finish_reason"])));
             if (include_usage) {
               json u = chunk(json::object());
               u["choices"] = json::array();

@@ -3,6 +3,7 @@
 #include <utility>
 
 #include "batch/response.h"
+#include "engine/grammar.h"
 
 namespace kvb::batch {
 
@@ -20,9 +21,26 @@ std::variant<engine::Request, RequestFailure> PrepareRequest(ParsedRequest&& req
     prompt = std::move(formatted).value();
   }
   engine::Request er;
+  if (req.response_format != ResponseFormat::kText) {
+    // Schema -> GBNF, then make sure llama.cpp parses it: a schema the
+    // converter cannot handle is the request's 400, never an abort.
+    auto grammar = req.response_format == ResponseFormat::kJsonSchema ? engine::JsonSchemaToGrammar(req.json_schema)
+                                                                       : engine::JsonObjectGrammar();
+    if (!grammar.ok()) {
+      const bool unsupported = grammar.status().code() == StatusCode::kFailedPrecondition;
+      return RequestFailure{400, unsupported ? "unsupported" : "invalid_request", grammar.status().message(),
+                            "response_format"};
+    }
+    if (Status st = engine::CheckGrammar(model, *grammar); !st.ok())
+      return RequestFailure{400, "invalid_request", st.message(), "response_format"};
+    req.sampling.grammar = std::move(grammar).value();
+  }
   er.id = id;
   er.prompt = model.Tokenize(prompt);
   er.sampling = std::move(req.sampling);
+  er.n = req.n;
+  er.logprobs = req.logprobs;
+  er.top_logprobs = req.top_logprobs;
   if (er.sampling.max_tokens <= 0 && default_max_tokens > 0) er.sampling.max_tokens = default_max_tokens;
   return er;
 }

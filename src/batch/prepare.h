@@ -28,16 +28,20 @@ struct RequestFailure {
 // The {"error":{...}} body of a failure; type "server_error" for 5xx.
 nlohmann::json FailureBody(const RequestFailure& f);
 
-// Renders the chat template (chat endpoint), tokenizes, and fills in
+// Renders the chat template (chat endpoint), tokenizes, fills in
 // max_tokens from `default_max_tokens` when the request gives none (0: leave
-// it unlimited). `id` becomes engine::Request::id.
+// it unlimited), carries n / logprobs over, and turns response_format into
+// a grammar (engine::JsonSchemaToGrammar; a schema it cannot convert, or a
+// grammar llama.cpp does not parse, is a 400 with param "response_format").
+// `id` becomes engine::Request::id.
 std::variant<engine::Request, RequestFailure> PrepareRequest(ParsedRequest&& req, const engine::Model& model,
                                                              int32_t default_max_tokens, uint64_t id);
 
 // The failure for a request the engine could not run (Result::status).
 RequestFailure FailureFromStatus(const Status& status);
 
-// chat.completion or text_completion body for a finished request.
+// chat.completion or text_completion body for a finished request: every
+// choice, with logprobs in the endpoint's shape when the request asked.
 nlohmann::json ResponseBody(Endpoint endpoint, const engine::Result& r, std::string_view model_name, int64_t created);
 
 }  // namespace kvb::batch

@@ -346,6 +346,82 @@ void ParseLogitBias(Params& p, std::vector<std::pair<engine::Token, float>>* out
   *out = std::move(bias);
 }
 
+// The schema exactly as written: nlohmann::json sorts object keys, and the
+// grammar generates properties in the schema's order, so the line is read
+// again with key order kept (only for lines that carry a schema).
+std::string OrderedSchema(std::string_view line, bool nested) {
+  auto doc = nlohmann::ordered_json::parse(line.begin(), line.end(), nullptr, false);
+  const auto& rf = doc["body"]["response_format"];
+  const auto& schema = nested ? rf["json_schema"]["schema"] : rf["schema"];
+  return schema.dump(-1, ' ', false, nlohmann::ordered_json::error_handler_t::replace);
+}
+
+void ParseResponseFormat(Params& p, std::string_view line, ParsedRequest* r) {
+  const json* v = p.Get("response_format");
+  if (v == nullptr) return;
+  const char* kParam = "response_format";
+  if (!v->is_object()) return p.TypeError(kParam, "an object", *v);
+  auto type = v->find("type");
+  if (type == v->end() || !type->is_string()) {
+    return p.Fail(kParam, "Invalid 'response_format': expected a \"type\" of \"text\", \"json_object\" or \"json_schema\".");
+  }
+  const std::string& t = type->get_ref<const std::string&>();
+  if (t == "text") return;
+  if (t == "json_object") {
+    auto schema = v->find("schema");
+    if (schema == v->end() || schema->is_null()) {
+      r->response_format = ResponseFormat::kJsonObject;
+      return;
+    }
+    if (!schema->is_object()) return p.TypeError("response_format.schema", "an object", *schema);
+    r->response_format = ResponseFormat::kJsonSchema;
+    r->json_schema = OrderedSchema(line, false);
+    return;
+  }
+  if (t != "json_schema") {
+    return p.Fail(kParam, "Invalid 'response_format': expected a type of \"text\", \"json_object\" or \"json_schema\", but got \"" +
+                              ToValidUtf8(t.substr(0, 40)) + "\" instead.");
+  }
+  auto js = v->find("json_schema");
+  if (js == v->end() || !js->is_object()) {
+    return p.Fail("response_format.json_schema",
+                  "Invalid 'response_format.json_schema': type \"json_schema\" needs a \"json_schema\" object "
+                  "({\"name\", \"schema\", \"strict\"}).");
+  }
+  if (auto name = js->find("name"); name != js->end() && !name->is_null() && !name->is_string())
+    return p.TypeError("response_format.json_schema.name", "a string", *name);
+  if (auto strict = js->find("strict"); strict != js->end() && !strict->is_null() && !strict->is_boolean())
+    return p.TypeError("response_format.json_schema.strict", "a boolean", *strict);
+  auto schema = js->find("schema");
+  if (schema == js->end() || schema->is_null()) {
+    r->response_format = ResponseFormat::kJsonObject;
+    return;
+  }
+  if (!schema->is_object()) return p.TypeError("response_format.json_schema.schema", "an object", *schema);
+  r->response_format = ResponseFormat::kJsonSchema;
+  r->json_schema = OrderedSchema(line, true);
+}
+
+void ParseLogprobs(Params& p, Endpoint endpoint, ParsedRequest* r) {
+  if (endpoint == Endpoint::kCompletions) {
+    // The legacy API's logprobs is the number of alternatives per token.
+    if (auto k = p.Integer("logprobs", 0, kMaxTopLogprobs)) {
+      r->logprobs = true;
+      r->top_logprobs = static_cast<int32_t>(*k);
+    }
+    return;
+  }
+  if (const json* v = p.Get("logprobs")) {
+    if (!v->is_boolean()) return p.TypeError("logprobs", "a boolean", *v);
+    r->logprobs = v->get<bool>();
+  }
+  if (auto k = p.Integer("top_logprobs", 0, kMaxTopLogprobs)) {
+    if (*k > 0 && !r->logprobs)
+      return p.Fail("top_logprobs", "Invalid 'top_logprobs': 'logprobs' must be true to use 'top_logprobs'.");
+    r->top_logprobs = static_cast<int32_t>(*k);
+  }
+}
+
 }  // namespace
 
 std::string_view EndpointPath(Endpoint endpoint) {
@@ -405,14 +481,7 @@ StatusOr<ParsedRequest> ParseRequest(std::string_view text, std::string* error_p
   p.Number("min_p", 0.0, 1.0, false, &sp.min_p);
   p.Number("presence_penalty", -2.0, 2.0, false, &sp.presence_penalty);
   p.Number("frequency_penalty", -2.0, 2.0, false, &sp.frequency_penalty);
-  if (const json* n = p.Get("n"); n != nullptr && p.ok()) {
-    auto v = Params::IntegerValue(*n);
-    if (!v) {
-      p.TypeError("n", "an integer", *n);
-    } else if (*v != 1) {
-      p.Fail("n", "Invalid 'n': n must be 1 (one choice per request is supported), but got " + Show(*n) + " instead.");
-    }
-  }
+  if (auto n = p.Integer("n", 1, kMaxChoices)) r.n = static_cast<int32_t>(*n);
   constexpr int64_t kMaxTokensLimit = std::numeric_limits<int32_t>::max();
   auto max_tokens = p.Integer("max_tokens", 1, kMaxTokensLimit);
   auto max_completion_tokens = p.Integer("max_completion_tokens", 1, kMaxTokensLimit);
@@ -423,6 +492,8 @@ StatusOr<ParsedRequest> ParseRequest(std::string_view text, std::string* error_p
   }
   if (p.ok()) ParseStop(p, &sp.stop);
   if (p.ok()) ParseLogitBias(p, &sp.logit_bias);
+  if (p.ok()) ParseLogprobs(p, r.endpoint, &r);
+  if (p.ok()) ParseResponseFormat(p, text, &r);
   if (const json* seed = p.Get("seed"); seed != nullptr && p.ok()) {
     if (seed->is_number_unsigned()) {
       sp.seed = seed->get<uint64_t>();

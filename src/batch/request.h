@@ -66,6 +66,12 @@ struct LineInfo {
 // message may have null content (OpenAI allows it after tool calls).
 std::variant<LineInfo, LineError> ValidateLine(std::string_view text, int64_t line_no);
 
+// response_format: free text, any JSON object, or JSON valid against a schema.
+enum class ResponseFormat { kText, kJsonObject, kJsonSchema };
+
+inline constexpr int32_t kMaxChoices = 128;      // n
+inline constexpr int32_t kMaxTopLogprobs = 20;   // top_logprobs, and completions' integer logprobs
+
 struct ParsedRequest {
   std::string custom_id;
   Endpoint endpoint = Endpoint::kChatCompletions;
@@ -74,6 +80,11 @@ struct ParsedRequest {
   std::string prompt;                         // completions
   engine::SamplingParams sampling;            // seed always filled, see has_seed
   bool has_seed = false;                      // body.seed given; else seed = SeedFromCustomId(custom_id)
+  int32_t n = 1;                              // choices
+  bool logprobs = false;                      // report token log-probabilities
+  int32_t top_logprobs = 0;                   // alternatives per token (0..kMaxTopLogprobs)
+  ResponseFormat response_format = ResponseFormat::kText;
+  std::string json_schema;                    // kJsonSchema: the schema as JSON text, keys in input order
 };
 
 // Full parse for running one line. Structural problems give the same message
@@ -82,7 +93,14 @@ struct ParsedRequest {
 // parameter's name in *error_param when given (for ErrorBody's "param"); the
 // request then gets a 400 line and the batch goes on. Accepted (null = absent):
 //   temperature [0,2], top_p (0,1], top_k >= 0 (-1 also means "off", as in
-//   vLLM), min_p [0,1], presence_penalty / frequency_penalty [-2,2], n == 1,
+//   vLLM), min_p [0,1], presence_penalty / frequency_penalty [-2,2],
+//   n [1, kMaxChoices], logprobs: chat a boolean with top_logprobs
+//   [0, kMaxTopLogprobs] (> 0 needs logprobs true), completions an integer
+//   [0, kMaxTopLogprobs] (the number of alternatives), response_format:
+//   {"type":"text"}, {"type":"json_object"} (llama-server's optional
+//   "schema" member makes it a json_schema), or {"type":"json_schema",
+//   "json_schema":{"name":<string>,"schema":<object>,"strict":<bool>}} (a
+//   missing schema means any JSON object),
 //   max_tokens / max_completion_tokens integers in [1, 2^31-1] (the latter
 //   wins when both are given), stop: a string or an array of at most 4
 //   strings (empty strings are dropped), logit_bias: {"<token id>": [-100,100]},

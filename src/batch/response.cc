@@ -3,6 +3,7 @@
 #include <sys/random.h>
 
 #include <array>
+#include <cmath>
 #include <random>
 
 namespace kvb::batch {
@@ -131,37 +132,103 @@ std::string NewId(std::string_view prefix) {
 
 namespace {
 
-// The fields chat.completion and text_completion objects share, around one choice.
-json CompletionObject(std::string_view object, json choice, const engine::Result& r, std::string_view model,
+// The fields chat.completion and text_completion objects share, around the choices.
+json CompletionObject(std::string_view object, json choices, const engine::Result& r, std::string_view model,
                       int64_t created, std::string_view id, std::string_view system_fingerprint) {
   return json{{"id", Str(id)},
               {"object", object},
               {"created", created},
               {"model", Str(model)},
-              {"choices", json::array({std::move(choice)})},
+              {"choices", std::move(choices)},
               {"usage", Usage(r)},
               {"system_fingerprint", NullIfEmpty(system_fingerprint)}};
+}
+
+// The result's choices; a hand-made Result without `choices` is one choice.
+std::vector<engine::Choice> Choices(const engine::Result& r) {
+  if (!r.choices.empty()) return r.choices;
+  engine::Choice c;
+  c.text = r.text;
+  c.tokens = r.tokens;
+  c.finish = r.finish;
+  return {c};
+}
+
+// OpenAI writes -9999.0 for a probability that is zero in float.
+double Logprob(float lp) { return std::isfinite(lp) ? static_cast<double>(lp) : -9999.0; }
+
+json Bytes(const std::string& piece) {
+  json b = json::array();
+  for (unsigned char c : piece) b.push_back(static_cast<int>(c));
+  return b;
+}
+
+json ChatTokenProb(const engine::TokenProb& t) {
+  return json{{"token", Str(t.piece)}, {"logprob", Logprob(t.logprob)}, {"bytes", Bytes(t.piece)}};
+}
+
+// {"content":[{"token","logprob","bytes","top_logprobs":[...]}],"refusal":null}
+json ChatLogprobs(const engine::Choice& c) {
+  json content = json::array();
+  for (const engine::TokenLogprob& t : c.logprobs) {
+    json item = ChatTokenProb(t);
+    json top = json::array();
+    for (const engine::TokenProb& alt : t.top) top.push_back(ChatTokenProb(alt));
+    item["top_logprobs"] = std::move(top);
+    content.push_back(std::move(item));
+  }
+  return json{{"content", std::move(content)}, {"refusal", nullptr}};
+}
+
+// {"tokens","token_logprobs","top_logprobs":[{token: logprob}],"text_offset"}
+// (text_offset: byte offsets of each token in the generated text).
+json CompletionLogprobs(const engine::Choice& c) {
+  json tokens = json::array(), token_logprobs = json::array(), top = json::array(), offsets = json::array();
+  size_t offset = 0;
+  for (const engine::TokenLogprob& t : c.logprobs) {
+    tokens.push_back(Str(t.piece));
+    token_logprobs.push_back(Logprob(t.logprob));
+    json alts = json::object();
+    for (const engine::TokenProb& alt : t.top) alts.emplace(ToValidUtf8(alt.piece), Logprob(alt.logprob));
+    top.push_back(std::move(alts));
+    offsets.push_back(offset);
+    offset += t.piece.size();
+  }
+  return json{{"tokens", std::move(tokens)},
+              {"token_logprobs", std::move(token_logprobs)},
+              {"top_logprobs", std::move(top)},
+              {"text_offset", std::move(offsets)}};
 }
 
 }  // namespace
 
 json ChatCompletionBody(const engine::Result& r, std::string_view model, int64_t created, std::string_view id,
                         std::string_view system_fingerprint) {
-  json message = {{"role", "assistant"}, {"content", Str(r.text)}, {"refusal", nullptr}};
-  json choice = {{"index", 0},
-                 {"message", std::move(message)},
-                 {"logprobs", nullptr},
-                 {"finish_reason", engine::FinishReasonName(r.finish)}};
-  return CompletionObject("chat.completion", std::move(choice), r, model, created, id, system_fingerprint);
+  json choices = json::array();
+  const std::vector<engine::Choice> all = Choices(r);
+  for (size_t i = 0; i < all.size(); ++i) {
+    const engine::Choice& c = all[i];
+    json message = {{"role", "assistant"}, {"content", Str(c.text)}, {"refusal", nullptr}};
+    choices.push_back(json{{"index", i},
+                           {"message", std::move(message)},
+                           {"logprobs", r.logprobs ? ChatLogprobs(c) : json(nullptr)},
+                           {"finish_reason", engine::FinishReasonName(c.finish)}});
+  }
+  return CompletionObject("chat.completion", std::move(choices), r, model, created, id, system_fingerprint);
 }
 
 json TextCompletionBody(const engine::Result& r, std::string_view model, int64_t created, std::string_view id,
                         std::string_view system_fingerprint) {
-  json choice = {{"text", Str(r.text)},
-                 {"index", 0},
-                 {"logprobs", nullptr},
-                 {"finish_reason", engine::FinishReasonName(r.finish)}};
-  return CompletionObject("text_completion", std::move(choice), r, model, created, id, system_fingerprint);
+  json choices = json::array();
+  const std::vector<engine::Choice> all = Choices(r);
+  for (size_t i = 0; i < all.size(); ++i) {
+    const engine::Choice& c = all[i];
+    choices.push_back(json{{"text", Str(c.text)},
+                           {"index", i},
+                           {"logprobs", r.logprobs ? CompletionLogprobs(c) : json(nullptr)},
+                           {"finish_reason", engine::FinishReasonName(c.finish)}});
+  }
+  return CompletionObject("text_completion", std::move(choices), r, model, created, id, system_fingerprint);
 }
 
 json ErrorBody(std::string_view message, std::string_view type, std::string_view param, std::string_view code) {

@@ -17,6 +17,10 @@ namespace kvb::batch {
 // {"id","object":"chat.completion","created","model","choices":[{"index":0,
 //  "message":{"role":"assistant","content":r.text,"refusal":null},"logprobs":null,
 //  "finish_reason":"stop"|"length"}],"usage":{...},"system_fingerprint"}.
+// One choice per r.choices (by index; r.text/r.finish when it is empty).
+// With r.logprobs: "logprobs":{"content":[{"token","logprob","bytes":[ints],
+// "top_logprobs":[{"token","logprob","bytes"}]}],"refusal":null}; a logprob
+// of -inf is written -9999.0, as OpenAI does.
 // usage = {"prompt_tokens","completion_tokens","total_tokens",
 //          "prompt_tokens_details":{"cached_tokens"},"completion_tokens_details":{"reasoning_tokens":0}}.
 // An empty system_fingerprint is written as null (as vLLM does).
@@ -25,6 +29,8 @@ nlohmann::json ChatCompletionBody(const engine::Result& r, std::string_view mode
 
 // {"id","object":"text_completion","created","model","choices":[{"text","index":0,
 //  "logprobs":null,"finish_reason"}],"usage":{... as above},"system_fingerprint"}.
+// With r.logprobs: "logprobs":{"tokens":[...],"token_logprobs":[...],
+// "top_logprobs":[{token: logprob}, ...],"text_offset":[byte offsets]}.
 nlohmann::json TextCompletionBody(const engine::Result& r, std::string_view model, int64_t created, std::string_view id,
                                   std::string_view system_fingerprint = {});
 

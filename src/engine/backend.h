@@ -18,11 +18,16 @@ struct BatchToken {
   bool logits;  // this token's next-token logits are needed
 };
 
-// A request's sampler: owns its RNG and penalty history.
+// Sample() when a grammar allows no token at all (the answer cannot be
+// completed; the scheduler reports it as cut, finish_reason "length").
+inline constexpr Token kNoToken = -1;
+
+// A request's sampler: owns its RNG, penalty history and grammar state.
 class Sampler {
  public:
   virtual ~Sampler() = default;
-  // Picks the next token from the logits (not modified by the caller later).
+  // Picks the next token from the logits (read-only; not modified by the
+  // caller later) and advances the sampler's state with it; or kNoToken.
   virtual Token Sample(const float* logits) = 0;
 };
 
@@ -45,6 +50,8 @@ class Backend {
   // Logits of the i-th token of the last Decode (which must have asked for them).
   virtual const float* Logits(int32_t batch_index) = 0;
 
+  // Null when params.grammar does not parse (callers validate grammars
+  // first, see engine::CheckGrammar; the request then fails, never aborts).
   virtual std::unique_ptr<Sampler> NewSampler(const SamplingParams& params) = 0;
   virtual bool IsEndOfGeneration(Token t) const = 0;
   virtual std::string Piece(Token t) const = 0;

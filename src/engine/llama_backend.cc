@@ -1,5 +1,8 @@
 #include "engine/llama_backend.h"
 
+#include "engine/llama_sampler.h"
+#include "engine/vocab_trie.h"
+
 #include <algorithm>
 #include <cmath>
 #include <fstream>
@@ -36,75 +39,6 @@ ggml_backend_dev_t FirstGpu() {
   }
   return nullptr;
 }
-
-// Greedy with optional logit bias: the argmax, without building a
-// candidate array (the common scoring case: temperature 0).
-class GreedySampler : public Sampler {
- public:
-  GreedySampler(int32_t n_vocab, std::vector<std::pair<Token, float>> bias) : n_vocab_(n_vocab), bias_(std::move(bias)) {}
-  Token Sample(const float* logits) override {
-    Token best = 0;
-    float best_v = -std::numeric_limits<float>::infinity();
-    if (bias_.empty()) {
-      for (int32_t i = 0; i < n_vocab_; ++i)
-        if (logits[i] > best_v) best_v = logits[i], best = i;
-      return best;
-    }
-    std::vector<float> l(logits, logits + n_vocab_);
-    for (auto [t, b] : bias_)
-      if (t >= 0 && t < n_vocab_) l[t] += b;
-    for (int32_t i = 0; i < n_vocab_; ++i)
-      if (l[i] > best_v) best_v = l[i], best = i;
-    return best;
-  }
-
- private:
-  int32_t n_vocab_;
-  std::vector<std::pair<Token, float>> bias_;
-};
-
-// llama.cpp's sampler chain: logit bias, penalties, top-k, top-p, min-p,
-// temperature, then a draw from the request's own RNG.
-class ChainSampler : public Sampler {
- public:
-  ChainSampler(int32_t n_vocab, const SamplingParams& p) : n_vocab_(n_vocab), cur_(n_vocab) {
-    chain_ = llama_sampler_chain_init(llama_sampler_chain_default_params());
-    if (!p.logit_bias.empty()) {
-      std::vector<llama_logit_bias> bias;
-      for (auto [t, b] : p.logit_bias) bias.push_back({t, b});
-      llama_sampler_chain_add(chain_, llama_sampler_init_logit_bias(n_vocab, static_cast<int32_t>(bias.size()), bias.data()));
-    }
-    if (p.presence_penalty != 0.0f || p.frequency_penalty != 0.0f) {
-      const int32_t last_n = p.max_tokens > 0 ? p.max_tokens : 4096;
-      llama_sampler_chain_add(chain_, llama_sampler_init_penalties(n_vocab, last_n, 1.0f, p.frequency_penalty, p.presence_penalty));
-    }
-    if (p.temperature <= 0.0f) {
-      llama_sampler_chain_add(chain_, llama_sampler_init_greedy());
-      return;
-    }
-    if (p.top_k > 0) llama_sampler_chain_add(chain_, llama_sampler_init_top_k(p.top_k));
-    if (p.top_p < 1.0f) llama_sampler_chain_add(chain_, llama_sampler_init_top_p(p.top_p, 1));
-    if (p.min_p > 0.0f) llama_sampler_chain_add(chain_, llama_sampler_init_min_p(p.min_p, 1));
-    llama_sampler_chain_add(chain_, llama_sampler_init_temp(p.temperature));
-    const uint32_t seed = static_cast<uint32_t>(p.seed ^ (p.seed >> 32));
-    llama_sampler_chain_add(chain_, llama_sampler_init_dist(seed));
-  }
-  ~ChainSampler() override { llama_sampler_free(chain_); }
-
-  Token Sample(const float* logits) override {
-    for (int32_t i = 0; i < n_vocab_; ++i) cur_[i] = llama_token_data{i, logits[i], 0.0f};
-    llama_token_data_array arr{cur_.data(), cur_.size(), -1, false};
-    llama_sampler_apply(chain_, &arr);
-    const Token t = arr.data[arr.selected].id;
-    llama_sampler_accept(chain_, t);
-    return t;
-  }
-
- private:
-  int32_t n_vocab_;
-  std::vector<llama_token_data> cur_;
-  llama_sampler* chain_ = nullptr;
-};
 
 }  // namespace
 
@@ -169,6 +103,7 @@ StatusOr<std::unique_ptr<LlamaBackend>> LlamaBackend::Create(const Model* model,
 }
 
 LlamaBackend::~LlamaBackend() {
+  ClearGrammars();
   batch_.reset();
   if (ctx_) llama_free(ctx_);
 }
@@ -198,9 +133,24 @@ Status LlamaBackend::Decode(const std::vector<BatchToken>& tokens) {
 const float* LlamaBackend::Logits(int32_t batch_index) { return llama_get_logits_ith(ctx_, batch_index); }
 
 std::unique_ptr<Sampler> LlamaBackend::NewSampler(const SamplingParams& p) {
-  const bool penalties = p.presence_penalty != 0.0f || p.frequency_penalty != 0.0f;
-  if ((p.temperature <= 0.0f || p.top_k == 1) && !penalties) return std::make_unique<GreedySampler>(n_vocab_, p.logit_bias);
-  return std::make_unique<ChainSampler>(n_vocab_, p);
+  if (p.grammar.empty()) return NewLlamaSampler(n_vocab_, p, nullptr);
+  if (!trie_) trie_ = VocabTrie::Build(model_->vocab());
+  // A job usually has one schema for thousands of requests: parse each
+  // distinct grammar once and clone it per request.
+  auto it = grammars_.find(p.grammar);
+  if (it == grammars_.end()) {
+    if (grammars_.size() >= kMaxCachedGrammars) ClearGrammars();
+    llama_sampler* g = llama_sampler_init_grammar(model_->vocab(), p.grammar.c_str(), "root");
+    it = grammars_.emplace(p.grammar, g).first;
+  }
+  if (it->second == nullptr) return nullptr;
+  return NewLlamaSampler(n_vocab_, p, it->second, trie_.get());
+}
+
+void LlamaBackend::ClearGrammars() {
+  for (auto& [_, g] : grammars_)
+    if (g) llama_sampler_free(g);
+  grammars_.clear();
 }
 
 bool LlamaBackend::IsEndOfGeneration(Token t) const { return llama_vocab_is_eog(model_->vocab(), t); }

@@ -4,13 +4,17 @@
 
 #include <memory>
 #include <string>
+#include <unordered_map>
 
 #include "engine/backend.h"
 #include "engine/model.h"
 
 struct llama_context;
+struct llama_sampler;
 
 namespace kvb::engine {
+
+class VocabTrie;
 
 struct ContextOptions {
   int32_t kv_cells = 0;   // 0: sized from free memory
@@ -36,7 +40,7 @@ struct ContextInfo {
 class LlamaBackend : public Backend {
  public:
   static StatusOr<std::unique_ptr<LlamaBackend>> Create(const Model* model, const ContextOptions& options);
-  ~LlamaBackend() override;
+  ~LlamaBackend() override;  // defined where VocabTrie is complete
 
   int32_t n_seq_max() const override { return info_.n_seq_max; }
   int32_t n_cells() const override { return info_.kv_cells; }
@@ -58,7 +62,13 @@ class LlamaBackend : public Backend {
 
  private:
   LlamaBackend() = default;
+  void ClearGrammars();
+  static constexpr size_t kMaxCachedGrammars = 64;
+
   const Model* model_ = nullptr;
+  // Parsed grammars by GBNF text (null: does not parse), cloned per request.
+  std::unordered_map<std::string, llama_sampler*> grammars_;
+  std::unique_ptr<VocabTrie> trie_;  // built on the first grammar request
   llama_context* ctx_ = nullptr;
   int32_t n_vocab_ = 0;
   ContextInfo info_;

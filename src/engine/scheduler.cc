@@ -4,39 +4,9 @@
 #include <cassert>
 #include <numeric>
 
+#include "engine/scheduler_seq.h"
+
 namespace kvb::engine {
-
-struct Scheduler::Seq {
-  Request req;
-  int32_t id = -1;
-  int64_t order = 0;      // admission order: the newest is requeued first
-  int32_t n_past = 0;     // positions resident in this sequence
-  int32_t cached = 0;     // prompt tokens credited as served from a shared prefix
-  int32_t forked = 0;     // positions shared with the anchor (cells it does not own)
-  int32_t anchor = -1;    // the anchor this sequence was forked from (holds a ref)
-  int32_t reserved = 0;   // worst-case cells this sequence may add
-  int32_t max_new = 0;
-  int32_t batch_index = -1;
-  int32_t chunk = 0;      // prompt tokens in the current batch
-  std::unique_ptr<Sampler> sampler;
-  std::vector<Token> out;
-  std::string text;
-  size_t streamed = 0;  // bytes of text already sent to on_delta
-  FinishReason finish = FinishReason::kStop;
-  std::vector<std::pair<Token, float>> top_logits;
-
-  bool prefilling() const { return n_past < static_cast<int32_t>(req.prompt.size()); }
-};
-
-struct Scheduler::Anchor {
-  int32_t id = -1;
-  std::vector<Token> tokens;
-  int32_t n_past = 0;
-  int32_t parent = -1;   // anchor it was forked from (holds a ref)
-  int32_t reserved = 0;  // cells it owns: tokens beyond the fork
-  int32_t chunk = 0;
-  bool ready = false;
-};
 
 namespace {
 
@@ -106,6 +76,17 @@ std::optional<int32_t> Scheduler::FreeSlot(bool anchor) const {
   return std::nullopt;
 }
 
+// n free sequence ids for a request's choices, or fewer when they are not there.
+std::vector<int32_t> Scheduler::FreeSlots(int32_t n) const {
+  int32_t running = 0;
+  for (const auto& s : seqs_) running += s != nullptr;
+  std::vector<int32_t> out;
+  if (running + n > max_running_) return out;
+  for (size_t i = 0; i < seqs_.size() && static_cast<int32_t>(out.size()) < n; ++i)
+    if (!seqs_[i] && !anchors_[i]) out.push_back(static_cast<int32_t>(i));
+  return out;
+}
+
 // Drops an anchor nobody is forked from: ready ones leave the prefix cache,
 // unfinished ones were never in it.
 void Scheduler::EvictAnchor(int32_t seq) {
@@ -158,6 +139,13 @@ bool Scheduler::TryAdmit(Request& r) {
     Fail(r, Status::InvalidArgument("the prompt is empty"));
     return true;
   }
+  const int32_t n_choices = std::max(1, r.n);
+  if (n_choices > max_running_) {
+    Fail(r, Status::InvalidArgument("n = " + std::to_string(n_choices) + " choices need as many parallel sequences; " +
+                                    "this engine runs at most " + std::to_string(max_running_) +
+                                    " (raise --max-seqs)"));
+    return true;
+  }
   if (n >= backend_->n_ctx_seq()) {
     Fail(r, Status::ResourceExhausted("the prompt has " + std::to_string(n) +
                                       " tokens; this model's context holds at most " +
@@ -208,34 +196,62 @@ bool Scheduler::TryAdmit(Request& r) {
     }
   }
 
-  auto slot = FreeSlot(/*anchor=*/false);
-  if (!slot) return false;
+  const std::vector<int32_t> slots = FreeSlots(n_choices);
+  if (static_cast<int32_t>(slots.size()) < n_choices) return false;
   const int32_t max_new = MaxNew(r);
-  const int32_t need = n - m.length + max_new;
+  // The prompt's own cells once (choices share them), generated ones per choice.
+  const int32_t need = n - m.length + n_choices * max_new;
   if (!MakeRoom(need, m.seq)) return false;
 
-  auto s = std::make_unique<Seq>();
-  s->id = *slot;
-  s->order = admit_order_++;
-  s->n_past = m.length;
-  s->forked = m.length;
-  s->reserved = need;
-  s->max_new = max_new;
-  if (m.length > 0) {
-    backend_->CopySeq(m.seq, s->id, m.length);
-    cache_.Acquire(m.seq);
-    s->anchor = m.seq;
+  std::vector<std::unique_ptr<Sampler>> samplers;
+  for (int32_t i = 0; i < n_choices; ++i) {
+    SamplingParams params = r.sampling;
+    params.seed = SamplerSeed(r.sampling.seed, r.prompt, i);
+    samplers.push_back(backend_->NewSampler(params));
+    if (!samplers.back()) {
+      Fail(r, Status::InvalidArgument("the request's grammar does not parse"));
+      return true;
+    }
   }
+  auto g = std::make_shared<Group>();
   auto c = credit_.find(r.id);
-  s->cached = c != credit_.end() ? std::min(c->second, m.length) : m.length;
+  g->cached = c != credit_.end() ? std::min(c->second, m.length) : m.length;
   if (c != credit_.end()) credit_.erase(c);
+  std::vector<size_t> streamed(n_choices, 0);
   if (auto st = streamed_.find(r.id); st != streamed_.end()) {
-    s->streamed = st->second;
+    streamed = st->second;
+    streamed.resize(n_choices, 0);
     streamed_.erase(st);
   }
-  s->sampler = backend_->NewSampler(r.sampling);
-  s->req = std::move(r);
-  seqs_[s->id] = std::move(s);
+  g->req = std::move(r);
+  g->seqs = slots;
+  g->choices.resize(n_choices);
+  g->live = n_choices;
+  const int64_t order = admit_order_++;
+  for (int32_t i = 0; i < n_choices; ++i) {
+    auto s = std::make_unique<Seq>();
+    s->group = g;
+    s->choice = i;
+    s->id = slots[i];
+    s->order = order;
+    s->max_new = max_new;
+    s->sampler = std::move(samplers[i]);
+    s->streamed = streamed[i];
+    if (i == 0) {
+      s->n_past = m.length;
+      s->forked = m.length;
+      s->reserved = n - m.length + max_new;
+      if (m.length > 0) {
+        backend_->CopySeq(m.seq, s->id, m.length);
+        cache_.Acquire(m.seq);
+        s->anchor = m.seq;
+      }
+    } else {
+      s->awaiting_fork = true;
+      s->reserved = max_new;
+    }
+    seqs_[s->id] = std::move(s);
+  }
   return true;
 }
 
@@ -252,34 +268,30 @@ void Scheduler::Release(Seq& s) {
   seqs_[s.id].reset();  // destroys s
 }
 
-void Scheduler::Finish(Seq& s) {
-  Stream(s, true);
-  Result res;
-  res.id = s.req.id;
-  res.text = std::move(s.text);
-  res.tokens = std::move(s.out);
-  res.finish = s.finish;
-  res.prompt_tokens = static_cast<int32_t>(s.req.prompt.size());
-  res.cached_tokens = s.cached;
-  res.completion_tokens = static_cast<int32_t>(res.tokens.size());
-  res.top_logits = std::move(s.top_logits);
-  ++stats_.requests_done;
-  stats_.prompt_tokens += res.prompt_tokens;
-  stats_.cached_tokens += res.cached_tokens;
-  stats_.completion_tokens += res.completion_tokens;
-  Release(s);
-  on_result_(std::move(res));
+// Releases every sequence of a group; returns its request. The caller
+// holds a shared_ptr to the group (its sequences' references go away here).
+Request Scheduler::ReleaseGroup(Group& g) {
+  Request r = std::move(g.req);
+  for (int32_t id : g.seqs)
+    if (seqs_[id] && seqs_[id]->group.get() == &g) Release(*seqs_[id]);
+  return r;
 }
 
-// Pushes a running sequence back to the front of the queue; it restarts
-// from scratch, with the same seed, so its result does not change.
+// Pushes a running request (all its choices) back to the front of the
+// queue; it restarts from scratch, with the same seeds, so its result does
+// not change.
 void Scheduler::Requeue(Seq& s) {
   ++stats_.requeued;
-  credit_[s.req.id] = s.cached;
-  if (s.streamed > 0) streamed_[s.req.id] = s.streamed;
-  Request r = std::move(s.req);
-  Release(s);
-  waiting_.push_front(std::move(r));
+  std::shared_ptr<Group> g = s.group;
+  credit_[g->req.id] = g->cached;
+  std::vector<size_t> streamed(g->seqs.size(), 0);
+  bool any = false;
+  for (size_t i = 0; i < g->seqs.size(); ++i) {
+    const auto& q = seqs_[g->seqs[i]];
+    if (q && q->group == g) streamed[i] = q->streamed, any = any || q->streamed > 0;
+  }
+  if (any) streamed_[g->req.id] = std::move(streamed);
+  waiting_.push_front(ReleaseGroup(*g));
 }
 
 void Scheduler::Cancel(uint64_t id) {
@@ -293,61 +305,12 @@ void Scheduler::Cancel(uint64_t id) {
     return;
   }
   for (auto& slot : seqs_) {
-    if (!slot || slot->req.id != id) continue;
-    Request r = std::move(slot->req);
-    Release(*slot);
+    if (!slot || slot->req().id != id) continue;
+    std::shared_ptr<Group> g = slot->group;
+    Request r = ReleaseGroup(*g);
     Fail(r, Status::Cancelled("the request was cancelled"));
     return;
   }
-}
-
-// Sends the part of a streaming request's text that can no longer change.
-void Scheduler::Stream(Seq& s, bool final) {
-  if (!s.req.stream || !on_delta_) return;
-  size_t end = s.text.size();
-  if (!final) {
-    size_t hold = 0;  // a stop string may still complete over the next tokens
-    for (const std::string& stop : s.req.sampling.stop) hold = std::max(hold, stop.empty() ? 0 : stop.size() - 1);
-    end = end > hold ? end - hold : 0;
-    // Never split a UTF-8 character: back up to the start of the last one
-    // and keep it unless all its bytes are there.
-    size_t start = end;
-    while (start > 0 && (static_cast<unsigned char>(s.text[start - 1]) & 0xC0) == 0x80 && end - start < 3) --start;
-    if (start > 0) {
-      const auto lead = static_cast<unsigned char>(s.text[start - 1]);
-      const size_t need = lead >= 0xF0 ? 4 : lead >= 0xE0 ? 3 : lead >= 0xC0 ? 2 : 1;
-      if (need > 1 && end - (start - 1) < need) end = start - 1;
-    }
-  }
-  if (end <= s.streamed) return;
-  on_delta_(s.req.id, std::string_view(s.text).substr(s.streamed, end - s.streamed));
-  s.streamed = end;
-}
-
-// Appends a sampled token; returns true when the sequence is finished.
-bool Scheduler::Accept(Seq& s, Token t) {
-  if (backend_->IsEndOfGeneration(t)) {
-    s.finish = FinishReason::kStop;
-    return true;
-  }
-  s.out.push_back(t);
-  const size_t before = s.text.size();
-  s.text += backend_->Piece(t);
-  for (const std::string& stop : s.req.sampling.stop) {
-    if (stop.empty()) continue;
-    size_t from = before >= stop.size() ? before - stop.size() + 1 : 0;
-    size_t pos = s.text.find(stop, from);
-    if (pos != std::string::npos) {
-      s.text.resize(pos);
-      s.finish = FinishReason::kStop;
-      return true;
-    }
-  }
-  if (static_cast<int32_t>(s.out.size()) >= s.max_new) {
-    s.finish = FinishReason::kLength;
-    return true;
-  }
-  return false;
 }
 
 bool Scheduler::Step() {
@@ -361,7 +324,7 @@ bool Scheduler::Step() {
     if (!s) continue;
     s->batch_index = -1;
     s->chunk = 0;
-    if (s->prefilling()) continue;
+    if (!s->decoding()) continue;
     s->batch_index = static_cast<int32_t>(batch.size());
     batch.push_back({s->out.back(), s->n_past, s->id, true});
   }
@@ -380,13 +343,14 @@ bool Scheduler::Step() {
     if (s && s->prefilling()) prefill.push_back(s.get());
   std::sort(prefill.begin(), prefill.end(), [](Seq* a, Seq* b) { return a->order < b->order; });
   for (Seq* s : prefill) {
-    const int32_t n = static_cast<int32_t>(s->req.prompt.size());
+    const std::vector<Token>& prompt = s->req().prompt;
+    const int32_t n = static_cast<int32_t>(prompt.size());
     s->chunk = std::min(budget, n - s->n_past);
     for (int32_t i = 0; i < s->chunk; ++i) {
       const int32_t pos = s->n_past + i;
       const bool last = pos == n - 1;
       if (last) s->batch_index = static_cast<int32_t>(batch.size());
-      batch.push_back({s->req.prompt[pos], pos, s->id, last});
+      batch.push_back({prompt[pos], pos, s->id, last});
     }
     budget -= s->chunk;
   }
@@ -420,12 +384,10 @@ bool Scheduler::Step() {
     // Anything else (or a full cache with only anchors prefilling): fail
     // the running requests and drop the unfinished anchors, so the step
     // cannot repeat forever; waiting requests are admitted without them.
-    std::vector<Seq*> all;
-    for (auto& s : seqs_)
-      if (s) all.push_back(s.get());
-    for (Seq* s : all) {
-      Request r = std::move(s->req);
-      Release(*s);
+    for (auto& s : seqs_) {
+      if (!s) continue;
+      std::shared_ptr<Group> g = s->group;
+      Request r = ReleaseGroup(*g);
       Fail(r, st);
     }
     for (auto& a : anchors_)
@@ -454,20 +416,19 @@ bool Scheduler::Step() {
     }
     if (s.batch_index < 0) continue;
     const float* logits = backend_->Logits(s.batch_index);
-    if (s.out.empty() && s.req.capture_top_logits > 0) {
+    const bool first = s.out.empty() && s.chunk > 0;  // logits after the prompt
+    if (first && s.req().capture_top_logits > 0) {
       std::vector<int32_t> idx(n_vocab);
       std::iota(idx.begin(), idx.end(), 0);
-      const int32_t k = std::min(s.req.capture_top_logits, n_vocab);
+      const int32_t k = std::min(s.req().capture_top_logits, n_vocab);
       std::partial_sort(idx.begin(), idx.begin() + k, idx.end(),
                         [logits](int32_t a, int32_t b) { return logits[a] > logits[b]; });
-      for (int32_t i = 0; i < k; ++i) s.top_logits.emplace_back(idx[i], logits[idx[i]]);
+      for (int32_t i = 0; i < k; ++i) s.group->top_logits.emplace_back(idx[i], logits[idx[i]]);
     }
-    const Token t = s.sampler->Sample(logits);
-    if (s.max_new == 0 || Accept(s, t)) {
-      Finish(s);
-    } else {
-      Stream(s, false);
-    }
+    // Siblings first: the leader may finish (and with the last choice,
+    // release the group) on its own first token.
+    if (first && s.group->seqs.size() > 1) Fork(s, logits);
+    if (seqs_[s.id].get() == &s && !s.done) Sample(s, logits);
   }
 
   stats_.waiting = static_cast<int32_t>(waiting_.size());

@@ -48,11 +48,12 @@ struct EngineStats {
 class Scheduler {
  public:
   using ResultFn = std::function<void(Result&&)>;
-  // Text of a streaming request (Request::stream) as it becomes final: held
-  // back while it could still be the start of a stop string or is an
-  // incomplete UTF-8 character. The deltas of a request concatenate to its
-  // Result::text; the last one comes right before its Result.
-  using DeltaFn = std::function<void(uint64_t id, std::string_view text)>;
+  // Text of a streaming request (Request::stream) as it becomes final, per
+  // choice (0..n-1): held back while it could still be the start of a stop
+  // string or is an incomplete UTF-8 character. The deltas of a choice
+  // concatenate to its Choice::text; a choice's last delta comes when it
+  // finishes, all of them before the request's Result.
+  using DeltaFn = std::function<void(uint64_t id, int32_t choice, std::string_view text)>;
 
   Scheduler(Backend* backend, SchedulerOptions options, ResultFn on_result, DeltaFn on_delta = nullptr);
   ~Scheduler();
@@ -61,6 +62,9 @@ class Scheduler {
   // each other: anchors are made from prefixes shared within the lookahead.
   // `urgent` requests go to the front of the queue (interactive traffic).
   void Submit(Request request, bool urgent = false);
+  // Requests with n > 1 are admitted when n sequence ids and the worst case
+  // of all choices (unique prompt + n x max new tokens) are free; n above
+  // max_running() fails the request (InvalidArgument).
   // Drops a waiting or running request; its Result has status Cancelled.
   // Unknown (e.g. already finished) ids are ignored.
   void Cancel(uint64_t id);
@@ -76,20 +80,25 @@ class Scheduler {
 
  private:
   struct Seq;
+  struct Group;
   struct Anchor;
 
   void Admit();
   bool TryAdmit(Request& r);
   int32_t SharedWithWaiting(const Request& r, size_t max_len, size_t floor) const;
   std::optional<int32_t> FreeSlot(bool anchor) const;
+  std::vector<int32_t> FreeSlots(int32_t n) const;
   bool MakeRoom(int32_t cells, int32_t keep_anchor);
   void EvictAnchor(int32_t seq);
   int32_t FreeCells() const;
   int32_t MaxNew(const Request& r) const;
   void Fail(Request& r, Status status);
-  void Finish(Seq& s);
+  void Sample(Seq& s, const float* logits);
+  void Fork(Seq& leader, const float* logits);
+  void FinishChoice(Seq& s);
   void Requeue(Seq& s);
   void Release(Seq& s);
+  Request ReleaseGroup(Group& g);
   bool Accept(Seq& s, Token t);
   void Stream(Seq& s, bool final);
 
@@ -106,9 +115,9 @@ class Scheduler {
   // Requests that had an anchor made for them: prompt tokens creditable as
   // cached (what was resident before the anchor), by request id.
   std::unordered_map<uint64_t, int32_t> credit_;
-  // Requeued streaming requests: bytes of text already streamed, by request id
-  // (the rerun regenerates the same text; only what is new is sent).
-  std::unordered_map<uint64_t, size_t> streamed_;
+  // Requeued streaming requests: bytes of text already streamed per choice,
+  // by request id (the rerun regenerates the same text; only what is new is sent).
+  std::unordered_map<uint64_t, std::vector<size_t>> streamed_;
   int64_t admit_order_ = 0;
   EngineStats stats_;
 };

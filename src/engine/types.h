@@ -29,7 +29,33 @@ struct SamplingParams {
   std::vector<std::string> stop;  // stop strings; the text is cut before them
   int32_t max_tokens = -1;        // -1: until the sequence's context is full
   uint64_t seed = 0;              // the request's own RNG seed (from `seed` or its custom_id)
+  // GBNF grammar (root rule "root") the output must follow; empty = none.
+  // See engine/grammar.h for JSON schemas.
+  std::string grammar;
 };
+
+// The seed of choice `index` of a request seeded with `seed`: choice 0 uses
+// the seed itself (so it equals the n = 1 answer), the others a SplitMix64
+// mix of seed and index (independent streams, not seed + i, which would
+// equal choice 0 of the request seeded seed + i).
+inline uint64_t ChoiceSeed(uint64_t seed, int32_t index) {
+  if (index == 0) return seed;
+  uint64_t z = seed + 0x9e3779b97f4a7c15ull * static_cast<uint64_t>(index);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+// The sampler seed of a choice: ChoiceSeed mixed with a hash of the prompt
+// tokens. The same request (prompt, seed) always draws the same random
+// numbers; requests with different prompts that share a seed (a batch
+// file with "seed": 42 on every line) draw independent ones.
+inline uint64_t SamplerSeed(uint64_t seed, const std::vector<Token>& prompt, int32_t choice) {
+  uint64_t h = 0xcbf29ce484222325ull;  // FNV-1a over the tokens' bytes
+  for (Token t : prompt)
+    for (int b = 0; b < 4; ++b) h = (h ^ ((static_cast<uint32_t>(t) >> (8 * b)) & 0xff)) * 0x100000001b3ull;
+  return ChoiceSeed(seed ^ h, choice);
+}
 
 enum class FinishReason { kStop, kLength };
 
@@ -41,17 +67,47 @@ struct Request {
   SamplingParams sampling;
   int32_t capture_top_logits = 0;  // >0: report the top-k next-token logits after the prompt
   bool stream = false;             // report text as it is generated (Scheduler::DeltaFn)
+  // Choices: n independent answers to one prompt. The prompt is decoded
+  // once; choices 1..n-1 fork its cells (no copy) and sample with their own
+  // RNG (ChoiceSeed). All n run at once: n <= the engine's parallel sequences.
+  int32_t n = 1;
+  // Per generated token: its log-probability and the top_logprobs most
+  // likely alternatives (log-softmax of the raw logits, before temperature,
+  // penalties, bias or grammar, as OpenAI reports them). Costs nothing when off.
+  bool logprobs = false;
+  int32_t top_logprobs = 0;
+};
+
+struct TokenProb {
+  Token token = 0;
+  std::string piece;  // the token's bytes (may be part of a UTF-8 character)
+  float logprob = 0.0f;
+};
+
+struct TokenLogprob : TokenProb {
+  std::vector<TokenProb> top;  // the top_logprobs most likely tokens, best first
+};
+
+// One generated answer.
+struct Choice {
+  std::string text;
+  std::vector<Token> tokens;
+  FinishReason finish = FinishReason::kStop;
+  std::vector<TokenLogprob> logprobs;  // one per token of `tokens`, when requested
 };
 
 struct Result {
   uint64_t id = 0;
   Status status;  // non-OK: the request could not run (e.g. prompt longer than the context)
+  // Choice 0 (the only one when n = 1); copies of choices[0]'s fields.
   std::string text;
   std::vector<Token> tokens;
   FinishReason finish = FinishReason::kStop;
+  std::vector<Choice> choices;  // every choice, by index (n of them); empty only in hand-made Results
+  bool logprobs = false;        // the request asked for logprobs (Choice::logprobs are filled)
   int32_t prompt_tokens = 0;
   int32_t cached_tokens = 0;  // prompt tokens served from a shared prefix
-  int32_t completion_tokens = 0;
+  int32_t completion_tokens = 0;  // over all choices
   std::vector<std::pair<Token, float>> top_logits;  // when capture_top_logits > 0, best first
 };
 

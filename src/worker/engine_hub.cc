@@ -8,7 +8,7 @@ StatusOr<std::unique_ptr<EngineHub>> EngineHub::Start(const engine::Model* model
   EngineHub* h = hub.get();
   auto engine = engine::Engine::Start(
       model, options, [h](engine::Result&& r) { h->OnResult(std::move(r)); },
-      [h](uint64_t id, std::string_view text) { h->OnDelta(id, text); });
+      [h](uint64_t id, int32_t choice, std::string_view text) { h->OnDelta(id, choice, text); });
   if (!engine.ok()) return engine.status();
   hub->engine_ = std::move(engine).value();
   return hub;
@@ -37,15 +37,15 @@ void EngineHub::SubmitAll(std::vector<std::pair<engine::Request, RequestCallback
   engine_->SubmitAll(std::move(batch));
 }
 
-void EngineHub::OnDelta(uint64_t id, std::string_view text) {
-  std::function<void(std::string_view)> fn;
+void EngineHub::OnDelta(uint64_t id, int32_t choice, std::string_view text) {
+  std::function<void(int32_t, std::string_view)> fn;
   {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = pending_.find(id);
     if (it == pending_.end()) return;
     fn = it->second.on_delta;
   }
-  if (fn) fn(text);
+  if (fn) fn(choice, text);
 }
 
 void EngineHub::OnResult(engine::Result&& r) {

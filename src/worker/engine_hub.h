@@ -19,7 +19,7 @@ namespace kvb::worker {
 
 struct RequestCallbacks {
   // Both run on the engine thread: keep them short (hand off to a queue).
-  std::function<void(std::string_view text)> on_delta;  // streaming requests only
+  std::function<void(int32_t choice, std::string_view text)> on_delta;  // streaming requests only
   std::function<void(engine::Result&&)> on_result;      // exactly once per request
 };
 
@@ -43,7 +43,7 @@ class EngineHub {
 
  private:
   EngineHub() = default;
-  void OnDelta(uint64_t id, std::string_view text);
+  void OnDelta(uint64_t id, int32_t choice, std::string_view text);
   void OnResult(engine::Result&& r);
 
   std::atomic<uint64_t> next_id_{1};

@@ -242,7 +242,7 @@ test('chat/completions with invalid parameters: 400 naming the parameter', async
   const cases = [
     [{ messages: msgs, temperature: 5 }, 'temperature'],
     [{ messages: msgs, n: 0 }, 'n'],
-    [{ messages: msgs, n: 2 }, 'n'],
+    [{ messages: msgs, n: 129 }, 'n'],
     [{ messages: msgs, top_p: 0 }, 'top_p'],
     [{ messages: msgs, max_tokens: 0 }, 'max_tokens'],
     [{ messages: msgs, presence_penalty: 3 }, 'presence_penalty'],

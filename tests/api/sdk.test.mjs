@@ -287,6 +287,50 @@ test('chat.completions.create: plain, deterministic with a seed', async () => {
   state.chatContent = r.choices[0].message.content;
 });
 
+test('chat.completions.create online: json_schema, logprobs and n choices', async () => {
+  const schema = {
+    type: 'object',
+    properties: {
+      score: { type: 'integer', minimum: 0, maximum: 100 },
+      verdict: { type: 'string', enum: ['hire', 'maybe', 'reject'] },
+    },
+    required: ['score', 'verdict'],
+    additionalProperties: false,
+  };
+  const r = await client.chat.completions.create({
+    model: 'tiny', max_tokens: 40, seed: 7, n: 2, temperature: 1, logprobs: true, top_logprobs: 3,
+    response_format: { type: 'json_schema', json_schema: { name: 'score', schema, strict: true } },
+    messages: [{ role: 'system', content: h.SYSTEM_PROMPT }, { role: 'user', content: 'Score this candidate.' }],
+  });
+  assert.equal(r.choices.length, 2);
+  assert.deepEqual(r.choices.map((c) => c.index), [0, 1]);
+  for (const c of r.choices) {
+    const tokens = c.logprobs.content;
+    assert.ok(tokens.length > 0);
+    for (const t of tokens) {
+      assert.equal(typeof t.token, 'string');
+      assert.ok(t.logprob <= 0);
+      assert.equal(t.top_logprobs.length, 3);
+    }
+    if (c.finish_reason === 'stop') {
+      const v = JSON.parse(c.message.content);
+      assert.ok(Number.isInteger(v.score) && v.score >= 0 && v.score <= 100, c.message.content);
+      assert.ok(['hire', 'maybe', 'reject'].includes(v.verdict), c.message.content);
+    } else {
+      assert.equal(c.finish_reason, 'length');
+    }
+  }
+  // A schema the converter cannot take is a 400, not a crash.
+  await assert.rejects(
+    client.chat.completions.create({
+      model: 'tiny', max_tokens: 5,
+      response_format: { type: 'json_schema', json_schema: { name: 'bad', schema: { type: 'object', properties: 5 } } },
+      messages: [{ role: 'user', content: 'x' }],
+    }),
+    (e) => e.status === 400,
+  );
+});
+
 test('chat.completions.create stream: deltas add up to the plain answer, usage chunk', async () => {
   const req = { ...state.chatReq, max_tokens: 12 };
   const plain = await client.chat.completions.create(req);

@@ -393,13 +393,75 @@ TEST(ParseRequest, PenaltiesMustBeWithinTwo) {
   ExpectInvalidParam(WithParam("frequency_penalty", true), "frequency_penalty");
 }
 
-TEST(ParseRequest, OnlyOneChoiceSupported) {
-  std::string param;
-  auto r = ParseRequest(WithParam("n", 2).dump(), &param);
-  ASSERT_FALSE(r.ok());
-  EXPECT_EQ(param, "n");
-  EXPECT_NE(r.status().message().find("n must be 1"), std::string::npos);
+TEST(ParseRequest, NChoicesIsBounded) {
+  EXPECT_EQ(ExpectParsed(ChatLine()).n, 1);
+  EXPECT_EQ(ExpectParsed(WithParam("n", 3)).n, 3);
+  EXPECT_EQ(ExpectParsed(WithParam("n", kMaxChoices)).n, kMaxChoices);
+  ExpectInvalidParam(WithParam("n", 0), "n");
+  ExpectInvalidParam(WithParam("n", kMaxChoices + 1), "n");
   ExpectInvalidParam(WithParam("n", "1"), "n");
+}
+
+TEST(ParseRequest, ChatLogprobsIsABooleanAndTopLogprobsNeedsIt) {
+  ParsedRequest off = ExpectParsed(ChatLine());
+  EXPECT_FALSE(off.logprobs);
+  EXPECT_EQ(off.top_logprobs, 0);
+  json line = WithParam("logprobs", true);
+  line["body"]["top_logprobs"] = 20;
+  ParsedRequest on = ExpectParsed(line);
+  EXPECT_TRUE(on.logprobs);
+  EXPECT_EQ(on.top_logprobs, 20);
+  line["body"]["top_logprobs"] = 21;
+  ExpectInvalidParam(line, "top_logprobs");
+  ExpectInvalidParam(WithParam("top_logprobs", 2), "top_logprobs");  // logprobs absent
+  EXPECT_FALSE(ExpectParsed(WithParam("top_logprobs", 0)).logprobs);
+  ExpectInvalidParam(WithParam("logprobs", 1), "logprobs");
+}
+
+TEST(ParseRequest, CompletionsLogprobsIsTheNumberOfAlternatives) {
+  json line = CompletionLine();
+  line["body"]["logprobs"] = 5;
+  ParsedRequest r = ExpectParsed(line);
+  EXPECT_TRUE(r.logprobs);
+  EXPECT_EQ(r.top_logprobs, 5);
+  line["body"]["logprobs"] = 0;
+  EXPECT_TRUE(ExpectParsed(line).logprobs);
+  line["body"]["logprobs"] = 21;
+  ExpectInvalidParam(line, "logprobs");
+  line["body"]["logprobs"] = true;
+  ExpectInvalidParam(line, "logprobs");
+}
+
+TEST(ParseRequest, ResponseFormatJsonSchemaKeepsPropertyOrder) {
+  // Written in non-alphabetical order: the grammar generates properties in
+  // the schema's order, so it must survive parsing.
+  const std::string line =
+      R"({"custom_id":"a","method":"POST","url":"/v1/chat/completions","body":{"messages":[{"role":"user","content":"x"}],)"
+      R"("response_format":{"type":"json_schema","json_schema":{"name":"s","strict":true,"schema":)"
+      R"({"type":"object","properties":{"zeta":{"type":"integer"},"alpha":{"type":"string"}}}}}}})";
+  auto r = ParseRequest(line);
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  EXPECT_EQ(r->response_format, ResponseFormat::kJsonSchema);
+  EXPECT_EQ(r->json_schema, R"({"type":"object","properties":{"zeta":{"type":"integer"},"alpha":{"type":"string"}}})");
+}
+
+TEST(ParseRequest, ResponseFormatTypes) {
+  EXPECT_EQ(ExpectParsed(ChatLine()).response_format, ResponseFormat::kText);
+  EXPECT_EQ(ExpectParsed(WithParam("response_format", json{{"type", "text"}})).response_format, ResponseFormat::kText);
+  EXPECT_EQ(ExpectParsed(WithParam("response_format", json{{"type", "json_object"}})).response_format,
+            ResponseFormat::kJsonObject);
+  ParsedRequest with_schema =
+      ExpectParsed(WithParam("response_format", json{{"type", "json_object"}, {"schema", json{{"type", "object"}}}}));
+  EXPECT_EQ(with_schema.response_format, ResponseFormat::kJsonSchema);
+  EXPECT_EQ(with_schema.json_schema, R"({"type":"object"})");
+  ExpectInvalidParam(WithParam("response_format", "json"), "response_format");
+  ExpectInvalidParam(WithParam("response_format", json{{"type", "yaml"}}), "response_format");
+  ExpectInvalidParam(WithParam("response_format", json{{"type", "json_schema"}}), "response_format.json_schema");
+  ExpectInvalidParam(WithParam("response_format", json{{"type", "json_schema"}, {"json_schema", json{{"schema", 5}}}}),
+                     "response_format.json_schema.schema");
+  ExpectInvalidParam(
+      WithParam("response_format", json{{"type", "json_schema"}, {"json_schema", json{{"name", 1}, {"schema", json::object()}}}}),
+      "response_format.json_schema.name");
 }
 
 TEST(ParseRequest, MaxTokensMustBePositiveInteger) {

@@ -2,6 +2,7 @@
 
 #include <gtest/gtest.h>
 
+#include <limits>
 #include <set>
 #include <string>
 
@@ -51,6 +52,66 @@ TEST(ChatCompletionBody, HasEveryOpenAIField) {
   ASSERT_TRUE(b.contains("system_fingerprint"));
   EXPECT_TRUE(b["system_fingerprint"].is_null());
   EXPECT_EQ(ChatCompletionBody(SampleResult(), "m", 1, "x", "fp_1")["system_fingerprint"], "fp_1");
+}
+
+engine::Result TwoChoicesWithLogprobs() {
+  engine::Result r = SampleResult();
+  r.logprobs = true;
+  for (int i = 0; i < 2; ++i) {
+    engine::Choice c;
+    c.text = i == 0 ? "ab\xc3" : "z";
+    c.finish = i == 0 ? engine::FinishReason::kLength : engine::FinishReason::kStop;
+    engine::TokenLogprob a;
+    a.token = 5, a.piece = i == 0 ? "ab" : "z", a.logprob = -0.5f;
+    a.top = {{5, a.piece, -0.5f}, {6, "q", -1.25f}};
+    c.tokens.push_back(5);
+    c.logprobs.push_back(a);
+    if (i == 0) {
+      engine::TokenLogprob b;
+      b.token = 7, b.piece = "\xc3", b.logprob = -std::numeric_limits<float>::infinity();
+      c.tokens.push_back(7);
+      c.logprobs.push_back(b);
+    }
+    r.choices.push_back(c);
+  }
+  r.text = r.choices[0].text;
+  return r;
+}
+
+TEST(ChatCompletionBody, ChoicesAndLogprobsInOpenAIShape) {
+  json b = ChatCompletionBody(TwoChoicesWithLogprobs(), "m", 1, "x");
+  ASSERT_EQ(b["choices"].size(), 2u);
+  EXPECT_EQ(b["choices"][1]["index"], 1);
+  EXPECT_EQ(b["choices"][1]["message"]["content"], "z");
+  EXPECT_EQ(b["choices"][0]["finish_reason"], "length");
+  EXPECT_EQ(b["choices"][1]["finish_reason"], "stop");
+  const json& lp = b["choices"][0]["logprobs"];
+  EXPECT_TRUE(lp["refusal"].is_null());
+  ASSERT_EQ(lp["content"].size(), 2u);
+  const json& t0 = lp["content"][0];
+  EXPECT_EQ(t0["token"], "ab");
+  EXPECT_DOUBLE_EQ(t0["logprob"].get<double>(), -0.5);
+  EXPECT_EQ(t0["bytes"], json::array({97, 98}));
+  ASSERT_EQ(t0["top_logprobs"].size(), 2u);
+  EXPECT_EQ(t0["top_logprobs"][1]["token"], "q");
+  EXPECT_DOUBLE_EQ(t0["top_logprobs"][1]["logprob"].get<double>(), -1.25);
+  EXPECT_EQ(t0["top_logprobs"][1]["bytes"], json::array({113}));
+  // Part of a UTF-8 character: the token string is valid UTF-8, the bytes are raw.
+  const json& t1 = lp["content"][1];
+  EXPECT_EQ(t1["token"], "\xEF\xBF\xBD");
+  EXPECT_EQ(t1["bytes"], json::array({0xc3}));
+  EXPECT_DOUBLE_EQ(t1["logprob"].get<double>(), -9999.0);
+  EXPECT_TRUE(ChatCompletionBody(SampleResult(), "m", 1, "x")["choices"][0]["logprobs"].is_null());
+}
+
+TEST(TextCompletionBody, LegacyLogprobsShape) {
+  json b = TextCompletionBody(TwoChoicesWithLogprobs(), "m", 1, "x");
+  ASSERT_EQ(b["choices"].size(), 2u);
+  const json& lp = b["choices"][0]["logprobs"];
+  EXPECT_EQ(lp["tokens"], json::array({"ab", "\xEF\xBF\xBD"}));
+  EXPECT_DOUBLE_EQ(lp["token_logprobs"][0].get<double>(), -0.5);
+  EXPECT_DOUBLE_EQ(lp["top_logprobs"][0]["q"].get<double>(), -1.25);
+  EXPECT_EQ(lp["text_offset"], json::array({0, 2}));
 }
 
 TEST(ChatCompletionBody, FinishReasonStop) {

@@ -68,11 +68,20 @@ class FakeBackend : public Backend {
   }
   const float* Logits(int32_t i) override { return logits_.at(i).data(); }
 
+  // The argmax, shifted by a seed-dependent offset when the seed is not 0:
+  // choices of one request (different seeds) then differ.
   class Argmax : public Sampler {
    public:
-    Token Sample(const float* l) override { return static_cast<Token>(std::max_element(l, l + kVocab) - l); }
+    explicit Argmax(uint64_t seed) : shift_(static_cast<Token>(seed % 61)) {}
+    Token Sample(const float* l) override {
+      const Token t = static_cast<Token>(std::max_element(l, l + kVocab) - l);
+      return shift_ == 0 ? t : 1 + (t + shift_) % (kVocab - 1);
+    }
+
+   private:
+    Token shift_;
   };
-  std::unique_ptr<Sampler> NewSampler(const SamplingParams&) override { return std::make_unique<Argmax>(); }
+  std::unique_ptr<Sampler> NewSampler(const SamplingParams& p) override { return std::make_unique<Argmax>(p.seed); }
   bool IsEndOfGeneration(Token t) const override { return t == 0; }
   std::string Piece(Token t) const override { return std::string(1, static_cast<char>('a' + t % 26)); }
 
@@ -285,8 +294,9 @@ TEST(Scheduler, StreamedDeltasConcatenateToTheTextAndHoldBackAStopPrefix) {
   std::vector<std::string> deltas;
   std::optional<Result> result;
   Scheduler s(&backend, SchedulerOptions{.max_anchors = 0}, [&](Result&& res) { result = std::move(res); },
-              [&](uint64_t id, std::string_view text) {
+              [&](uint64_t id, int32_t choice, std::string_view text) {
                 EXPECT_EQ(id, 0u);
+                EXPECT_EQ(choice, 0);
                 EXPECT_FALSE(result.has_value()) << "a delta after the result";
                 deltas.emplace_back(text);
               });
@@ -309,7 +319,7 @@ TEST(Scheduler, RequeuedStreamingRequestDoesNotRepeatText) {
   std::map<uint64_t, std::string> streamed;
   std::map<uint64_t, Result> out;
   Scheduler s(&backend, SchedulerOptions{.max_anchors = 0}, [&](Result&& r) { out[r.id] = std::move(r); },
-              [&](uint64_t id, std::string_view text) { streamed[id] += text; });
+              [&](uint64_t id, int32_t, std::string_view text) { streamed[id] += text; });
   for (uint64_t i = 0; i < 4; ++i) {
     auto r = MakeRequest(i, SharedPrompt(0, i, 6), 12);
     r.stream = true;
@@ -372,6 +382,129 @@ TEST(Scheduler, IdleAnchorsAreEvictedWhenCellsAreNeeded) {
   ASSERT_EQ(results.size(), 8u);
   for (auto& [id, r] : results) EXPECT_EQ(r.tokens, RunAlone(reqs[id]).tokens) << id;
   EXPECT_LE(backend.peak_cells, 400);
+}
+
+// The seed that makes a single-choice request sample like choice `c` of r:
+// samplers are seeded with SamplerSeed(seed, prompt, choice), and
+// SamplerSeed(s, p, 0) == s ^ SamplerSeed(0, p, 0).
+uint64_t AloneSeed(const Request& r, int32_t c) {
+  return SamplerSeed(r.sampling.seed, r.prompt, c) ^ SamplerSeed(0, r.prompt, 0);
+}
+
+// n > 1: the prompt is decoded once; every choice forks its cells and then
+// sees exactly the prompt and its own tokens (FakeBackend checks positions;
+// logits depend on everything a sequence sees), so choice i equals the
+// request run alone with choice i's seed.
+TEST(Scheduler, ChoicesShareThePromptAndEachSeesOnlyItsOwnTokens) {
+  FakeBackend backend(8, 4096, 4096, 512);
+  auto r = MakeRequest(0, SharedPrompt(0, 3, 40), 12);
+  r.sampling.seed = 5;
+  r.n = 3;
+  auto results = RunAll(backend, {r}, SchedulerOptions{.max_anchors = 0});
+  ASSERT_EQ(results.size(), 1u);
+  const Result& res = results[0];
+  ASSERT_TRUE(res.status.ok()) << res.status.ToString();
+  ASSERT_EQ(res.choices.size(), 3u);
+  int32_t generated = 0;
+  std::set<std::vector<Token>> distinct;
+  for (int32_t i = 0; i < 3; ++i) {
+    auto alone = r;
+    alone.n = 1;
+    alone.sampling.seed = AloneSeed(r, i);
+    EXPECT_EQ(res.choices[i].tokens, RunAlone(alone).tokens) << "choice " << i;
+    generated += static_cast<int32_t>(res.choices[i].tokens.size());
+    distinct.insert(res.choices[i].tokens);
+  }
+  EXPECT_EQ(distinct.size(), 3u);
+  EXPECT_EQ(res.tokens, res.choices[0].tokens);
+  EXPECT_EQ(res.completion_tokens, generated);
+  // 40 prompt tokens once (not three times) plus each choice's own tokens.
+  EXPECT_LE(backend.decoded_tokens, 40 + generated);
+  EXPECT_EQ(backend.copies, 2);
+}
+
+TEST(Scheduler, ChoiceZeroEqualsTheSingleChoiceAnswer) {
+  auto r = MakeRequest(0, SharedPrompt(0, 9, 10), 10);
+  r.sampling.seed = 77;
+  Result one = RunAlone(r);
+  r.n = 4;
+  Result four = RunAlone(r);
+  ASSERT_EQ(four.choices.size(), 4u);
+  EXPECT_EQ(four.choices[0].tokens, one.tokens);
+}
+
+TEST(Scheduler, ChoicesForkFromASharedPrefixAnchorAndAdmissionReservesEveryChoice) {
+  // 200 cells: a 3-choice request needs its unique prompt plus 3 x 30.
+  FakeBackend backend(12, 300, 300, 128);
+  std::vector<Request> reqs;
+  for (uint64_t i = 0; i < 8; ++i) {
+    auto r = MakeRequest(i, SharedPrompt(60, i, 5), 30);
+    r.n = 3;
+    r.sampling.seed = 100 + i;
+    reqs.push_back(r);
+  }
+  auto results = RunAll(backend, reqs);
+  ASSERT_EQ(results.size(), 8u);
+  EXPECT_LE(backend.peak_cells, 300);
+  for (auto& [id, res] : results) {
+    ASSERT_TRUE(res.status.ok()) << res.status.ToString();
+    ASSERT_EQ(res.choices.size(), 3u);
+    for (int32_t c = 0; c < 3; ++c) {
+      auto alone = reqs[id];
+      alone.n = 1;
+      alone.sampling.seed = AloneSeed(reqs[id], c);
+      EXPECT_EQ(res.choices[c].tokens, RunAlone(alone).tokens) << id << " choice " << c;
+    }
+  }
+}
+
+TEST(Scheduler, MoreChoicesThanParallelSequencesFails) {
+  FakeBackend backend(4, 4096, 4096, 512);
+  auto r = MakeRequest(0, SharedPrompt(0, 1, 5), 5);
+  r.n = 5;
+  auto results = RunAll(backend, {r, MakeRequest(1, SharedPrompt(0, 2, 5), 5)}, SchedulerOptions{.max_anchors = 0});
+  EXPECT_EQ(results[0].status.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(results[0].status.message().find("--max-seqs"), std::string::npos);
+  EXPECT_TRUE(results[1].status.ok());
+}
+
+TEST(Scheduler, RequeuedAndCancelledChoiceGroupsBehave) {
+  FakeBackend backend(8, 4096, 4096, 512);
+  std::vector<Request> reqs;
+  for (uint64_t i = 0; i < 3; ++i) {
+    auto r = MakeRequest(i, SharedPrompt(0, i, 8), 10);
+    r.n = 2;
+    r.sampling.seed = 9 + i;
+    r.stream = true;
+    reqs.push_back(r);
+  }
+  std::map<uint64_t, Result> out;
+  std::map<std::pair<uint64_t, int32_t>, std::string> streamed;
+  Scheduler s(&backend, SchedulerOptions{.max_anchors = 0}, [&](Result&& r) { out[r.id] = std::move(r); },
+              [&](uint64_t id, int32_t choice, std::string_view text) { streamed[{id, choice}] += text; });
+  for (auto r : reqs) s.Submit(std::move(r));
+  s.Step();
+  s.Step();
+  backend.fail_next = true;  // the newest group is requeued, both choices
+  s.Step();
+  s.Cancel(0);
+  while (s.Step()) {
+  }
+  EXPECT_TRUE(s.Idle());
+  EXPECT_EQ(s.stats().requeued, 1);
+  ASSERT_EQ(out.size(), 3u);
+  EXPECT_EQ(out[0].status.code(), StatusCode::kCancelled);
+  for (uint64_t id : {1u, 2u}) {
+    ASSERT_EQ(out[id].choices.size(), 2u);
+    for (int32_t c = 0; c < 2; ++c) {
+      auto alone = reqs[id];
+      alone.n = 1;
+      alone.stream = false;
+      alone.sampling.seed = AloneSeed(reqs[id], c);
+      EXPECT_EQ(out[id].choices[c].tokens, RunAlone(alone).tokens);
+      EXPECT_EQ((streamed[{id, c}]), out[id].choices[c].text) << id << " choice " << c;
+    }
+  }
 }
 
 }  // namespace
