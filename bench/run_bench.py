@@ -100,11 +100,11 @@ def run_clients(url, bodies, clients):
     return time.time() - t0, tokens[0]
 
 
-def run_kvbatch(args, model, workload, out):
-    """One `kvbatch run`; returns (seconds, completion tokens, finish reasons, output lines)."""
+def run_kvbatch(args, model, workload, out, output_args=("-q",)):
+    """One `kvbatch run`; returns (seconds, completion tokens, finish reasons, output lines, command)."""
     if os.path.exists(out):
         os.remove(out)
-    cmd = [args.kvbatch, "run", workload, "-o", out, "-m", model, "--threads", str(args.threads), "-q"] + \
+    cmd = [args.kvbatch, "run", workload, "-o", out, "-m", model, "--threads", str(args.threads), *output_args] + \
         (["--gpu-layers", "0"] if not args.gpu else []) + args.kvbatch_args.split()
     t0 = time.time()
     sh(cmd)
@@ -210,17 +210,10 @@ def main():
     ngl = ["-ngl", "999"] if args.gpu else ["-ngl", "0"]
 
     if "kvbatch" not in skip:
-        out = os.path.join(work, "kvbatch-out.jsonl")
-        cmd = [args.kvbatch, "run", workload, "-o", out, "-m", model, "--threads", str(args.threads),
-               "--progress-interval", "5"] + (["--gpu-layers", "0"] if not args.gpu else []) + args.kvbatch_args.split()
-        t0 = time.time()
-        sh(cmd)
-        secs = time.time() - t0
-        lines = [json.loads(l) for l in open(out)]
-        assert len(lines) == args.requests, "kvbatch did not answer every request"
-        toks = sum(l["response"]["body"]["usage"]["completion_tokens"] for l in lines)
+        secs, toks, _, _, cmd = run_kvbatch(args, model, workload, os.path.join(work, "kvbatch-out.jsonl"),
+                                            output_args=("--progress-interval", "5"))
         results["kvbatch"] = {"seconds": secs, "req_s": args.requests / secs, "completion_tokens": toks,
-                              "command": " ".join(cmd)}
+                              "command": cmd}
         print(f"kvbatch run: {args.requests} requests in {secs:.1f} s = {args.requests / secs:.2f} req/s", flush=True)
 
     if "server" not in skip:

@@ -111,15 +111,8 @@ void AddBatchRoutes(httplib::Server& http, Context& ctx) {
   http.Post("/v1/batches", [&ctx](const httplib::Request& req, httplib::Response& res) { CreateBatch(ctx, req, res); });
 
   http.Get("/v1/batches", [&ctx](const httplib::Request& req, httplib::Response& res) {
-    int limit = 20;
-    if (req.has_param("limit")) {
-      const std::string v = req.get_param_value("limit");
-      char* end = nullptr;
-      long n = std::strtol(v.c_str(), &end, 10);
-      if (v.empty() || *end != '\0' || n < 1 || n > 100)
-        return SendError(res, 400, "Invalid 'limit': expected an integer from 1 to 100.", "invalid_value", "limit");
-      limit = static_cast<int>(n);
-    }
+    int limit = 0;
+    if (!LimitParam(req, res, 20, 100, &limit)) return;
     auto batches = ctx.store->ListBatches(req.get_param_value("after"), limit + 1);
     if (!batches.ok()) return SendStatus(res, batches.status());
     const bool more = static_cast<int>(batches->size()) > limit;

@@ -143,22 +143,6 @@ void CreateFile(Context& ctx, const httplib::Request& req, httplib::Response& re
   SendJson(res, 200, FileObject(f));
 }
 
-// limit in [1, max]; absent: def. False (and a 400 sent) when malformed.
-bool LimitParam(const httplib::Request& req, httplib::Response& res, int def, int max, int* out) {
-  *out = def;
-  if (!req.has_param("limit")) return true;
-  const std::string v = req.get_param_value("limit");
-  char* end = nullptr;
-  long n = std::strtol(v.c_str(), &end, 10);
-  if (v.empty() || *end != '\0' || n < 1 || n > max) {
-    SendError(res, 400, "Invalid 'limit': expected an integer from 1 to " + std::to_string(max) + ".",
-              "invalid_value", "limit");
-    return false;
-  }
-  *out = static_cast<int>(n);
-  return true;
-}
-
 }  // namespace
 
 void AddFileRoutes(httplib::Server& http, Context& ctx) {
@@ -212,7 +196,7 @@ void AddFileRoutes(httplib::Server& http, Context& ctx) {
     if (!f.ok()) return SendError(res, 404, "No such File object: " + id, "not_found", "id");
     // The input of an unfinished batch stays until the batch is done: its
     // requests are read from it, also after a restart.
-    auto busy = ctx.store->BatchesWithStatus({"validating", "in_progress", "finalizing", "cancelling"});
+    auto busy = ctx.store->BatchesWithStatus(store::kUnfinishedStatuses);
     if (!busy.ok()) return SendStatus(res, busy.status());
     for (const auto& b : *busy) {
       if (b.input_file_id == id)

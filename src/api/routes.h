@@ -17,6 +17,9 @@ void SendError(httplib::Response& res, int status, std::string_view message, std
 // The HTTP status for a store/worker Status (404 NotFound, 400 InvalidArgument, 409 FailedPrecondition, ...).
 int HttpStatus(const Status& s);
 void SendStatus(httplib::Response& res, const Status& s);
+// The `limit` query parameter: an integer in [1, max], `def` when absent. On
+// a malformed value sends a 400 and returns false.
+bool LimitParam(const httplib::Request& req, httplib::Response& res, int def, int max, int* out);
 // Parses a JSON object body; on failure sends a 400 and returns false.
 bool ParseObjectBody(const httplib::Request& req, httplib::Response& res, nlohmann::json* out);
 

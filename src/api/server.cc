@@ -38,6 +38,21 @@ void SendStatus(httplib::Response& res, const Status& s) {
   SendError(res, status, s.message(), status == 404 ? "not_found" : status == 409 ? "conflict" : "");
 }
 
+bool LimitParam(const httplib::Request& req, httplib::Response& res, int def, int max, int* out) {
+  *out = def;
+  if (!req.has_param("limit")) return true;
+  const std::string v = req.get_param_value("limit");
+  char* end = nullptr;
+  long n = std::strtol(v.c_str(), &end, 10);
+  if (v.empty() || *end != '\0' || n < 1 || n > max) {
+    SendError(res, 400, "Invalid 'limit': expected an integer from 1 to " + std::to_string(max) + ".",
+              "invalid_value", "limit");
+    return false;
+  }
+  *out = static_cast<int>(n);
+  return true;
+}
+
 bool ParseObjectBody(const httplib::Request& req, httplib::Response& res, json* out) {
   *out = json::parse(req.body, nullptr, false);
   if (out->is_discarded()) {

@@ -15,6 +15,7 @@
 #include <unordered_set>
 
 #include "batch/input_file.h"
+#include "batch/prefix_order.h"
 #include "batch/prepare.h"
 #include "batch/request.h"
 #include "batch/response.h"
@@ -62,15 +63,15 @@ int Fail(const Status& st) {
 // first appearance, input order within a group. Answered lines are dropped.
 std::vector<const batch::InputLine*> OrderPending(const batch::InputScan& scan,
                                                   const std::unordered_set<std::string>& answered) {
+  // Grouped over every line, then filtered: a resumed run keeps the groups'
+  // order of the first run.
+  std::vector<const batch::InputLine*> all;
+  all.reserve(scan.valid.size());
+  for (const auto& l : scan.valid) all.push_back(&l);
+  batch::GroupBySharedPrefix(all, [](const batch::InputLine* l) { return l->prefix_hash; });
   std::vector<const batch::InputLine*> pending;
-  std::unordered_map<uint64_t, size_t> group_first;
-  for (const auto& l : scan.valid) {
-    group_first.emplace(l.prefix_hash, group_first.size());
-    if (!answered.count(l.custom_id)) pending.push_back(&l);
-  }
-  std::stable_sort(pending.begin(), pending.end(), [&](const batch::InputLine* a, const batch::InputLine* b) {
-    return group_first[a->prefix_hash] < group_first[b->prefix_hash];
-  });
+  for (const batch::InputLine* l : all)
+    if (!answered.count(l->custom_id)) pending.push_back(l);
   return pending;
 }
 

@@ -104,6 +104,9 @@ struct RequestOutcome {
   int64_t output_tokens = 0;
 };
 
+// Batch statuses the worker still has work for.
+inline const std::vector<std::string> kUnfinishedStatuses = {"validating", "in_progress", "finalizing", "cancelling"};
+
 enum class RequestState { kPending, kCompleted, kFailed };
 
 struct StoredRequest {

@@ -7,8 +7,8 @@
 #include <cstdio>
 #include <ctime>
 #include <filesystem>
-#include <unordered_set>
 
+#include "batch/prefix_order.h"
 #include "batch/prepare.h"
 #include "batch/response.h"
 
@@ -21,7 +21,13 @@ using Clock = std::chrono::steady_clock;
 constexpr size_t kCommitBatch = 512;  // outcomes that force a group commit
 
 bool Unfinished(const std::string& status) {
-  return status == "validating" || status == "in_progress" || status == "finalizing" || status == "cancelling";
+  return std::find(store::kUnfinishedStatuses.begin(), store::kUnfinishedStatuses.end(), status) !=
+         store::kUnfinishedStatuses.end();
+}
+
+const char* StoppedMessage(std::string_view code, bool ran) {
+  if (code == "batch_expired") return "The batch expired before this request ran.";
+  return ran ? "The batch was cancelled before this request finished." : "The batch was cancelled before this request ran.";
 }
 
 // Appends to a file opened for writing; fsyncs on Close.
@@ -38,7 +44,6 @@ class FileWriter {
   Status Append(std::string_view line) {
     buf_.append(line);
     buf_.push_back('\n');
-    ++lines_;
     return buf_.size() >= (1 << 20) ? Flush() : Status::Ok();
   }
   Status Close() {
@@ -49,7 +54,6 @@ class FileWriter {
     return Status::Ok();
   }
   int64_t bytes() const { return bytes_; }
-  int64_t lines() const { return lines_; }
 
  private:
   Status Flush() {
@@ -66,7 +70,6 @@ class FileWriter {
   int fd_ = -1;
   std::string buf_;
   int64_t bytes_ = 0;
-  int64_t lines_ = 0;
 };
 
 }  // namespace
@@ -180,7 +183,7 @@ void BatchWorker::Loop() {
 // cancellations, pauses, priorities, expiry.
 void BatchWorker::Refresh() {
   last_refresh_ = Clock::now();
-  auto recs = store_->BatchesWithStatus({"validating", "in_progress", "finalizing", "cancelling"});
+  auto recs = store_->BatchesWithStatus(store::kUnfinishedStatuses);
   if (!recs.ok()) {
     std::fprintf(stderr, "kvbatch: store: %s\n", recs.status().message().c_str());
     return;
@@ -199,9 +202,6 @@ void BatchWorker::Refresh() {
       if (it == active_.end()) continue;
     }
     Active& a = *it->second;
-    // Counters and usage are the worker's own; keep the rest fresh.
-    rec.counts = a.rec.counts;
-    rec.usage = a.rec.usage;
     a.rec = rec;
     if (rec.status == "cancelling") {
       Stopping(a, "batch_cancelled");
@@ -273,8 +273,7 @@ void BatchWorker::Validate(store::BatchRecord rec) {
   if (!st.ok()) std::fprintf(stderr, "kvbatch: batch %s: %s\n", rec.id.c_str(), st.message().c_str());
 }
 
-// Loads a batch's pending requests, ordered so requests sharing a prefix run
-// together (groups in order of first appearance, input order within).
+// Loads a batch's pending requests, ordered so requests sharing a prefix run together.
 void BatchWorker::Activate(const store::BatchRecord& rec) {
   auto a = std::make_unique<Active>();
   a->rec = rec;
@@ -288,11 +287,7 @@ void BatchWorker::Activate(const store::BatchRecord& rec) {
       return;
     }
     a->queue = std::move(pending).value();
-    std::unordered_map<uint64_t, size_t> first;
-    for (const auto& p : a->queue) first.emplace(p.prefix_hash, first.size());
-    std::stable_sort(a->queue.begin(), a->queue.end(), [&](const auto& x, const auto& y) {
-      return first[x.prefix_hash] < first[y.prefix_hash];
-    });
+    batch::GroupBySharedPrefix(a->queue, [](const store::PendingRequest& p) { return p.prefix_hash; });
     if (!a->queue.empty()) {
       auto file = store_->GetFile(rec.input_file_id);
       auto reader = file.ok() ? batch::InputReader::Open(file->path) : StatusOr<batch::InputReader>(file.status());
@@ -381,14 +376,9 @@ void BatchWorker::Feed() {
 
 store::RequestOutcome BatchWorker::OutcomeFor(Active& a, Done& d) {
   const engine::Result& r = d.result;
-  if (r.status.code() == StatusCode::kCancelled && a.stop_code != nullptr) {
-    const bool expired = std::string_view(a.stop_code) == "batch_expired";
-    return {d.line, false,
-            batch::RequestErrorLine(d.custom_id, a.stop_code,
-                                    expired ? "The batch expired before this request ran."
-                                            : "The batch was cancelled before this request finished."),
-            0, 0, 0};
-  }
+  if (r.status.code() == StatusCode::kCancelled && a.stop_code != nullptr)
+    return {d.line, false, batch::RequestErrorLine(d.custom_id, a.stop_code, StoppedMessage(a.stop_code, true)), 0, 0,
+            0};
   if (!r.status.ok()) {
     batch::RequestFailure f = batch::FailureFromStatus(r.status);
     return {d.line, false, batch::FailureLine(d.custom_id, f.http_status, batch::FailureBody(f)), r.prompt_tokens, 0,
@@ -488,15 +478,12 @@ Status BatchWorker::Finalize(Active& a) {
   if (a.stop_code != nullptr) {
     auto pending = store_->PendingRequests(a.rec.id);
     if (!pending.ok()) return pending.status();
-    const bool expired = std::string_view(a.stop_code) == "batch_expired";
     std::vector<store::RequestOutcome> outs;
     outs.reserve(pending->size());
     for (const auto& p : *pending)
-      outs.push_back({p.line, false,
-                      batch::RequestErrorLine(p.custom_id, a.stop_code,
-                                              expired ? "The batch expired before this request ran."
-                                                      : "The batch was cancelled before this request ran."),
-                      0, 0, 0});
+      outs.push_back(
+          {p.line, false, batch::RequestErrorLine(p.custom_id, a.stop_code, StoppedMessage(a.stop_code, false)), 0, 0,
+           0});
     if (!outs.empty()) {
       auto n = store_->CommitResults(a.rec.id, outs);
       if (!n.ok()) return n.status();
