@@ -31,7 +31,11 @@ if [ -n "${KVBATCH_LLAMA_SRC:-}" ]; then
   src_tag="src$(echo "$(cd "$KVBATCH_LLAMA_SRC" && pwd)" | md5sum | cut -c1-8)"
 fi
 key="${src_tag}-$([ "$cuda" = 1 ] && echo cuda || echo cpu)-${cpukey}"
-prefix="$cache/llama-$key"
+# RECIPE changes when what is installed changes (r2: test-llama-archs), so
+# an older install is not taken for a complete one; the build tree
+# (work-$key) is shared and rebuilt incrementally.
+RECIPE=r2
+prefix="$cache/llama-$key-$RECIPE"
 
 if [ -f "$prefix/.complete" ]; then
   log "reusing $prefix"
@@ -60,7 +64,7 @@ cmake_args=(
   -DCMAKE_INSTALL_PREFIX="$prefix"
   -DCMAKE_INSTALL_RPATH="$prefix/lib"
   -DLLAMA_BUILD_COMMON=ON -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON
-  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF
+  -DLLAMA_BUILD_TESTS=ON -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF
   -DLLAMA_TOOLS_INSTALL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_UI=OFF
   -DLLAMA_USE_PREBUILT_UI=OFF -DGGML_NATIVE=ON
 )
@@ -75,8 +79,12 @@ fi
 log "building llama.cpp ($key) with $jobs jobs; the first build takes a while"
 cmake -S "$work/src" -B "$work/build" "${cmake_args[@]}" >"$work/configure.log" 2>&1 ||
   { cat "$work/configure.log" >&2; exit 1; }
-cmake --build "$work/build" -j "$jobs" --target llama llama-common llama-server >"$work/build.log" 2>&1 ||
+cmake --build "$work/build" -j "$jobs" --target llama llama-common llama-server test-llama-archs >"$work/build.log" 2>&1 ||
   { tail -50 "$work/build.log" >&2; exit 1; }
+# Tests off again before installing: llama.cpp would install every test
+# binary, and only test-llama-archs was built (a reconfigure, no rebuild).
+cmake -S "$work/src" -B "$work/build" -DLLAMA_BUILD_TESTS=OFF >>"$work/configure.log" 2>&1 ||
+  { cat "$work/configure.log" >&2; exit 1; }
 cmake --install "$work/build" >"$work/install.log" 2>&1 || { cat "$work/install.log" >&2; exit 1; }
 
 # llama.cpp installs neither the common library's headers nor llama-server
@@ -87,6 +95,9 @@ cp "$work/src/common/"*.h "$prefix/include/llama-common/"
 cp -r "$work/src/common/jinja" "$prefix/include/llama-common/" 2>/dev/null || true
 cp -r "$work/src/vendor/." "$prefix/include/llama-common/"
 cp "$work/build/bin/llama-server" "$prefix/bin/"
+# Writes a small random-weight GGUF of any architecture llama.cpp supports
+# (tests: recurrent, hybrid and MoE models).
+cp "$work/build/bin/test-llama-archs" "$prefix/bin/"
 find "$work/build" -name 'libllama-common*' -exec cp -a {} "$prefix/lib/" \;
 mkdir -p "$prefix/share" && rm -rf "$prefix/share/vocab" && mkdir "$prefix/share/vocab" &&
   { cp "$work/src/models/"ggml-vocab-*.gguf "$prefix/share/vocab/" 2>/dev/null || true; }

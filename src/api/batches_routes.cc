@@ -68,16 +68,9 @@ void CreateBatch(Context& ctx, const httplib::Request& req, httplib::Response& r
                          "'. Use '24h' (or a duration such as '90m', '2h', '7d').",
                      "invalid_value", "completion_window");
   if (auto it = body.find("metadata"); it != body.end() && !it->is_null()) {
-    if (!it->is_object() || it->size() > 16)
-      return SendError(res, 400, "Invalid 'metadata': expected an object of at most 16 string values.",
-                       "invalid_value", "metadata");
-    for (const auto& [k, v] : it->items()) {
-      if (!v.is_string() || k.size() > 64 || v.get<std::string>().size() > 512)
-        return SendError(res, 400,
-                         "Invalid 'metadata': keys are strings of at most 64 characters, values strings of at "
-                         "most 512.",
-                         "invalid_value", "metadata." + batch::ToValidUtf8(k));
-    }
+    std::string param;
+    if (Status st = batch::CheckMetadataValue(*it, &param); !st.ok())
+      return SendError(res, 400, st.message(), "invalid_value", param);
     if (auto p = it->find("priority"); p != it->end()) {
       const std::string v = p->get<std::string>();
       char* end = nullptr;
@@ -113,7 +106,12 @@ void AddBatchRoutes(httplib::Server& http, Context& ctx) {
   http.Get("/v1/batches", [&ctx](const httplib::Request& req, httplib::Response& res) {
     int limit = 0;
     if (!LimitParam(req, res, 20, 100, &limit)) return;
-    auto batches = ctx.store->ListBatches(req.get_param_value("after"), limit + 1);
+    const std::string after = req.get_param_value("after");
+    // A cursor must name a batch: an unknown one is a mistake, not an empty page.
+    if (!after.empty() && !ctx.store->GetBatch(after).ok())
+      return SendError(res, 400, "Invalid 'after': no batch has the id '" + batch::ToValidUtf8(after.substr(0, 80)) + "'.",
+                       "invalid_value", "after");
+    auto batches = ctx.store->ListBatches(after, limit + 1);
     if (!batches.ok()) return SendStatus(res, batches.status());
     const bool more = static_cast<int>(batches->size()) > limit;
     if (more) batches->resize(static_cast<size_t>(limit));

@@ -7,6 +7,7 @@
 #include <mutex>
 #include <optional>
 
+#include "api/connection.h"
 #include "api/routes.h"
 #include "batch/prepare.h"
 #include "batch/request.h"
@@ -47,7 +48,29 @@ struct Channel {
 
 std::string Event(const json& j) { return "data: " + batch::DumpJson(j) + "\n\n"; }
 
+// Holds one of the max_online_requests places while a completion runs
+// (streams included: released when the stream ends).
+class OnlineSlot {
+ public:
+  explicit OnlineSlot(std::shared_ptr<std::atomic<int>> count, int max) : count_(std::move(count)) {
+    ok_ = count_->fetch_add(1) < max;
+  }
+  ~OnlineSlot() { count_->fetch_sub(1); }
+  bool ok() const { return ok_; }
+
+ private:
+  std::shared_ptr<std::atomic<int>> count_;
+  bool ok_ = false;
+};
+
 void Complete(Context& ctx, batch::Endpoint endpoint, const httplib::Request& req, httplib::Response& res) {
+  auto slot = std::make_shared<OnlineSlot>(ctx.online_requests, ctx.options.max_online_requests);
+  if (!slot->ok())
+    return SendError(res, 429,
+                     "Too many online requests at once (this server runs at most " +
+                         std::to_string(ctx.options.max_online_requests) +
+                         "; kvbatch serve --max-online-requests). Retry shortly, or submit a batch.",
+                     "rate_limit_exceeded");
   json body;
   if (!ParseObjectBody(req, res, &body)) return;
   bool stream = false;
@@ -56,8 +79,14 @@ void Complete(Context& ctx, batch::Endpoint endpoint, const httplib::Request& re
     if (!it->is_boolean()) return SendError(res, 400, "Invalid type for 'stream': expected a boolean.", "invalid_type", "stream");
     stream = it->get<bool>();
   }
-  if (auto it = body.find("stream_options"); it != body.end() && it->is_object()) {
+  if (auto it = body.find("stream_options"); it != body.end() && !it->is_null()) {
+    if (!it->is_object())
+      return SendError(res, 400, "Invalid type for 'stream_options': expected an object.", "invalid_type",
+                       "stream_options");
     auto u = it->find("include_usage");
+    if (u != it->end() && !u->is_null() && !u->is_boolean())
+      return SendError(res, 400, "Invalid type for 'stream_options.include_usage': expected a boolean.",
+                       "invalid_type", "stream_options.include_usage");
     include_usage = u != it->end() && u->is_boolean() && u->get<bool>();
   }
   // The same parser and checks as a batch line, so both give the same answer.
@@ -83,8 +112,18 @@ void Complete(Context& ctx, batch::Endpoint endpoint, const httplib::Request& re
   const std::string model = ctx.model->name();
 
   if (!stream) {
+    // Nothing is written until the answer is there, so a client that goes
+    // away is noticed by watching its socket: its request is cancelled.
+    const ConnectionWatch watch(req);
     std::unique_lock<std::mutex> lock(ch->mu);
-    ch->cv.wait(lock, [&] { return ch->result.has_value(); });
+    while (!ch->cv.wait_for(lock, std::chrono::milliseconds(250), [&] { return ch->result.has_value(); })) {
+      if (!watch.Gone()) continue;
+      lock.unlock();
+      ctx.hub->Cancel(id);
+      lock.lock();
+      ch->cv.wait(lock, [&] { return ch->result.has_value(); });
+      return;  // nobody to answer
+    }
     const engine::Result& r = *ch->result;
     if (!r.status.ok()) {
       batch::RequestFailure f = batch::FailureFromStatus(r.status);
@@ -160,6 +199,7 @@ void Complete(Context& ctx, batch::Endpoint endpoint, const httplib::Request& re
         return true;
       },
       [=, &ctx](bool) {
+        (void)slot;  // held until the stream ends
         // The client went away before the end: stop generating for it.
         if (!*finished) ctx.hub->Cancel(id);
       });

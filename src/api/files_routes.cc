@@ -157,7 +157,11 @@ void AddFileRoutes(httplib::Server& http, Context& ctx) {
       SendError(res, 400, "Invalid 'order': expected 'asc' or 'desc'.", "invalid_value", "order");
       return;
     }
-    auto files = ctx.store->ListFiles(req.get_param_value("purpose"), req.get_param_value("after"), limit + 1,
+    const std::string after = req.get_param_value("after");
+    if (!after.empty() && !ctx.store->GetFile(after).ok())
+      return SendError(res, 400, "Invalid 'after': no file has the id '" + batch::ToValidUtf8(after.substr(0, 80)) + "'.",
+                       "invalid_value", "after");
+    auto files = ctx.store->ListFiles(req.get_param_value("purpose"), after, limit + 1,
                                       order == "asc");
     if (!files.ok()) return SendStatus(res, files.status());
     const bool more = static_cast<int>(files->size()) > limit;

@@ -1,8 +1,12 @@
 #include "api/server.h"
 
+#include <cerrno>
+#include <cctype>
+#include <cstdlib>
 #include <ctime>
 
 #include "api/routes.h"
+#include "batch/limits.h"
 #include "batch/response.h"
 
 namespace kvb::api {
@@ -18,6 +22,7 @@ void SendError(httplib::Response& res, int status, std::string_view message, std
                std::string_view param) {
   std::string_view type = status >= 500 ? "server_error"
                           : status == 401 ? "authentication_error"
+                          : status == 429 ? "requests"
                           : status == 404 ? "not_found_error"
                                           : "invalid_request_error";
   SendJson(res, status, batch::ErrorBody(message, type, param, code));
@@ -54,6 +59,39 @@ bool LimitParam(const httplib::Request& req, httplib::Response& res, int def, in
 }
 
 bool ParseObjectBody(const httplib::Request& req, httplib::Response& res, json* out) {
+  const int64_t max_body = batch::GetLimits().max_body_bytes;
+  if (static_cast<int64_t>(req.body.size()) > max_body) {
+    SendError(res, 413,
+              "The request body has " + std::to_string(req.body.size()) + " bytes, over this server's limit of " +
+                  std::to_string(max_body) + " bytes for JSON bodies (kvbatch serve --max-body-bytes).",
+              "request_too_large");
+    return false;
+  }
+  // JSON only: a form or text body is refused rather than guessed at
+  // (clients that send no Content-Type at all are let through).
+  if (req.has_header("Content-Type")) {
+    std::string type = req.get_header_value("Content-Type");
+    type = type.substr(0, type.find(';'));
+    while (!type.empty() && type.back() == ' ') type.pop_back();
+    for (char& c : type) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    if (type != "application/json") {
+      SendError(res, 415,
+                "Unsupported Content-Type '" + batch::ToValidUtf8(type.substr(0, 80)) +
+                    "': send the body as application/json.",
+                "unsupported_media_type");
+      return false;
+    }
+  }
+  // Nesting first, without recursion: a deep body is a 400, never a stack overflow.
+  if (Status st = batch::CheckJsonDepth(req.body, batch::GetLimits().max_json_depth); !st.ok()) {
+    SendError(res, 400, "The request body " + st.message() + ".", "json_too_deep");
+    return false;
+  }
+  // nlohmann's lexer stops at a NUL byte: what follows would go unread.
+  if (req.body.find('\0') != std::string::npos) {
+    SendError(res, 400, "We could not parse the JSON body of your request: it contains a NUL byte.", "invalid_json");
+    return false;
+  }
   *out = json::parse(req.body, nullptr, false);
   if (out->is_discarded()) {
     SendError(res, 400, "We could not parse the JSON body of your request. Expected a JSON object.", "invalid_json");
@@ -66,19 +104,66 @@ bool ParseObjectBody(const httplib::Request& req, httplib::Response& res, json* 
   return true;
 }
 
+// Bodies other than uploads are read whole into memory, so they are checked
+// before a byte of them is read: a declared length far over the limit is a 413,
+// a body without a length (chunked) a 411, a compressed one a 415 (a small
+// compressed body can inflate to any size). The connection is closed after
+// such an answer: the unread body must not be taken for the next request.
+static bool CheckBodyHeaders(const httplib::Request& req, httplib::Response& res, int64_t max_body) {
+  const bool upload = req.method == "POST" && req.path == "/v1/files";
+  if (upload) return true;
+  auto refuse = [&](int status, const std::string& message, const char* code) {
+    res.set_header("Connection", "close");
+    SendError(res, status, message, code);
+    return false;
+  };
+  const std::string te = req.get_header_value("Transfer-Encoding");
+  if (!te.empty() && te != "identity")
+    return refuse(411, "Send request bodies with a Content-Length (chunked bodies are only accepted for uploads).",
+                  "length_required");
+  const std::string ce = req.get_header_value("Content-Encoding");
+  if (!ce.empty() && ce != "identity")
+    return refuse(415, "Content-Encoding '" + batch::ToValidUtf8(ce.substr(0, 40)) + "' is not accepted for JSON bodies.",
+                  "unsupported_content_encoding");
+  if (req.has_header("Content-Length")) {
+    const std::string v = req.get_header_value("Content-Length");
+    char* end = nullptr;
+    errno = 0;
+    const unsigned long long n = std::strtoull(v.c_str(), &end, 10);
+    if (v.empty() || *end != '\0' || errno == ERANGE || v[0] == '-')
+      return refuse(400, "Invalid Content-Length header.", "invalid_request");
+    // Up to twice the limit the body is read and then refused (in
+    // ParseObjectBody): a client still sending when the connection closes
+    // would get a reset instead of the 413. Beyond that it is refused unread.
+    if (n > 2 * static_cast<unsigned long long>(max_body))
+      return refuse(413,
+                    "The request body has " + v + " bytes, over this server's limit of " + std::to_string(max_body) +
+                        " bytes for JSON bodies (kvbatch serve --max-body-bytes).",
+                    "request_too_large");
+  }
+  return true;
+}
+
 Server::Server(Context context) : ctx_(std::move(context)), http_(std::make_unique<httplib::Server>()) {
   ctx_.started_at = static_cast<int64_t>(std::time(nullptr));
   httplib::Server& http = *http_;
-  // Streaming responses hold a thread each; batch work never does.
-  http.new_task_queue = [] { return new httplib::ThreadPool(64); };
+  // A connection holds a thread while it is open (slow and streaming ones
+  // too): many threads, each released after read_timeout_s of silence, so
+  // slow or half-open clients cannot starve /health or anyone else.
+  const int threads = std::max(8, ctx_.options.http_threads);
+  http.new_task_queue = [threads] { return new httplib::ThreadPool(static_cast<size_t>(threads)); };
   // Uploads are streamed to disk and checked against the limit as they come;
-  // this only stops what is far over it before reading.
+  // this only stops what is far over it before reading. JSON bodies are
+  // limited before they are read (the pre-routing handler below).
   http.set_payload_max_length(static_cast<size_t>(ctx_.options.max_file_bytes) + (size_t{64} << 20));
-  http.set_read_timeout(300, 0);
-  http.set_write_timeout(300, 0);
+  http.set_read_timeout(ctx_.options.read_timeout_s, 0);
+  http.set_write_timeout(ctx_.options.write_timeout_s, 0);
+  http.set_keep_alive_timeout(5);
 
   const std::string key = ctx_.options.api_key;
-  http.set_pre_routing_handler([key](const httplib::Request& req, httplib::Response& res) {
+  const int64_t max_body = batch::GetLimits().max_body_bytes;
+  http.set_pre_routing_handler([key, max_body](const httplib::Request& req, httplib::Response& res) {
+    if (!CheckBodyHeaders(req, res, max_body)) return httplib::Server::HandlerResponse::Handled;
     if (key.empty() || req.path.rfind("/v1/", 0) != 0) return httplib::Server::HandlerResponse::Unhandled;
     const std::string auth = req.get_header_value("Authorization");
     if (auth == "Bearer " + key) return httplib::Server::HandlerResponse::Unhandled;
@@ -94,7 +179,9 @@ Server::Server(Context context) : ctx_(std::move(context)), http_(std::make_uniq
     if (res.status == 404) {
       SendError(res, 404, "Unknown request URL: " + req.method + " " + req.path + ".", "unknown_url");
     } else if (res.status == 413) {
-      SendError(res, 413, "The request is larger than this server accepts.", "file_too_large");
+      SendError(res, 413, "The request is larger than this server accepts.", "request_too_large");
+    } else if (res.status == 405) {
+      SendError(res, 405, "Method " + req.method + " is not allowed for " + req.path + ".", "method_not_allowed");
     } else {
       SendError(res, res.status, "The request could not be processed.", "");
     }

@@ -4,6 +4,7 @@
 // engine (ahead of batch work).
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -27,6 +28,13 @@ struct ServerOptions {
   std::string files_dir;       // where uploaded files are written
   int64_t max_file_bytes = int64_t{16} << 30;  // uploads over this get 413
   int32_t default_max_tokens = 0;              // online requests without max_tokens
+  // Hostile clients (DESIGN.md section 5): JSON bodies over max_body_bytes
+  // (batch::Limits) get 413; a connection silent for read_timeout_s is
+  // closed; online completions above max_online_requests at once get 429.
+  int read_timeout_s = 10;
+  int write_timeout_s = 60;
+  int max_online_requests = 64;
+  int http_threads = 256;  // connections served at once (slow ones included)
 };
 
 // The shared parts every route handler uses.
@@ -37,6 +45,8 @@ struct Context {
   const engine::Model* model = nullptr;
   ServerOptions options;
   int64_t started_at = 0;
+  // Online completions running now (bounded by options.max_online_requests).
+  std::shared_ptr<std::atomic<int>> online_requests = std::make_shared<std::atomic<int>>(0);
 };
 
 class Server {

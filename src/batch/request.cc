@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 #include <utility>
 
+#include "batch/limits.h"
 #include "batch/response.h"
 
 namespace kvb::batch {
@@ -18,7 +19,6 @@ using nlohmann::json;
 constexpr std::string_view kChatPath = "/v1/chat/completions";
 constexpr std::string_view kCompletionsPath = "/v1/completions";
 constexpr size_t kCompletionPrefixBytes = 256;  // how much of a prompt groups completions
-constexpr size_t kMaxStopStrings = 4;           // OpenAI's limit
 constexpr size_t kMaxErrorDetailBytes = 200;    // parser messages can quote long input
 
 const char* TypeName(const json& v) {
@@ -92,8 +92,45 @@ std::optional<std::string> ContentText(const json& msg, const std::string& role,
   return text;
 }
 
+// The roles a chat template renders. Tool calling is not supported yet: a
+// tool result or a tool call in the history is refused (FailedPrecondition)
+// rather than rendered as plain text, which would change its meaning.
+// *field is the offending member (".role", ".tool_calls", ".function_call").
+Status CheckRole(const json& msg, const std::string& role, std::string* field) {
+  *field = ".role";
+  if (role == "tool" || role == "function")
+    return Status::FailedPrecondition("\"" + role + "\" is not supported: kvbatch does not support tool calling yet");
+  if (role != "system" && role != "developer" && role != "user" && role != "assistant")
+    return Status::InvalidArgument("\"" + ToValidUtf8(role.substr(0, 40)) +
+                                   "\" is not a valid role (system, developer, user or assistant)");
+  for (const char* key : {"tool_calls", "function_call"}) {
+    auto it = msg.find(key);
+    if (it != msg.end() && !it->is_null() && !(it->is_array() && it->empty())) {
+      *field = std::string(".") + key;
+      return Status::FailedPrecondition("is not supported: kvbatch does not support tool calling yet");
+    }
+  }
+  return Status::Ok();
+}
+
 std::variant<Structure, LineError> ParseStructure(std::string_view text, int64_t line) {
   Structure s;
+  const Limits& limits = GetLimits();
+  if (Status depth = CheckJsonDepth(text, limits.max_json_depth); !depth.ok()) {
+    // Read only the top level (nlohmann's parser is iterative; deeper
+    // values are discarded as they end), so the error names the request.
+    json top = json::parse(
+        text.begin(), text.end(), [](int d, json::parse_event_t, json&) { return d <= 1; }, false);
+    std::string id;
+    if (top.is_object())
+      if (auto it = top.find("custom_id"); it != top.end() && it->is_string()) id = it->get<std::string>();
+    return Error(line, kJsonTooDeep, "line " + depth.message(), "", std::move(id));
+  }
+  // nlohmann's lexer takes a NUL byte for the end of the input, and raw
+  // control characters are invalid JSON anyway: refuse it rather than read
+  // half a line.
+  if (text.find('\0') != std::string_view::npos)
+    return Error(line, kInvalidJson, "line is not valid JSON: it contains a NUL byte", "");
   try {
     s.doc = json::parse(text.begin(), text.end());
   } catch (const json::exception& e) {
@@ -146,7 +183,14 @@ std::variant<Structure, LineError> ParseStructure(std::string_view text, int64_t
                                              : "must not be empty";
       return Error(line, kInvalidMessages, "body.messages " + what, "body.messages", s.custom_id);
     }
+    if (msgs->size() > static_cast<size_t>(limits.max_messages)) {
+      return Error(line, kInvalidMessages,
+                   "body.messages has " + std::to_string(msgs->size()) + " messages, over the limit of " +
+                       std::to_string(limits.max_messages),
+                   "body.messages", s.custom_id);
+    }
     s.messages.reserve(msgs->size());
+    int64_t prompt_bytes = 0;
     for (size_t i = 0; i < msgs->size(); ++i) {
       const json& m = (*msgs)[i];
       const std::string where = "body.messages[" + std::to_string(i) + "]";
@@ -160,10 +204,23 @@ std::variant<Structure, LineError> ParseStructure(std::string_view text, int64_t
       }
       engine::ChatMessage cm;
       cm.role = role->get<std::string>();
+      std::string field;
+      if (Status st = CheckRole(m, cm.role, &field); !st.ok()) {
+        const bool unsupported = st.code() == StatusCode::kFailedPrecondition;
+        return Error(line, unsupported ? kUnsupported : kInvalidMessages, where + field + " " + st.message(),
+                     where + field, s.custom_id);
+      }
       std::string why;
       auto content = ContentText(m, cm.role, &why);
       if (!content) return Error(line, kInvalidMessages, where + " " + why, where + ".content", s.custom_id);
       cm.content = std::move(*content);
+      prompt_bytes += static_cast<int64_t>(cm.content.size());
+      if (prompt_bytes > limits.max_prompt_bytes) {
+        return Error(line, kInvalidMessages,
+                     "body.messages hold more than " + std::to_string(limits.max_prompt_bytes) +
+                         " bytes of text (the prompt size limit)",
+                     "body.messages", s.custom_id);
+      }
       s.messages.push_back(std::move(cm));
     }
   } else {
@@ -181,6 +238,12 @@ std::variant<Structure, LineError> ParseStructure(std::string_view text, int64_t
       return Error(line, kInvalidPrompt, "body.prompt " + what, "body.prompt", s.custom_id);
     }
     s.prompt = p->get<std::string>();
+    if (static_cast<int64_t>(s.prompt.size()) > limits.max_prompt_bytes) {
+      return Error(line, kInvalidPrompt,
+                   "body.prompt has " + std::to_string(s.prompt.size()) + " bytes, over the prompt size limit of " +
+                       std::to_string(limits.max_prompt_bytes),
+                   "body.prompt", s.custom_id);
+    }
   }
   return s;
 }
@@ -296,19 +359,24 @@ void ParseStop(Params& p, std::vector<std::string>* out) {
   const json* v = p.Get("stop");
   if (v == nullptr) return;
   auto bad = [&] {
-    p.Fail("stop",
-           "Invalid 'stop': expected a string or an array of at most " + std::to_string(kMaxStopStrings) + " strings.");
+    p.Fail("stop", "Invalid 'stop': expected a string or an array of at most " +
+                       std::to_string(GetLimits().max_stop_strings) + " strings.");
   };
   std::vector<std::string> stop;
   if (v->is_string()) {
     stop.push_back(v->get<std::string>());
-  } else if (v->is_array() && v->size() <= kMaxStopStrings) {
+  } else if (v->is_array() && v->size() <= static_cast<size_t>(GetLimits().max_stop_strings)) {
     for (const json& s : *v) {
       if (!s.is_string()) return bad();
       stop.push_back(s.get<std::string>());
     }
   } else {
     return bad();
+  }
+  for (const std::string& s : stop) {
+    if (s.size() > static_cast<size_t>(GetLimits().max_stop_bytes))
+      return p.Fail("stop", "Invalid 'stop': a stop string has " + std::to_string(s.size()) +
+                                " bytes, over the limit of " + std::to_string(GetLimits().max_stop_bytes) + ".");
   }
   // An empty stop string would match everywhere; it carries no intent.
   std::erase_if(stop, [](const std::string& s) { return s.empty(); });
@@ -319,6 +387,9 @@ void ParseLogitBias(Params& p, std::vector<std::pair<engine::Token, float>>* out
   const json* v = p.Get("logit_bias");
   if (v == nullptr) return;
   if (!v->is_object()) return p.TypeError("logit_bias", "an object mapping token ids to numbers", *v);
+  if (v->size() > static_cast<size_t>(GetLimits().max_logit_bias))
+    return p.Fail("logit_bias", "Invalid 'logit_bias': " + std::to_string(v->size()) + " entries, over the limit of " +
+                                    std::to_string(GetLimits().max_logit_bias) + ".");
   std::vector<std::pair<engine::Token, float>> bias;
   for (auto it = v->begin(); it != v->end(); ++it) {
     const std::string& key = it.key();
@@ -344,6 +415,68 @@ void ParseLogitBias(Params& p, std::vector<std::pair<engine::Token, float>>* out
   }
   std::sort(bias.begin(), bias.end());
   *out = std::move(bias);
+}
+
+// The largest {n}, {n,} or {n,m} count in a regular expression.
+int64_t LargestQuantifier(std::string_view re) {
+  int64_t best = 0;
+  for (size_t i = 0; i < re.size(); ++i) {
+    if (re[i] != '{' || (i > 0 && re[i - 1] == '\\')) continue;
+    int64_t n = 0;
+    for (size_t j = i + 1; j < re.size(); ++j) {
+      const char c = re[j];
+      if (c >= '0' && c <= '9') {
+        n = n * 10 + (c - '0');
+        if (n >= (int64_t{1} << 40)) return n;  // absurd: no need to read on
+      } else {
+        if (c == ',' || c == '}') best = std::max(best, n);
+        if (c != ',') break;
+        n = 0;
+      }
+    }
+  }
+  return best;
+}
+
+// Bounds what a schema can make the grammar converter build: its size,
+// enum sizes and the repetition counts it unrolls. Walks the schema with an
+// explicit stack (its depth is already bounded by Limits::max_json_depth).
+Status CheckSchema(const json& schema) {
+  const Limits& limits = GetLimits();
+  const std::string text = Show(schema);
+  if (static_cast<int64_t>(text.size()) > limits.max_schema_bytes)
+    return Status::InvalidArgument("the schema has " + std::to_string(text.size()) + " bytes, over the limit of " +
+                                   std::to_string(limits.max_schema_bytes));
+  static constexpr const char* kCounts[] = {"minItems",      "maxItems",      "minLength",   "maxLength",
+                                            "minProperties", "maxProperties", "minContains", "maxContains"};
+  std::vector<const json*> todo = {&schema};
+  while (!todo.empty()) {
+    const json* node = todo.back();
+    todo.pop_back();
+    if (node->is_array()) {
+      for (const json& child : *node) todo.push_back(&child);
+      continue;
+    }
+    if (!node->is_object()) continue;
+    for (const char* key : kCounts) {
+      auto it = node->find(key);
+      if (it == node->end() || !it->is_number()) continue;
+      if (it->get<double>() > static_cast<double>(limits.max_schema_repetition))
+        return Status::InvalidArgument(std::string("the schema's ") + key + " is " + Show(*it) +
+                                       ", over the limit of " + std::to_string(limits.max_schema_repetition));
+    }
+    if (auto it = node->find("enum"); it != node->end() && it->is_array() &&
+                                      it->size() > static_cast<size_t>(limits.max_schema_enum))
+      return Status::InvalidArgument("the schema has an enum of " + std::to_string(it->size()) +
+                                     " values, over the limit of " + std::to_string(limits.max_schema_enum));
+    if (auto it = node->find("pattern"); it != node->end() && it->is_string() &&
+                                         LargestQuantifier(it->get_ref<const std::string&>()) >
+                                             limits.max_schema_repetition)
+      return Status::InvalidArgument("the schema's pattern repeats more than " +
+                                     std::to_string(limits.max_schema_repetition) + " times");
+    for (const auto& [_, child] : node->items()) todo.push_back(&child);
+  }
+  return Status::Ok();
 }
 
 // The schema exactly as written: nlohmann::json sorts object keys, and the
@@ -374,6 +507,8 @@ void ParseResponseFormat(Params& p, std::string_view line, ParsedRequest* r) {
       return;
     }
     if (!schema->is_object()) return p.TypeError("response_format.schema", "an object", *schema);
+    if (Status st = CheckSchema(*schema); !st.ok())
+      return p.Fail("response_format.schema", "Invalid 'response_format.schema': " + st.message() + ".");
     r->response_format = ResponseFormat::kJsonSchema;
     r->json_schema = OrderedSchema(line, false);
     return;
@@ -398,8 +533,41 @@ void ParseResponseFormat(Params& p, std::string_view line, ParsedRequest* r) {
     return;
   }
   if (!schema->is_object()) return p.TypeError("response_format.json_schema.schema", "an object", *schema);
+  if (Status st = CheckSchema(*schema); !st.ok())
+    return p.Fail("response_format.json_schema.schema", "Invalid 'response_format.json_schema.schema': " +
+                                                            st.message() + ".");
   r->response_format = ResponseFormat::kJsonSchema;
   r->json_schema = OrderedSchema(line, true);
+}
+
+// Fields that would change the answer and that kvbatch cannot honour yet:
+// a 400 naming the field, never silently ignored.
+void RejectUnsupported(Params& p, Endpoint endpoint) {
+  for (const char* name : {"tools", "tool_choice", "functions", "function_call", "audio", "prediction",
+                           "web_search_options"}) {
+    if (p.Get(name) != nullptr)
+      return p.Fail(name, std::string("'") + name + "' is not supported by kvbatch yet (tool calling, audio, "
+                                                    "predicted outputs and web search are not available).");
+  }
+  if (const json* m = p.Get("modalities")) {
+    const bool text_only = m->is_array() && std::all_of(m->begin(), m->end(), [](const json& x) { return x == "text"; });
+    if (!text_only) return p.Fail("modalities", "'modalities' other than [\"text\"] are not supported by kvbatch.");
+  }
+  if (endpoint != Endpoint::kCompletions) return;
+  if (const json* echo = p.Get("echo"); echo != nullptr && !(echo->is_boolean() && !echo->get<bool>()))
+    return p.Fail("echo", "'echo' is not supported by kvbatch.");
+  if (const json* suffix = p.Get("suffix"); suffix != nullptr && !(suffix->is_string() && suffix->get_ref<const std::string&>().empty()))
+    return p.Fail("suffix", "'suffix' is not supported by kvbatch.");
+  if (const json* best_of = p.Get("best_of"); best_of != nullptr && Params::IntegerValue(*best_of) != int64_t{1})
+    p.Fail("best_of", "'best_of' other than 1 is not supported by kvbatch; use 'n'.");
+}
+
+// metadata: at most Limits::max_metadata_keys string values (OpenAI's shape).
+void CheckMetadata(Params& p) {
+  const json* m = p.Get("metadata");
+  if (m == nullptr) return;
+  std::string param;
+  if (Status st = CheckMetadataValue(*m, &param); !st.ok()) p.Fail(param, st.message());
 }
 
 void ParseLogprobs(Params& p, Endpoint endpoint, ParsedRequest* r) {
@@ -423,6 +591,30 @@ void ParseLogprobs(Params& p, Endpoint endpoint, ParsedRequest* r) {
 }
 
 }  // namespace
+
+Status CheckMetadataValue(const nlohmann::json& m, std::string* param) {
+  const Limits& limits = GetLimits();
+  if (param != nullptr) *param = "metadata";
+  if (!m.is_object()) return Status::InvalidArgument("Invalid 'metadata': expected an object of strings.");
+  if (m.size() > static_cast<size_t>(limits.max_metadata_keys))
+    return Status::InvalidArgument("Invalid 'metadata': " + std::to_string(m.size()) + " keys, over the limit of " +
+                                   std::to_string(limits.max_metadata_keys) + ".");
+  for (const auto& [key, value] : m.items()) {
+    const std::string shown = ToValidUtf8(key.substr(0, 80));
+    if (param != nullptr) *param = "metadata." + shown;
+    if (key.size() > static_cast<size_t>(limits.max_metadata_key_chars))
+      return Status::InvalidArgument("Invalid 'metadata': a key is longer than " +
+                                     std::to_string(limits.max_metadata_key_chars) + " characters.");
+    if (!value.is_string())
+      return Status::InvalidArgument("Invalid 'metadata': the value of '" + shown + "' must be a string, but got " +
+                                     TypeName(value) + ".");
+    if (value.get_ref<const std::string&>().size() > static_cast<size_t>(limits.max_metadata_value_chars))
+      return Status::InvalidArgument("Invalid 'metadata': the value of '" + shown + "' is longer than " +
+                                     std::to_string(limits.max_metadata_value_chars) + " characters.");
+  }
+  if (param != nullptr) *param = "metadata";
+  return Status::Ok();
+}
 
 std::string_view EndpointPath(Endpoint endpoint) {
   return endpoint == Endpoint::kChatCompletions ? kChatPath : kCompletionsPath;
@@ -472,6 +664,8 @@ StatusOr<ParsedRequest> ParseRequest(std::string_view text, std::string* error_p
       p.TypeError("model", "a string", *model);
     }
   }
+  RejectUnsupported(p, r.endpoint);
+  CheckMetadata(p);
   engine::SamplingParams& sp = r.sampling;
   p.Number("temperature", 0.0, 2.0, false, &sp.temperature);
   p.Number("top_p", 0.0, 1.0, true, &sp.top_p);

@@ -13,6 +13,8 @@
 #include <variant>
 #include <vector>
 
+#include <nlohmann/json_fwd.hpp>
+
 #include "engine/types.h"
 #include "util/status.h"
 
@@ -36,6 +38,8 @@ inline constexpr char kInvalidMessages[] = "invalid_messages";       // chat: me
 inline constexpr char kInvalidPrompt[] = "invalid_prompt";           // completions: prompt malformed
 inline constexpr char kDuplicateCustomId[] = "duplicate_custom_id";  // set by ScanInputFile
 inline constexpr char kLineTooLong[] = "line_too_long";              // set by ScanInputFile
+inline constexpr char kJsonTooDeep[] = "json_too_deep";              // nesting over Limits::max_json_depth
+inline constexpr char kUnsupported[] = "unsupported";                // a field kvbatch cannot honour yet
 
 // A line that fails structural validation.
 struct LineError {
@@ -61,9 +65,13 @@ struct LineInfo {
   uint64_t prefix_hash = 0;
 };
 
-// Structural validation of one line (see the codes above). Never throws.
+// Structural validation of one line (see the codes above). Never throws,
+// never recurses over the input (nesting is bounded by batch/limits.h first).
+// Roles must be system, developer, user or assistant (tool calling is not
+// supported yet: "tool"/"function" roles and tool_calls are kUnsupported).
 // Content parts must all be {"type":"text","text":<string>}; an assistant
-// message may have null content (OpenAI allows it after tool calls).
+// message may have null content. At most Limits::max_messages messages and
+// Limits::max_prompt_bytes of text.
 std::variant<LineInfo, LineError> ValidateLine(std::string_view text, int64_t line_no);
 
 // response_format: free text, any JSON object, or JSON valid against a schema.
@@ -105,9 +113,20 @@ struct ParsedRequest {
 //   wins when both are given), stop: a string or an array of at most 4
 //   strings (empty strings are dropped), logit_bias: {"<token id>": [-100,100]},
 //   seed: a 64-bit integer (negative values are taken modulo 2^64), model: a
-//   string. Integers may be written as integral floats (5.0). Unknown fields
-//   are ignored: OpenAI clients send many.
+//   string, metadata: an object of string values (Limits). Integers may be
+//   written as integral floats (5.0). Fields that would change the answer
+//   and are not supported (tools, tool_choice, functions, function_call,
+//   audio, modalities other than text, prediction, web_search_options;
+//   completions: echo, suffix, best_of > 1) are a 400 naming the field.
+//   Other unknown fields are ignored: OpenAI clients send many. Schemas are
+//   bounded by Limits (size, enum values, repetition counts).
 StatusOr<ParsedRequest> ParseRequest(std::string_view text, std::string* error_param = nullptr);
+
+// A metadata object as OpenAI accepts it: at most Limits::max_metadata_keys
+// keys of at most max_metadata_key_chars, string values of at most
+// max_metadata_value_chars. InvalidArgument with an OpenAI-style message.
+// *param (when given) names the offending member: "metadata" or "metadata.<key>".
+Status CheckMetadataValue(const nlohmann::json& metadata, std::string* param = nullptr);
 
 // FNV-1a 64: stable across builds and platforms (std::hash is not), so a
 // request's default seed, and therefore its output, never changes between runs.

@@ -4,6 +4,7 @@
 #include <cstdlib>
 #include <filesystem>
 
+#include "batch/limits.h"
 #include "cli/run_command.h"
 #include "cli/serve_command.h"
 #include "tools/gen_model.h"
@@ -73,12 +74,25 @@ void AddEngineFlags(CLI::App* cmd, kvb::engine::EngineOptions& e, int32_t& n_gpu
   cmd->add_option("--flash-attn", e.context.flash_attn, "Flash attention (true/false)")->capture_default_str();
 }
 
+// Request limits shared by run and serve (batch/limits.h).
+void AddLimitFlags(CLI::App* cmd, kvb::batch::Limits& l) {
+  cmd->add_option("--max-json-depth", l.max_json_depth, "Deepest JSON nesting accepted in a line or body")
+      ->capture_default_str()
+      ->check(CLI::Range(2, 10000));
+  cmd->add_option("--max-prompt-bytes", l.max_prompt_bytes, "Largest prompt text (all messages) of one request")
+      ->capture_default_str();
+  cmd->add_option("--max-messages", l.max_messages, "Most messages in one chat request")->capture_default_str();
+  cmd->add_option("--max-schema-bytes", l.max_schema_bytes, "Largest response_format JSON schema")
+      ->capture_default_str();
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   CLI::App app{"kvbatch: OpenAI-style batch inference with shared-prefix KV reuse, on llama.cpp"};
   app.require_subcommand(1);
 
+  kvb::batch::Limits limits;
   kvb::cli::RunOptions run;
   auto* run_cmd = app.add_subcommand("run", "Run an OpenAI Batch API input file (JSONL) offline");
   run_cmd->add_option("input", run.input, "Input JSONL: one {custom_id, method, url, body} per line")
@@ -92,6 +106,7 @@ int main(int argc, char** argv) {
                       "max_tokens for requests without one (0: until the context is full)")
       ->capture_default_str();
   AddEngineFlags(run_cmd, run.engine, run.n_gpu_layers);
+  AddLimitFlags(run_cmd, limits);
   run_cmd->add_flag("-q,--quiet", run.quiet, "No progress or summary");
   run_cmd->add_option("--progress-interval", run.progress_interval, "Seconds between progress lines when not on a terminal")
       ->capture_default_str();
@@ -110,6 +125,17 @@ int main(int argc, char** argv) {
   serve_cmd->add_option("--window", serve.window, "Batch requests in the engine at once (0: 2 x sequences + 64)")
       ->capture_default_str();
   AddEngineFlags(serve_cmd, serve.engine, serve.n_gpu_layers);
+  AddLimitFlags(serve_cmd, limits);
+  serve_cmd->add_option("--max-body-bytes", limits.max_body_bytes, "Largest JSON request body (uploads: --max-file-bytes)")
+      ->capture_default_str();
+  serve_cmd->add_option("--max-online-requests", serve.server.max_online_requests,
+                        "Online completions at once; more get 429")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  serve_cmd->add_option("--read-timeout", serve.server.read_timeout_s,
+                        "Seconds a connection may stay silent before it is closed")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 3600));
 
   std::string preset = "tiny", out, vocab, type;
   uint64_t seed = 42;
@@ -123,6 +149,7 @@ int main(int argc, char** argv) {
   auto* path_cmd = app.add_subcommand("demo-model-path", "Print the demo model's path (generating it if missing)");
 
   CLI11_PARSE(app, argc, argv);
+  kvb::batch::SetLimits(limits);
 
   if (*gen_cmd) return GenModel(preset, out, vocab, seed, type, false);
   if (*serve_cmd) {

@@ -14,6 +14,7 @@
 #include <unordered_map>
 #include <unordered_set>
 
+#include "batch/crash_guard.h"
 #include "batch/input_file.h"
 #include "batch/prefix_order.h"
 #include "batch/prepare.h"
@@ -79,9 +80,10 @@ std::vector<const batch::InputLine*> OrderPending(const batch::InputScan& scan,
 // requests, commits results as they finish, shows progress.
 class BatchRun {
  public:
-  BatchRun(const RunOptions& o, batch::ResultLog& log, std::vector<const batch::InputLine*> pending,
-           std::map<std::string, int64_t>& failures)
-      : o_(o), log_(log), pending_(std::move(pending)), failures_(failures) {}
+  // pending_[0, suspects) were in flight during a crash: each runs alone.
+  BatchRun(const RunOptions& o, batch::ResultLog& log, batch::CrashJournal& journal,
+           std::vector<const batch::InputLine*> pending, size_t suspects, std::map<std::string, int64_t>& failures)
+      : o_(o), log_(log), journal_(journal), pending_(std::move(pending)), suspects_(suspects), failures_(failures) {}
 
   // Returns the exit code (0, 1 on runtime errors, 130 when interrupted).
   int Execute(Progress& progress, int64_t resumed);
@@ -99,7 +101,9 @@ class BatchRun {
 
   const RunOptions& o_;
   batch::ResultLog& log_;
+  batch::CrashJournal& journal_;
   std::vector<const batch::InputLine*> pending_;
+  size_t suspects_ = 0;
   std::map<std::string, int64_t>& failures_;
 
   std::unique_ptr<engine::Model> model_;
@@ -120,7 +124,20 @@ int BatchRun::Execute(Progress& progress, int64_t resumed) {
   auto model = engine::Model::Load({o_.model, o_.n_gpu_layers});
   if (!model.ok()) return Fail(model.status());
   model_ = std::move(model).value();
-  auto eng = engine::Engine::Start(model_.get(), o_.engine, [this](engine::Result&& r) { results_.Push(std::move(r)); });
+  // Each request is journaled as the engine starts and ends it (batch/crash_guard.h);
+  // pending_ does not change while the engine runs.
+  auto eng = engine::Engine::Start(
+      model_.get(), o_.engine,
+      [this](engine::Result&& r) {
+        if (Status st = journal_.MarkDone(pending_[r.id]->line_no); !st.ok())
+          std::fprintf(stderr, "kvbatch: %s\n", st.message().c_str());
+        results_.Push(std::move(r));
+      },
+      nullptr,
+      [this](uint64_t id) {
+        if (Status st = journal_.MarkInFlight({pending_[id]->line_no}); !st.ok())
+          std::fprintf(stderr, "kvbatch: %s\n", st.message().c_str());
+      });
   if (!eng.ok()) return Fail(eng.status());
   engine_ = std::move(eng).value();
   auto reader = batch::InputReader::Open(o_.input);
@@ -206,6 +223,9 @@ Status BatchRun::Failure(const std::string& custom_id, const batch::RequestFailu
 Status BatchRun::Feed() {
   std::vector<engine::Request> ready;
   while (next_ < pending_.size() && inflight_.size() < window_) {
+    // A suspect of an earlier crash runs alone (the engine admits nothing
+    // beside it), so a crash while it runs blames it alone.
+    const bool suspect = next_ < suspects_;
     const batch::InputLine& line = *pending_[next_];
     const size_t index = next_++;
     auto text = reader_->ReadLine(line);
@@ -224,7 +244,9 @@ Status BatchRun::Feed() {
       continue;
     }
     inflight_.emplace(index, endpoint);
-    ready.push_back(std::get<engine::Request>(std::move(prepared)));
+    engine::Request& er = ready.emplace_back(std::get<engine::Request>(std::move(prepared)));
+    er.isolate = suspect;
+    er.test_abort = batch::TestCrashOn(line.custom_id);
   }
   engine_->SubmitAll(std::move(ready));
   return Status::Ok();
@@ -309,16 +331,49 @@ int Run(const RunOptions& o) {
     }
   }
 
-  // 3. Run what is left.
-  Progress progress(stderr, o.quiet, o.progress_interval);
+  // 3. Requests in flight during earlier crashes: failed after kMaxCrashes,
+  // else run first, each alone (batch/crash_guard.h).
+  std::vector<int64_t> answered_lines;
+  for (const auto& l : scan->valid)
+    if (log->answered().count(l.custom_id)) answered_lines.push_back(l.line_no);
+  auto journal = batch::CrashJournal::Open(o.output + ".inflight", answered_lines);
+  if (!journal.ok()) return Fail(journal.status());
   auto pending = OrderPending(*scan, log->answered());
+  std::vector<const batch::InputLine*> suspects, rest;
+  for (const batch::InputLine* l : pending) {
+    auto c = journal->crashes().find(l->line_no);
+    const int32_t crashes = c == journal->crashes().end() ? 0 : c->second;
+    if (crashes >= batch::kMaxCrashes) {
+      const std::string msg = batch::CrashedMessage(crashes);
+      std::fprintf(stderr, "kvbatch: line %lld (custom_id %s): %s\n", static_cast<long long>(l->line_no),
+                   l->custom_id.c_str(), msg.c_str());
+      if (Status st = log->AppendFailure(l->custom_id, batch::RequestErrorLine(l->custom_id, batch::kCrashedEngine, msg));
+          !st.ok())
+        return Fail(st);
+      ++failures[batch::kCrashedEngine];
+    } else {
+      (crashes > 0 ? suspects : rest).push_back(l);
+    }
+  }
+  if (!suspects.empty())
+    std::fprintf(stderr, "kvbatch: %zu request(s) were running when an earlier run crashed; each runs again alone first\n",
+                 suspects.size());
+  const size_t n_suspects = suspects.size();
+  suspects.insert(suspects.end(), rest.begin(), rest.end());
+  pending = std::move(suspects);
+
+  // 4. Run what is left.
+  Progress progress(stderr, o.quiet, o.progress_interval);
   std::unique_ptr<BatchRun> run;
   if (!pending.empty()) {
-    run = std::make_unique<BatchRun>(o, *log, std::move(pending), failures);
-    if (int rc = run->Execute(progress, resumed); rc != 0) return rc;
+    run = std::make_unique<BatchRun>(o, *log, *journal, std::move(pending), n_suspects, failures);
+    const int rc = run->Execute(progress, resumed);
+    // Finished, interrupted or stopped by an error: not a crash.
+    if (Status st = journal->EndSession(); !st.ok()) return Fail(st);
+    if (rc != 0) return rc;
   }
 
-  // 4. Everything is answered: put the files in input order.
+  // 5. Everything is answered: put the files in input order.
   std::unordered_map<std::string_view, int64_t> line_of;
   for (const auto& l : scan->valid) line_of.emplace(l.custom_id, l.line_no);
   for (const auto& e : scan->errors)
@@ -328,6 +383,7 @@ int Run(const RunOptions& o) {
     return it == line_of.end() ? INT64_MAX : it->second;
   });
   if (!st.ok()) return Fail(st);
+  if (Status rm = journal->Remove(); !rm.ok()) return Fail(rm);
   if (!o.quiet) PrintSummary(o, run.get(), failures, resumed, progress.elapsed());
   return 0;
 }

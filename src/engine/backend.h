@@ -43,9 +43,15 @@ class Backend {
 
   // Shares the cells of positions [0, n) of `src` with `dst` (no copy).
   virtual void CopySeq(int32_t src, int32_t dst, int32_t n) = 0;
+  // Whether CopySeq may take a prefix shorter than what `src` holds. False
+  // for recurrent and hybrid memory: a recurrent state exists only at the
+  // end of what a sequence has decoded, so forks happen only there.
+  virtual bool PartialForks() const { return true; }
   virtual void RemoveSeq(int32_t seq) = 0;
 
-  // Decodes the batch. kResourceExhausted: no room in the KV cache.
+  // Decodes the batch. kResourceExhausted: no room in the KV cache; any
+  // other error is a failed step (the scheduler retries its requests in
+  // isolation, a bounded number of times).
   virtual Status Decode(const std::vector<BatchToken>& batch) = 0;
   // Logits of the i-th token of the last Decode (which must have asked for them).
   virtual const float* Logits(int32_t batch_index) = 0;

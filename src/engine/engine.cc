@@ -1,10 +1,12 @@
 #include "engine/engine.h"
 
+#include <exception>
+
 namespace kvb::engine {
 
 StatusOr<std::unique_ptr<Engine>> Engine::Start(const Model* model, const EngineOptions& options,
                                                 std::function<void(Result&&)> on_result,
-                                                Scheduler::DeltaFn on_delta) {
+                                                Scheduler::DeltaFn on_delta, Scheduler::AdmitFn on_admit) {
   auto backend = LlamaBackend::Create(model, options.context);
   if (!backend.ok()) return backend.status();
   std::unique_ptr<Engine> e(new Engine);
@@ -12,7 +14,8 @@ StatusOr<std::unique_ptr<Engine>> Engine::Start(const Model* model, const Engine
   e->info_ = e->backend_->info();
   SchedulerOptions so = options.scheduler;
   so.max_anchors = options.context.anchors;
-  e->scheduler_ = std::make_unique<Scheduler>(e->backend_.get(), so, std::move(on_result), std::move(on_delta));
+  e->scheduler_ = std::make_unique<Scheduler>(e->backend_.get(), so, std::move(on_result), std::move(on_delta),
+                                              std::move(on_admit));
   e->thread_ = std::thread([raw = e.get()] { raw->Loop(); });
   return e;
 }
@@ -71,7 +74,11 @@ void Engine::Loop() {
     incoming.clear();
     for (uint64_t id : cancels) scheduler_->Cancel(id);
     cancels.clear();
-    scheduler_->Step();
+    try {
+      scheduler_->Step();
+    } catch (const std::exception& e) {
+      scheduler_->RecoverFromException(e.what());
+    }
     std::lock_guard<std::mutex> lock(mu_);
     stats_ = scheduler_->stats();
   }

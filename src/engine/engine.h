@@ -25,9 +25,11 @@ class Engine {
  public:
   // `on_result` and `on_delta` (streaming requests' text, see
   // Scheduler::DeltaFn) run on the engine thread; keep them short.
+  // `on_admit` (Scheduler::AdmitFn) runs on the engine thread too.
   static StatusOr<std::unique_ptr<Engine>> Start(const Model* model, const EngineOptions& options,
                                                  std::function<void(Result&&)> on_result,
-                                                 Scheduler::DeltaFn on_delta = nullptr);
+                                                 Scheduler::DeltaFn on_delta = nullptr,
+                                                 Scheduler::AdmitFn on_admit = nullptr);
   ~Engine();  // stops the thread; unfinished requests are dropped
 
   void Submit(Request request, bool urgent = false);  // thread-safe

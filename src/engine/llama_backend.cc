@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <exception>
 #include <fstream>
 #include <limits>
 #include <thread>
@@ -91,6 +92,7 @@ StatusOr<std::unique_ptr<LlamaBackend>> LlamaBackend::Create(const Model* model,
     return Status::ResourceExhausted("llama.cpp could not create a context with " + std::to_string(cells) +
                                      " KV cells; try a smaller --kv-cells");
   }
+  b->partial_forks_ = !llama_model_is_recurrent(model->raw()) && !llama_model_is_hybrid(model->raw());
   b->info_.kv_cells = static_cast<int32_t>(llama_n_ctx(b->ctx_));
   b->info_.n_seq_max = static_cast<int32_t>(llama_n_seq_max(b->ctx_));
   b->info_.max_seqs = b->info_.n_seq_max - o.anchors;
@@ -124,7 +126,12 @@ Status LlamaBackend::Decode(const std::vector<BatchToken>& tokens) {
     b.seq_id[i][0] = tokens[i].seq;
     b.logits[i] = tokens[i].logits;
   }
-  const int32_t rc = llama_decode(ctx_, b);
+  int32_t rc = 0;
+  try {
+    rc = llama_decode(ctx_, b);
+  } catch (const std::exception& e) {
+    return Status::Internal(std::string("llama_decode threw: ") + e.what());
+  }
   if (rc == 0) return Status::Ok();
   if (rc == 1) return Status::ResourceExhausted("no KV slot for the batch");
   return Status::Internal("llama_decode failed with code " + std::to_string(rc));

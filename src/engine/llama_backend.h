@@ -49,6 +49,7 @@ class LlamaBackend : public Backend {
   int32_t n_vocab() const override { return n_vocab_; }
 
   void CopySeq(int32_t src, int32_t dst, int32_t n) override;
+  bool PartialForks() const override { return partial_forks_; }
   void RemoveSeq(int32_t seq) override;
   Status Decode(const std::vector<BatchToken>& batch) override;
   const float* Logits(int32_t batch_index) override;
@@ -71,6 +72,7 @@ class LlamaBackend : public Backend {
   std::unique_ptr<VocabTrie> trie_;  // built on the first grammar request
   llama_context* ctx_ = nullptr;
   int32_t n_vocab_ = 0;
+  bool partial_forks_ = true;
   ContextInfo info_;
   struct BatchBuffer;
   std::unique_ptr<BatchBuffer> batch_;

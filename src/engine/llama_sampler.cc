@@ -83,7 +83,10 @@ class LlamaSampler : public Sampler {
       llama_sampler_chain_add(chain_, llama_sampler_init_logit_bias(n_vocab, static_cast<int32_t>(bias.size()), bias.data()));
     }
     if (penalties) {
-      const int32_t last_n = p.max_tokens > 0 ? p.max_tokens : 4096;
+      // The window covers every generated token; the scheduler passes the
+      // tokens this request can really generate, and the cap keeps a direct
+      // caller's max_tokens from sizing it.
+      const int32_t last_n = std::clamp(p.max_tokens > 0 ? p.max_tokens : 4096, 1, 1 << 17);
       llama_sampler_chain_add(chain_, llama_sampler_init_penalties(n_vocab, last_n, 1.0f, p.frequency_penalty, p.presence_penalty));
     }
     if (p.temperature <= 0.0f) {

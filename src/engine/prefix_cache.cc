@@ -25,6 +25,22 @@ size_t CommonLength(std::span<const Token> a, std::span<const Token> b) {
 PrefixCache::PrefixCache() : root_(new Node) {}
 PrefixCache::~PrefixCache() { delete root_; }
 
+PrefixCache::Match PrefixCache::LongestWhole(std::span<const Token> tokens, size_t max_len) const {
+  Match best;
+  uint64_t best_used = 0;
+  for (const auto& [seq, e] : entries_) {
+    const size_t n = e.tokens.size();
+    if (n == 0 || n > max_len || n > tokens.size()) continue;
+    if (!std::equal(e.tokens.begin(), e.tokens.end(), tokens.begin())) continue;
+    const auto len = static_cast<int32_t>(n);
+    if (len > best.length || (len == best.length && e.last_used > best_used)) {
+      best = Match{len, seq};
+      best_used = e.last_used;
+    }
+  }
+  return best;
+}
+
 PrefixCache::Match PrefixCache::Longest(std::span<const Token> tokens, size_t max_len) const {
   Match best;
   tokens = tokens.subspan(0, std::min(tokens.size(), max_len));

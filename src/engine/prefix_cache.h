@@ -39,6 +39,9 @@ class PrefixCache {
   // The longest resident prefix of `tokens`, at most `max_len` tokens long.
   // Among anchors covering it, the most recently used one is returned.
   Match Longest(std::span<const Token> tokens, size_t max_len) const;
+  // As Longest, but only whole entries: the longest anchor all of whose
+  // tokens begin `tokens` (for memory that can fork only at an anchor's end).
+  Match LongestWhole(std::span<const Token> tokens, size_t max_len) const;
 
   // Registers `seq` as holding `tokens`. `seq` must not be registered.
   void Insert(int32_t seq, std::vector<Token> tokens);

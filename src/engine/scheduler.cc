@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cassert>
+#include <cstdio>
+#include <cstdlib>
 #include <numeric>
 
 #include "engine/scheduler_seq.h"
@@ -19,8 +21,13 @@ size_t CommonPrefix(const std::vector<Token>& a, const std::vector<Token>& b, si
 
 }  // namespace
 
-Scheduler::Scheduler(Backend* backend, SchedulerOptions options, ResultFn on_result, DeltaFn on_delta)
-    : backend_(backend), options_(options), on_result_(std::move(on_result)), on_delta_(std::move(on_delta)) {
+Scheduler::Scheduler(Backend* backend, SchedulerOptions options, ResultFn on_result, DeltaFn on_delta,
+                     AdmitFn on_admit)
+    : backend_(backend),
+      options_(options),
+      on_result_(std::move(on_result)),
+      on_delta_(std::move(on_delta)),
+      on_admit_(std::move(on_admit)) {
   int32_t n = backend_->n_seq_max();
   options_.max_anchors = std::clamp(options_.max_anchors, 0, std::max(0, n - 1));
   max_running_ = n - options_.max_anchors;
@@ -153,13 +160,23 @@ bool Scheduler::TryAdmit(Request& r) {
                                       " prompt tokens (plus at least one to generate)"));
     return true;
   }
+  // A suspect runs alone: no other request running. One whose steps failed
+  // (failures_) also shares nothing with an anchor, whose state may be the cause.
+  const bool suspect = Suspect(r);
+  const bool fresh = FailedBefore(r);
+  if (suspect) {
+    for (const auto& q : seqs_)
+      if (q) return false;
+  }
   // At least the last prompt token is always decoded by the request itself:
   // its logits give the first sampled token.
   const size_t max_len = static_cast<size_t>(n - 1);
-  PrefixCache::Match m = cache_.Longest(r.prompt, max_len);
+  PrefixCache::Match m;
+  if (!fresh) m = backend_->PartialForks() ? cache_.Longest(r.prompt, max_len) : cache_.LongestWhole(r.prompt, max_len);
 
   // An anchor being prefilled will serve more of this prompt: wait for it.
   for (const auto& a : anchors_) {
+    if (fresh) break;
     if (a && !a->ready && static_cast<int32_t>(a->tokens.size()) > m.length && a->tokens.size() <= max_len &&
         CommonPrefix(a->tokens, r.prompt, max_len) == a->tokens.size())
       return false;
@@ -167,7 +184,10 @@ bool Scheduler::TryAdmit(Request& r) {
 
   // A longer prefix shared with requests still waiting: decode it once into
   // an anchor, then fork this request and the others from it.
-  const int32_t shared = SharedWithWaiting(r, max_len, static_cast<size_t>(m.length + std::max(1, options_.min_anchor_gain)));
+  const int32_t shared =
+      fresh || anchors_disabled_
+          ? 0
+          : SharedWithWaiting(r, max_len, static_cast<size_t>(m.length + std::max(1, options_.min_anchor_gain)));
   if (shared > 0) {
     auto slot = FreeSlot(/*anchor=*/true);
     if (!slot) {
@@ -200,18 +220,36 @@ bool Scheduler::TryAdmit(Request& r) {
   if (static_cast<int32_t>(slots.size()) < n_choices) return false;
   const int32_t max_new = MaxNew(r);
   // The prompt's own cells once (choices share them), generated ones per choice.
-  const int32_t need = n - m.length + n_choices * max_new;
-  if (!MakeRoom(need, m.seq)) return false;
+  int32_t need = n - m.length + n_choices * max_new;
+  if (!MakeRoom(need, m.seq)) {
+    // The anchor it would fork from is all that is in the way (a request
+    // wanting the whole context): with nothing else running, run it without
+    // the anchor rather than never.
+    const bool alone = std::none_of(seqs_.begin(), seqs_.end(), [](const auto& q) { return q != nullptr; });
+    if (m.length == 0 || !alone) return false;
+    m = PrefixCache::Match{};
+    need = n + n_choices * max_new;
+    if (!MakeRoom(need, -1)) return false;
+  }
 
   std::vector<std::unique_ptr<Sampler>> samplers;
   for (int32_t i = 0; i < n_choices; ++i) {
     SamplingParams params = r.sampling;
     params.seed = SamplerSeed(r.sampling.seed, r.prompt, i);
+    // What this choice can really generate: the sampler sizes its state
+    // (the penalty window) by it, never by an absurd max_tokens.
+    params.max_tokens = std::max(1, max_new);
     samplers.push_back(backend_->NewSampler(params));
     if (!samplers.back()) {
       Fail(r, Status::InvalidArgument("the request's grammar does not parse"));
       return true;
     }
+  }
+  if (on_admit_) on_admit_(r.id);
+  if (r.test_abort) {
+    std::fprintf(stderr, "kvbatch: KVBATCH_TEST_CRASH_ON: aborting on request %llu (test hook)\n",
+                 static_cast<unsigned long long>(r.id));
+    std::abort();
   }
   auto g = std::make_shared<Group>();
   auto c = credit_.find(r.id);
@@ -256,6 +294,9 @@ bool Scheduler::TryAdmit(Request& r) {
 }
 
 void Scheduler::Admit() {
+  // Nothing joins a suspect: it runs alone.
+  for (const auto& s : seqs_)
+    if (s && Suspect(s->req())) return;
   while (!waiting_.empty()) {
     if (!TryAdmit(waiting_.front())) break;
     waiting_.pop_front();
@@ -294,11 +335,69 @@ void Scheduler::Requeue(Seq& s) {
   waiting_.push_front(ReleaseGroup(*g));
 }
 
+// A step failed for a reason other than a full cache (llama_decode -1, an
+// exception): which request caused it is unknown. Every request in it is
+// requeued as a suspect (it then runs alone) until it has failed
+// max_attempts steps; then it fails with the error, logged once. Unfinished
+// anchors are dropped; anchors that keep failing on their own are turned
+// off. Nothing is retried without bound.
+void Scheduler::StepFailed(const Status& st) {
+  ++stats_.failed_steps;
+  std::vector<std::shared_ptr<Group>> groups;
+  for (auto& s : seqs_)
+    if (s && (groups.empty() || groups.back() != s->group) &&
+        std::find(groups.begin(), groups.end(), s->group) == groups.end())
+      groups.push_back(s->group);
+  for (auto& a : anchors_)
+    if (a) a->chunk = 0;
+  for (auto& a : anchors_)
+    if (a && !a->ready && cache_.Refs(a->id) == 0) EvictAnchor(a->id);
+  if (groups.empty() && ++anchor_failures_ >= options_.max_attempts && !anchors_disabled_) {
+    anchors_disabled_ = true;
+    std::fprintf(stderr, "kvbatch: shared-prefix anchors failed %d times (%s); continuing without them\n",
+                 anchor_failures_, st.message().c_str());
+  }
+  for (auto& g : groups) {
+    Seq* leader = seqs_[g->seqs[0]].get();
+    if (leader == nullptr || leader->group != g) {
+      for (int32_t id : g->seqs)
+        if (seqs_[id] && seqs_[id]->group == g) leader = seqs_[id].get();
+    }
+    const uint64_t id = g->req.id;
+    const int32_t failures = ++failures_[id];
+    if (failures < options_.max_attempts) {
+      Requeue(*leader);
+      continue;
+    }
+    failures_.erase(id);
+    credit_.erase(id);
+    streamed_.erase(id);
+    Request r = ReleaseGroup(*g);
+    std::fprintf(stderr, "kvbatch: request %llu failed %d times in the engine, alone at the end; giving up: %s\n",
+                 static_cast<unsigned long long>(id), failures, st.message().c_str());
+    Fail(r, Status(st.code() == StatusCode::kOk ? StatusCode::kInternal : st.code(),
+                   "the engine failed on this request " + std::to_string(failures) + " times (" + st.message() +
+                       "); it was not retried further"));
+  }
+}
+
+void Scheduler::RecoverFromException(const std::string& what) {
+  StepFailed(Status::Internal("exception in the engine step: " + what));
+}
+
+void Scheduler::FailGroup(Seq& s, Status status) {
+  std::shared_ptr<Group> g = s.group;
+  failures_.erase(g->req.id);
+  Request r = ReleaseGroup(*g);
+  Fail(r, std::move(status));
+}
+
 void Scheduler::Cancel(uint64_t id) {
   auto w = std::find_if(waiting_.begin(), waiting_.end(), [id](const Request& r) { return r.id == id; });
   if (w != waiting_.end()) {
     Request r = std::move(*w);
     waiting_.erase(w);
+    failures_.erase(id);
     credit_.erase(id);
     streamed_.erase(id);
     Fail(r, Status::Cancelled("the request was cancelled"));
@@ -381,19 +480,10 @@ bool Scheduler::Step() {
       Requeue(*newest);
       return true;
     }
-    // Anything else (or a full cache with only anchors prefilling): fail
-    // the running requests and drop the unfinished anchors, so the step
-    // cannot repeat forever; waiting requests are admitted without them.
-    for (auto& s : seqs_) {
-      if (!s) continue;
-      std::shared_ptr<Group> g = s->group;
-      Request r = ReleaseGroup(*g);
-      Fail(r, st);
-    }
-    for (auto& a : anchors_)
-      if (a && !a->ready) EvictAnchor(a->id);
+    StepFailed(st);
     return true;
   }
+  anchor_failures_ = 0;
 
   for (auto& a : anchors_) {
     if (!a || a->ready || a->chunk == 0) continue;

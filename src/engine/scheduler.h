@@ -10,6 +10,7 @@
 #include <functional>
 #include <memory>
 #include <optional>
+#include <string>
 #include <string_view>
 #include <unordered_map>
 #include <vector>
@@ -25,6 +26,9 @@ struct SchedulerOptions {
   int32_t min_anchor_gain = 16;     // an anchor must add at least this many shared tokens
   int32_t lookahead = 256;          // waiting requests compared to find shared prefixes
   int32_t reserve_cells = 0;        // cells kept free as a safety margin
+  // A request in a failed step (llama_decode error, an exception) runs
+  // again alone; after this many failed steps it fails with an error.
+  int32_t max_attempts = 3;
 };
 
 struct EngineStats {
@@ -36,6 +40,7 @@ struct EngineStats {
   int64_t completion_tokens = 0;
   int64_t steps = 0;
   int64_t requeued = 0;             // sequences pushed back after a failed decode
+  int64_t failed_steps = 0;         // steps whose decode failed (not for lack of cells)
   int32_t active = 0;               // sequences running
   int32_t waiting = 0;
   int32_t anchors = 0;
@@ -55,7 +60,12 @@ class Scheduler {
   // finishes, all of them before the request's Result.
   using DeltaFn = std::function<void(uint64_t id, int32_t choice, std::string_view text)>;
 
-  Scheduler(Backend* backend, SchedulerOptions options, ResultFn on_result, DeltaFn on_delta = nullptr);
+  // Called when a request is admitted, before its first token is decoded
+  // (crash guard: the caller records it as in flight, batch/crash_guard.h).
+  using AdmitFn = std::function<void(uint64_t id)>;
+
+  Scheduler(Backend* backend, SchedulerOptions options, ResultFn on_result, DeltaFn on_delta = nullptr,
+            AdmitFn on_admit = nullptr);
   ~Scheduler();
 
   // Queues a request. Requests sharing a prefix should be submitted next to
@@ -74,6 +84,10 @@ class Scheduler {
   bool Step();
 
   bool Idle() const;
+  // An exception escaped Step (a bug, or llama.cpp throwing): handled as a
+  // failed step, so the requests in it are retried alone, a bounded number
+  // of times, instead of the engine stopping.
+  void RecoverFromException(const std::string& what);
   const EngineStats& stats() const { return stats_; }
   // Max sequences that may run at once (excluding anchors).
   int32_t max_running() const { return max_running_; }
@@ -93,6 +107,10 @@ class Scheduler {
   int32_t FreeCells() const;
   int32_t MaxNew(const Request& r) const;
   void Fail(Request& r, Status status);
+  void FailGroup(Seq& s, Status status);
+  void StepFailed(const Status& status);
+  bool Suspect(const Request& r) const { return r.isolate || failures_.count(r.id) != 0; }
+  bool FailedBefore(const Request& r) const { return failures_.count(r.id) != 0; }
   void Sample(Seq& s, const float* logits);
   void Fork(Seq& leader, const float* logits);
   void FinishChoice(Seq& s);
@@ -106,6 +124,7 @@ class Scheduler {
   SchedulerOptions options_;
   ResultFn on_result_;
   DeltaFn on_delta_;
+  AdmitFn on_admit_;
   PrefixCache cache_;
   int32_t max_running_;
 
@@ -118,6 +137,12 @@ class Scheduler {
   // Requeued streaming requests: bytes of text already streamed per choice,
   // by request id (the rerun regenerates the same text; only what is new is sent).
   std::unordered_map<uint64_t, std::vector<size_t>> streamed_;
+  // Failed steps per request: such a request is a suspect and runs alone
+  // (never beside another request, never forked from an anchor), so a
+  // request that breaks the engine fails by itself and the others go on.
+  std::unordered_map<uint64_t, int32_t> failures_;
+  int32_t anchor_failures_ = 0;  // consecutive failed steps holding only anchors
+  bool anchors_disabled_ = false;
   int64_t admit_order_ = 0;
   EngineStats stats_;
 };

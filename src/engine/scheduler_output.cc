@@ -2,6 +2,7 @@
 // forking the other choices after the prompt, stop strings, streaming and
 // finishing (a request's Result is emitted when its last choice finishes).
 #include <algorithm>
+#include <exception>
 
 #include "engine/logprobs.h"
 #include "engine/scheduler.h"
@@ -35,6 +36,7 @@ void Scheduler::FinishChoice(Seq& s) {
   res.tokens = res.choices[0].tokens;
   res.finish = res.choices[0].finish;
   ++stats_.requests_done;
+  failures_.erase(res.id);
   stats_.prompt_tokens += res.prompt_tokens;
   stats_.cached_tokens += res.cached_tokens;
   stats_.completion_tokens += res.completion_tokens;
@@ -79,15 +81,18 @@ bool Scheduler::Accept(Seq& s, Token t) {
   s.out.push_back(t);
   const size_t before = s.text.size();
   s.text += backend_->Piece(t);
+  // The earliest match of any stop string, not the first string listed
+  // that matches: the text is cut before every stop string.
+  size_t cut = std::string::npos;
   for (const std::string& stop : s.req().sampling.stop) {
     if (stop.empty()) continue;
     size_t from = before >= stop.size() ? before - stop.size() + 1 : 0;
-    size_t pos = s.text.find(stop, from);
-    if (pos != std::string::npos) {
-      s.text.resize(pos);
-      s.finish = FinishReason::kStop;
-      return true;
-    }
+    cut = std::min(cut, s.text.find(stop, from));
+  }
+  if (cut != std::string::npos) {
+    s.text.resize(cut);
+    s.finish = FinishReason::kStop;
+    return true;
   }
   if (static_cast<int32_t>(s.out.size()) >= s.max_new) {
     s.finish = FinishReason::kLength;
@@ -98,7 +103,14 @@ bool Scheduler::Accept(Seq& s, Token t) {
 
 // Samples the next token of a choice from its logits and accepts it.
 void Scheduler::Sample(Seq& s, const float* logits) {
-  const Token t = s.sampler->Sample(logits);
+  Token t = kNoToken;
+  try {
+    t = s.sampler->Sample(logits);
+  } catch (const std::exception& e) {
+    // llama.cpp's grammar throws when its state breaks: this request fails, alone.
+    FailGroup(s, Status::Internal(std::string("sampling failed: ") + e.what()));
+    return;
+  }
   const Request& r = s.req();
   if (r.logprobs && t != kNoToken && !backend_->IsEndOfGeneration(t))
     s.logprobs.push_back(ComputeLogprobs(logits, backend_->n_vocab(), t, r.top_logprobs, *backend_));

@@ -67,6 +67,13 @@ struct Request {
   SamplingParams sampling;
   int32_t capture_top_logits = 0;  // >0: report the top-k next-token logits after the prompt
   bool stream = false;             // report text as it is generated (Scheduler::DeltaFn)
+  // Run alone: nothing else runs beside it and it shares no prefix (a
+  // request that was in flight when the process crashed, see
+  // batch/crash_guard.h). Failed steps make a request isolated too.
+  bool isolate = false;
+  // Test-only (KVBATCH_TEST_CRASH_ON, tests of poison requests): abort the
+  // process when this request is admitted, as a crash inside llama.cpp would.
+  bool test_abort = false;
   // Choices: n independent answers to one prompt. The prompt is decoded
   // once; choices 1..n-1 fork its cells (no copy) and sample with their own
   // RNG (ChoiceSeed). All n run at once: n <= the engine's parallel sequences.

@@ -65,6 +65,14 @@ CREATE TABLE requests (
 -- Pending rows of a batch by line, without scanning the answered ones.
 CREATE INDEX requests_pending ON requests (batch_id, line) WHERE state = 0;
 )sql";
+
+// Version 2: which requests were in the engine (inflight) and how many
+// crashes each was in flight for (poison requests, DESIGN.md section 5).
+constexpr const char* kMigrateTo2 = R"sql(
+ALTER TABLE requests ADD COLUMN inflight INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE requests ADD COLUMN crashes INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX requests_inflight ON requests (batch_id, line) WHERE inflight = 1;
+)sql";
 }  // namespace
 
 Status EnsureSchema(sqlite3* db, const std::string& path) {
@@ -79,7 +87,10 @@ Status EnsureSchema(sqlite3* db, const std::string& path) {
       return Status::FailedPrecondition("database " + path + " has schema version " + std::to_string(version) +
                                         "; this kvbatch reads version " + std::to_string(kSchemaVersion));
     }
-    if (Status s = Exec(db, kSchema); !s.ok()) return s;
+    if (version < 1)
+      if (Status s = Exec(db, kSchema); !s.ok()) return s;
+    if (version < 2)
+      if (Status s = Exec(db, kMigrateTo2); !s.ok()) return s;
     return Exec(db, ("PRAGMA user_version = " + std::to_string(kSchemaVersion)).c_str());
   });
 }

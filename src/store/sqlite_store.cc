@@ -465,7 +465,7 @@ StatusOr<std::vector<PendingRequest>> SqliteStore::PendingRequests(std::string_v
   if (Status s = CheckBatchExists(db_, batch_id); !s.ok()) return s;
   // `state = 0` matches the partial index requests_pending.
   auto st = Prepare(db_,
-                    "SELECT line, custom_id, byte_offset, byte_length, prefix_hash FROM requests "
+                    "SELECT line, custom_id, byte_offset, byte_length, prefix_hash, crashes FROM requests "
                     "WHERE batch_id = ?1 AND state = 0 ORDER BY line");
   if (!st.ok()) return st.status();
   st->Text(1, batch_id);
@@ -478,10 +478,60 @@ StatusOr<std::vector<PendingRequest>> SqliteStore::PendingRequests(std::string_v
     r.offset = st->ColInt(2);
     r.length = st->ColInt(3);
     r.prefix_hash = std::bit_cast<uint64_t>(st->ColInt(4));
+    r.crashes = static_cast<int32_t>(st->ColInt(5));
     out.push_back(std::move(r));
   }
   if (rc != SQLITE_DONE) return SqlError(db_, "read pending requests");
   return out;
+}
+
+// Called on the engine thread as each request starts and ends: committed
+// without an fsync (synchronous=NORMAL in WAL mode), which survives the
+// process dying, the only crash a mark is for, at the cost of a write(2).
+Status SqliteStore::SetInFlight(std::string_view batch_id, const std::vector<int64_t>& lines, bool in_flight) {
+  if (lines.empty()) return Status::Ok();
+  std::lock_guard lock(mu_);
+  if (Status s = Exec(db_, "PRAGMA synchronous = NORMAL"); !s.ok()) return s;
+  Status marked = Transaction(db_, [&]() -> Status {
+    auto upd = Prepare(db_, "UPDATE requests SET inflight = ?3 WHERE batch_id = ?1 AND line = ?2 AND state = 0");
+    if (!upd.ok()) return upd.status();
+    upd->Text(1, batch_id);
+    upd->Int(3, in_flight ? 1 : 0);
+    for (int64_t line : lines) {
+      upd->Int(2, line);
+      if (Status s = StepDone(db_, *upd, "mark in flight"); !s.ok()) return s;
+    }
+    return Status::Ok();
+  });
+  Status restored = Exec(db_, "PRAGMA synchronous = FULL");
+  return marked.ok() ? restored : marked;
+}
+
+Status SqliteStore::MarkInFlight(std::string_view batch_id, const std::vector<int64_t>& lines) {
+  return SetInFlight(batch_id, lines, true);
+}
+
+Status SqliteStore::UnmarkInFlight(std::string_view batch_id, const std::vector<int64_t>& lines) {
+  return SetInFlight(batch_id, lines, false);
+}
+
+StatusOr<int64_t> SqliteStore::RecoverInFlight() {
+  std::lock_guard lock(mu_);
+  int64_t n = 0;
+  Status s = Transaction(db_, [&]() -> Status {
+    if (Status e = Exec(db_, "UPDATE requests SET crashes = crashes + 1, inflight = 0 WHERE inflight = 1 AND state = 0");
+        !e.ok())
+      return e;
+    n = sqlite3_changes(db_);
+    return Exec(db_, "UPDATE requests SET inflight = 0 WHERE inflight = 1");
+  });
+  if (!s.ok()) return s;
+  return n;
+}
+
+Status SqliteStore::ClearInFlight() {
+  std::lock_guard lock(mu_);
+  return Transaction(db_, [&]() -> Status { return Exec(db_, "UPDATE requests SET inflight = 0 WHERE inflight = 1"); });
 }
 
 StatusOr<int64_t> SqliteStore::CommitResults(std::string_view batch_id, const std::vector<RequestOutcome>& outcomes) {
@@ -492,7 +542,7 @@ StatusOr<int64_t> SqliteStore::CommitResults(std::string_view batch_id, const st
     // `state = 0`: a row answered before (by this call or an earlier one) is
     // left alone, so nothing is answered or counted twice.
     auto upd = Prepare(db_,
-                       "UPDATE requests SET state = ?1, result_line = ?2 "
+                       "UPDATE requests SET state = ?1, result_line = ?2, inflight = 0 "
                        "WHERE batch_id = ?3 AND line = ?4 AND state = 0");
     if (!upd.ok()) return upd.status();
     upd->Text(3, batch_id);

@@ -64,10 +64,15 @@ class SqliteStore : public Store {
   Status AddRequests(std::string_view batch_id, const std::vector<PendingRequest>& rows) override;
   StatusOr<std::vector<PendingRequest>> PendingRequests(std::string_view batch_id) override;
   StatusOr<int64_t> CommitResults(std::string_view batch_id, const std::vector<RequestOutcome>& outcomes) override;
+  Status MarkInFlight(std::string_view batch_id, const std::vector<int64_t>& lines) override;
+  Status UnmarkInFlight(std::string_view batch_id, const std::vector<int64_t>& lines) override;
+  StatusOr<int64_t> RecoverInFlight() override;
+  Status ClearInFlight() override;
   Status ForEachRequest(std::string_view batch_id, const std::function<Status(const StoredRequest&)>& fn) override;
 
  private:
   SqliteStore(sqlite3* db, std::string path, bool use_readers);
+  Status SetInFlight(std::string_view batch_id, const std::vector<int64_t>& lines, bool in_flight);
 
   // Read-only connections for ForEachRequest on file databases: a small pool
   // so repeated calls do not reopen, and concurrent calls do not share one.

@@ -92,6 +92,7 @@ struct PendingRequest {
   int64_t offset = 0;  // byte offset of the line in the input file
   int64_t length = 0;  // bytes, without the newline
   uint64_t prefix_hash = 0;  // batch::LineInfo::prefix_hash, for ordering
+  int32_t crashes = 0;       // crashes of the server this request was in flight for
 };
 
 // The answer to one request.
@@ -155,6 +156,19 @@ class Store {
   // pending any more, or does not exist, is skipped: exactly once. Counts and
   // usage grow by what was recorded. Returns how many rows were recorded.
   virtual StatusOr<int64_t> CommitResults(std::string_view batch_id, const std::vector<RequestOutcome>& outcomes) = 0;
+  // Poison requests (DESIGN.md section 5). Marks pending rows as in the
+  // engine before they run; the mark must survive the process dying (not
+  // necessarily a power loss: it is there for crashes of the process).
+  virtual Status MarkInFlight(std::string_view batch_id, const std::vector<int64_t>& lines) = 0;
+  // The engine is done with them (answered, maybe not committed yet): a
+  // crash from now on is not theirs.
+  virtual Status UnmarkInFlight(std::string_view batch_id, const std::vector<int64_t>& lines) = 0;
+  // At startup: every row still marked in flight was running when the
+  // process died; its `crashes` grows by one and the mark is cleared.
+  // Returns how many rows that was.
+  virtual StatusOr<int64_t> RecoverInFlight() = 0;
+  // After a clean stop: the marks are cleared without counting a crash.
+  virtual Status ClearInFlight() = 0;
   // Visits every request row of the batch in line order, streaming (rows are
   // not all held in memory). A non-OK status from `fn` stops and is returned.
   virtual Status ForEachRequest(std::string_view batch_id, const std::function<Status(const StoredRequest&)>& fn) = 0;

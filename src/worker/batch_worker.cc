@@ -8,6 +8,7 @@
 #include <ctime>
 #include <filesystem>
 
+#include "batch/crash_guard.h"
 #include "batch/prefix_order.h"
 #include "batch/prepare.h"
 #include "batch/response.h"
@@ -79,6 +80,7 @@ struct BatchWorker::Active {
   batch::Endpoint endpoint = batch::Endpoint::kChatCompletions;
   std::optional<batch::InputReader> reader;
   std::vector<store::PendingRequest> queue;  // in feeding order
+  size_t suspects = 0;  // queue[0, suspects) were in flight in a crash: each runs alone
   size_t next = 0;
   int64_t in_flight = 0;
   const char* stop_code = nullptr;  // "batch_cancelled" / "batch_expired" once stopping
@@ -97,6 +99,15 @@ BatchWorker::BatchWorker(store::Store* store, EngineHub* hub, const engine::Mode
 BatchWorker::~BatchWorker() { Stop(); }
 
 void BatchWorker::Start() {
+  // Requests still marked in flight were running when the process died.
+  if (auto n = store_->RecoverInFlight(); !n.ok()) {
+    std::fprintf(stderr, "kvbatch: store: %s\n", n.status().message().c_str());
+  } else if (*n > 0) {
+    std::fprintf(stderr,
+                 "kvbatch: %lld request(s) were running when the server stopped unexpectedly; each runs again "
+                 "alone (one in flight during %d crashes fails with %s)\n",
+                 static_cast<long long>(*n), batch::kMaxCrashes, batch::kCrashedEngine);
+  }
   last_commit_ = last_refresh_ = Clock::now();
   thread_ = std::thread([this] { Loop(); });
 }
@@ -109,6 +120,9 @@ void BatchWorker::Stop() {
   }
   cv_.notify_all();
   if (thread_.joinable()) thread_.join();
+  // A clean stop: what was in the engine did not crash it.
+  if (Status st = store_->ClearInFlight(); !st.ok())
+    std::fprintf(stderr, "kvbatch: store: %s\n", st.message().c_str());
 }
 
 void BatchWorker::Wake() {
@@ -288,6 +302,23 @@ void BatchWorker::Activate(const store::BatchRecord& rec) {
     }
     a->queue = std::move(pending).value();
     batch::GroupBySharedPrefix(a->queue, [](const store::PendingRequest& p) { return p.prefix_hash; });
+    // Poison requests (batch/crash_guard.h): failed after kMaxCrashes, else
+    // suspects first, each fed alone.
+    std::vector<store::PendingRequest> suspects, rest;
+    for (store::PendingRequest& p : a->queue) {
+      if (p.crashes >= batch::kMaxCrashes) {
+        const std::string msg = batch::CrashedMessage(p.crashes);
+        std::fprintf(stderr, "kvbatch: batch %s line %lld (custom_id %s): %s\n", rec.id.c_str(),
+                     static_cast<long long>(p.line), p.custom_id.c_str(), msg.c_str());
+        outcomes_[rec.id].push_back(
+            {p.line, false, batch::RequestErrorLine(p.custom_id, batch::kCrashedEngine, msg), 0, 0, 0});
+      } else {
+        (p.crashes > 0 ? suspects : rest).push_back(std::move(p));
+      }
+    }
+    a->suspects = suspects.size();
+    suspects.insert(suspects.end(), std::make_move_iterator(rest.begin()), std::make_move_iterator(rest.end()));
+    a->queue = std::move(suspects);
     if (!a->queue.empty()) {
       auto file = store_->GetFile(rec.input_file_id);
       auto reader = file.ok() ? batch::InputReader::Open(file->path) : StatusOr<batch::InputReader>(file.status());
@@ -325,6 +356,7 @@ void BatchWorker::Feed() {
   std::vector<std::pair<engine::Request, RequestCallbacks>> ready;
   for (Active* a : order) {
     while (a->next < a->queue.size() && in_flight < options_.window) {
+      const bool suspect = a->next < a->suspects;
       const store::PendingRequest& p = a->queue[a->next++];
       std::optional<batch::RequestFailure> failure;
       std::optional<engine::Request> request;
@@ -357,16 +389,27 @@ void BatchWorker::Feed() {
         continue;
       }
       const uint64_t id = request->id;
+      request->isolate = suspect;
+      request->test_abort = batch::TestCrashOn(p.custom_id);
       inflight_[id] = {a->rec.id, p.line};
       ++a->in_flight;
       ++in_flight;
       RequestCallbacks cb;
       cb.on_result = [this, batch_id = a->rec.id, line = p.line, custom_id = p.custom_id](engine::Result&& r) {
+        // Done with the engine: a crash before the commit is not this request's.
+        if (Status st = store_->UnmarkInFlight(batch_id, {line}); !st.ok())
+          std::fprintf(stderr, "kvbatch: store: %s\n", st.message().c_str());
         {
           std::lock_guard<std::mutex> lock(mu_);
           done_.push_back({batch_id, line, custom_id, std::move(r)});
         }
         cv_.notify_all();
+      };
+      // Recorded in the store as the engine starts it, before its first
+      // token, and cleared as it ends (batch/crash_guard.h).
+      cb.on_admit = [this, batch_id = a->rec.id, line = p.line] {
+        if (Status st = store_->MarkInFlight(batch_id, {line}); !st.ok())
+          std::fprintf(stderr, "kvbatch: store: %s\n", st.message().c_str());
       };
       ready.emplace_back(std::move(*request), std::move(cb));
     }

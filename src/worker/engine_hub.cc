@@ -8,7 +8,8 @@ StatusOr<std::unique_ptr<EngineHub>> EngineHub::Start(const engine::Model* model
   EngineHub* h = hub.get();
   auto engine = engine::Engine::Start(
       model, options, [h](engine::Result&& r) { h->OnResult(std::move(r)); },
-      [h](uint64_t id, int32_t choice, std::string_view text) { h->OnDelta(id, choice, text); });
+      [h](uint64_t id, int32_t choice, std::string_view text) { h->OnDelta(id, choice, text); },
+      [h](uint64_t id) { h->OnAdmit(id); });
   if (!engine.ok()) return engine.status();
   hub->engine_ = std::move(engine).value();
   return hub;
@@ -46,6 +47,17 @@ void EngineHub::OnDelta(uint64_t id, int32_t choice, std::string_view text) {
     fn = it->second.on_delta;
   }
   if (fn) fn(choice, text);
+}
+
+void EngineHub::OnAdmit(uint64_t id) {
+  std::function<void()> fn;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = pending_.find(id);
+    if (it == pending_.end()) return;
+    fn = it->second.on_admit;
+  }
+  if (fn) fn();
 }
 
 void EngineHub::OnResult(engine::Result&& r) {

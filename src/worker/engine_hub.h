@@ -21,6 +21,7 @@ struct RequestCallbacks {
   // Both run on the engine thread: keep them short (hand off to a queue).
   std::function<void(int32_t choice, std::string_view text)> on_delta;  // streaming requests only
   std::function<void(engine::Result&&)> on_result;      // exactly once per request
+  std::function<void()> on_admit;  // the engine starts running it (may come again after a requeue)
 };
 
 class EngineHub {
@@ -45,6 +46,7 @@ class EngineHub {
   EngineHub() = default;
   void OnDelta(uint64_t id, int32_t choice, std::string_view text);
   void OnResult(engine::Result&& r);
+  void OnAdmit(uint64_t id);
 
   std::atomic<uint64_t> next_id_{1};
   std::mutex mu_;

@@ -56,13 +56,13 @@ process.on('exit', () => {
 // One engine thread by default: several servers (and a compiler) share two
 // cores, and llama.cpp's spinning worker threads oversubscribe them badly.
 export function startServer({
-  model, dataDir, maxSeqs = 4, defaultMaxTokens = 16, threads = 1, extraArgs = [], timeoutMs = 30000,
+  model, dataDir, maxSeqs = 4, defaultMaxTokens = 16, threads = 1, extraArgs = [], timeoutMs = 30000, env: extraEnv = {},
 }) {
   const args = [
     'serve', '-m', model, '--port', '0', '--data-dir', dataDir, '--max-seqs', String(maxSeqs),
     '--default-max-tokens', String(defaultMaxTokens), '--threads', String(threads), ...extraArgs,
   ];
-  const env = childEnv();
+  const env = { ...childEnv(), ...extraEnv };
   delete env.KVBATCH_API_KEY;
   const proc = spawn(KVBATCH_BIN, args, { env, stdio: ['ignore', 'pipe', 'pipe'] });
   let out = '';
@@ -208,4 +208,100 @@ export function contentOf(line) {
   if (!body || !body.choices) return undefined;
   const c = body.choices[0];
   return c.message ? c.message.content : c.text;
+}
+
+// ---- Raw HTTP for the hostile-input tests (hostile.test.mjs) ----------------
+// (import declarations are hoisted; this one only adds node:net)
+import net from 'node:net';
+
+// fetch to 127.0.0.1:port with a deadline; never throws for HTTP statuses.
+// Returns { status, body (parsed JSON or undefined), text, headers }.
+// `json`: serialised with Content-Type application/json; `body`: sent as is
+// (a string gets Content-Type application/json unless `headers` name one).
+export async function httpCall(port, method, p, { json, body, headers = {}, timeoutMs = 30000 } = {}) {
+  const init = { method, headers: { ...headers }, signal: AbortSignal.timeout(timeoutMs) };
+  const hasType = Object.keys(init.headers).some((k) => k.toLowerCase() === 'content-type');
+  if (json !== undefined) {
+    init.body = JSON.stringify(json);
+    if (!hasType) init.headers['Content-Type'] = 'application/json';
+  } else if (body !== undefined) {
+    init.body = body;
+    if (!hasType && typeof body === 'string') init.headers['Content-Type'] = 'application/json';
+  }
+  const res = await fetch(`http://127.0.0.1:${port}${p}`, init);
+  const text = await res.text();
+  let parsed;
+  try {
+    parsed = JSON.parse(text);
+  } catch {
+    parsed = undefined;
+  }
+  return { status: res.status, body: parsed, text, headers: res.headers };
+}
+
+// Writes `chunks` (strings or Buffers) on a fresh TCP connection, then
+// half-closes it (`end`), or resets it at once (`destroy`). Resolves when the
+// server has sent a whole response head, closed, or after timeoutMs:
+// { status (number, or null without a status line), head, closed, timedOut, error }.
+export function rawHttp(port, chunks, { timeoutMs = 5000, end = true, destroy = false } = {}) {
+  return new Promise((resolve) => {
+    const sock = net.connect(port, '127.0.0.1');
+    let data = Buffer.alloc(0);
+    let done = false;
+    let closed = false;
+    let error = null;
+    const finish = (timedOut) => {
+      if (done) return;
+      done = true;
+      clearTimeout(timer);
+      const text = data.toString('latin1');
+      const m = /^HTTP\/\d(?:\.\d)? (\d{3})/.exec(text);
+      sock.destroy();
+      resolve({ status: m ? Number(m[1]) : null, head: text.slice(0, 300), closed, timedOut, error });
+    };
+    const timer = setTimeout(() => finish(true), timeoutMs);
+    sock.on('connect', async () => {
+      for (const c of chunks) {
+        if (done) return;
+        if (!sock.write(c)) await new Promise((r) => sock.once('drain', r));
+      }
+      if (destroy) {
+        closed = true;
+        finish(false);
+      } else if (end) {
+        sock.end();
+      }
+    });
+    sock.on('data', (d) => {
+      data = Buffer.concat([data, d]);
+      if (data.includes('\r\n\r\n')) finish(false);
+    });
+    sock.on('error', (e) => {
+      error = e.code || e.message;
+      closed = true;
+      finish(false);
+    });
+    sock.on('close', () => {
+      closed = true;
+      finish(false);
+    });
+  });
+}
+
+// A connection that has written `text` and stays open; resolves with the socket.
+export function openSocket(port, text) {
+  return new Promise((resolve, reject) => {
+    const sock = net.connect(port, '127.0.0.1', () => sock.write(text, () => resolve(sock)));
+    sock.on('error', reject);
+  });
+}
+
+// VmRSS and VmHWM (peak RSS) of a live process, in bytes.
+export function procMemory(pid) {
+  const s = fs.readFileSync(`/proc/${pid}/status`, 'utf8');
+  const kb = (k) => {
+    const m = new RegExp(`^${k}:\\s+(\\d+) kB`, 'm').exec(s);
+    return m ? Number(m[1]) * 1024 : null;
+  };
+  return { rss: kb('VmRSS'), hwm: kb('VmHWM') };
 }

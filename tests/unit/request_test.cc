@@ -199,8 +199,9 @@ TEST(ValidateLine, RejectsMissingOrNonStringPrompt) {
 TEST(ValidateLine, SurvivesDeeplyNestedJson) {
   std::string deep = "{\"custom_id\":\"a\",\"x\":" + std::string(200000, '[') + std::string(200000, ']') + "}";
   auto r = ValidateLine(deep, 1);
-  ASSERT_TRUE(std::holds_alternative<LineError>(r));  // valid JSON, but no method
-  EXPECT_EQ(std::get<LineError>(r).code, kInvalidMethod);
+  ASSERT_TRUE(std::holds_alternative<LineError>(r));  // too deep, found without recursing
+  EXPECT_EQ(std::get<LineError>(r).code, kJsonTooDeep);
+  EXPECT_EQ(std::get<LineError>(r).custom_id, "a");
 }
 
 // ---- prefix_hash ---------------------------------------------------------------

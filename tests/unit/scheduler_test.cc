@@ -6,6 +6,7 @@
 
 #include <gtest/gtest.h>
 
+#include <limits>
 #include <map>
 #include <optional>
 #include <set>
@@ -28,14 +29,25 @@ class FakeBackend : public Backend {
 
   void CopySeq(int32_t src, int32_t dst, int32_t n) override {
     ++copies;
+    // Recurrent memory: a state exists only at the end of what src decoded.
+    if (!partial_forks) {
+      EXPECT_EQ(static_cast<int32_t>(Visible(src).size()), n) << "partial fork of seq " << src;
+    }
     for (auto& c : cells_)
       if (c.seqs.count(src) && c.pos < n) c.seqs.insert(dst);
   }
   void RemoveSeq(int32_t seq) override {
     for (auto& c : cells_) c.seqs.erase(seq);
   }
+  bool PartialForks() const override { return partial_forks; }
   Status Decode(const std::vector<BatchToken>& batch) override {
     EXPECT_LE(static_cast<int32_t>(batch.size()), batch_);
+    for (const BatchToken& b : batch) {
+      if (b.token == poison) {
+        ++poison_failures;
+        return Status::Internal("llama_decode failed with code -1");
+      }
+    }
     if (fail_next) {
       fail_next = false;
       return Status::ResourceExhausted("injected");
@@ -81,7 +93,10 @@ class FakeBackend : public Backend {
    private:
     Token shift_;
   };
-  std::unique_ptr<Sampler> NewSampler(const SamplingParams& p) override { return std::make_unique<Argmax>(p.seed); }
+  std::unique_ptr<Sampler> NewSampler(const SamplingParams& p) override {
+    sampler_max_tokens = std::max(sampler_max_tokens, p.max_tokens);
+    return std::make_unique<Argmax>(p.seed);
+  }
   bool IsEndOfGeneration(Token t) const override { return t == 0; }
   std::string Piece(Token t) const override { return std::string(1, static_cast<char>('a' + t % 26)); }
 
@@ -109,6 +124,10 @@ class FakeBackend : public Backend {
   }
 
   bool fail_next = false;
+  bool partial_forks = true;
+  Token poison = -1;  // a batch holding this token fails as llama_decode -1 does
+  int32_t poison_failures = 0;
+  int32_t sampler_max_tokens = 0;  // largest max_tokens a sampler was made with
   int32_t peak_cells = 0;
   int32_t copies = 0;
   int64_t decoded_tokens = 0;
@@ -505,6 +524,77 @@ TEST(Scheduler, RequeuedAndCancelledChoiceGroupsBehave) {
       EXPECT_EQ((streamed[{id, c}]), out[id].choices[c].text) << id << " choice " << c;
     }
   }
+}
+
+}  // namespace
+}  // namespace kvb::engine
+
+namespace kvb::engine {
+namespace {
+
+// Prompts P1, P1+P2a, P1+P2b (nested shared prefixes of different lengths),
+// interleaved: the shape that livelocked recurrent models.
+std::vector<Request> NestedPrefixRequests() {
+  std::vector<Request> reqs;
+  for (uint64_t i = 0; i < 24; ++i) {
+    std::vector<Token> p = SharedPrompt(80, 0, 0);
+    if (i % 3 != 0) {
+      for (int32_t k = 0; k < 59; ++k) p.push_back(1 + static_cast<Token>((k * 5 + (i % 3) * 11) % 60));
+    }
+    for (int32_t k = 0; k < 4; ++k) p.push_back(1 + static_cast<Token>((i * 13 + k * 7) % 60));
+    reqs.push_back(MakeRequest(i, std::move(p), 6));
+  }
+  return reqs;
+}
+
+TEST(SchedulerRecurrent, ForksOnlyAtAnAnchorsEndAndAnswersAsAlone) {
+  FakeBackend backend(12, 4096, 4096, 512);
+  backend.partial_forks = false;
+  auto reqs = NestedPrefixRequests();
+  auto results = RunAll(backend, reqs);
+  ASSERT_EQ(results.size(), reqs.size());
+  int32_t cached = 0;
+  for (auto& [id, r] : results) {
+    ASSERT_TRUE(r.status.ok()) << r.status.ToString();
+    EXPECT_EQ(r.tokens, RunAlone(reqs[id]).tokens) << "request " << id;
+    cached += r.cached_tokens;
+  }
+  EXPECT_GT(cached, 0) << "whole-anchor forks still share prefixes";
+}
+
+TEST(SchedulerFaults, APoisonRequestFailsAloneAfterBoundedAttemptsAndTheRestFinish) {
+  FakeBackend backend(8, 4096, 4096, 512);
+  constexpr Token kPoison = 63;  // SharedPrompt never makes it
+  backend.poison = kPoison;
+  std::vector<Request> reqs;
+  for (uint64_t i = 0; i < 12; ++i) reqs.push_back(MakeRequest(i, SharedPrompt(40, i, 5), 6));
+  reqs[5].prompt.push_back(kPoison);
+  auto results = RunAll(backend, reqs, SchedulerOptions{.max_attempts = 3});
+  ASSERT_EQ(results.size(), reqs.size());
+  for (auto& [id, r] : results) {
+    if (id == 5) {
+      EXPECT_EQ(r.status.code(), StatusCode::kInternal);
+      EXPECT_NE(r.status.message().find("3 times"), std::string::npos) << r.status.message();
+      continue;
+    }
+    ASSERT_TRUE(r.status.ok()) << "request " << id << ": " << r.status.ToString();
+    EXPECT_EQ(r.tokens, RunAlone(reqs[id]).tokens) << "request " << id;
+  }
+  // Once in company, then twice alone: bounded, never a loop.
+  EXPECT_EQ(backend.poison_failures, 3);
+}
+
+TEST(SchedulerFaults, PenaltyWindowIsSizedByWhatTheRequestCanGenerate) {
+  FakeBackend backend(4, 4096, 256, 512);
+  std::vector<Request> reqs;
+  reqs.push_back(MakeRequest(0, SharedPrompt(0, 0, 10), std::numeric_limits<int32_t>::max()));
+  reqs[0].sampling.presence_penalty = 0.1f;
+  reqs[0].n = 2;
+  auto results = RunAll(backend, reqs, SchedulerOptions{.max_anchors = 0});
+  ASSERT_EQ(results.size(), 1u);
+  EXPECT_TRUE(results[0].status.ok()) << results[0].status.ToString();
+  EXPECT_LE(backend.sampler_max_tokens, 256);
+  EXPECT_GT(backend.sampler_max_tokens, 0);
 }
 
 }  // namespace

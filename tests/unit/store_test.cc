@@ -9,6 +9,7 @@
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
+#include <map>
 #include <string>
 #include <thread>
 #include <vector>
@@ -574,6 +575,53 @@ TEST(SqliteStoreOnDisk, ForEachRequestReadsOneSnapshotWhileCommitsGoOn) {
   EXPECT_TRUE(store->PendingRequests("batch_1")->empty());
 }
 
+TEST_P(SqliteStore, InFlightRowsCountACrashOnlyWhenNotStoppedCleanly) {
+  AddBatchWithRows(5);
+  ASSERT_TRUE(store_->MarkInFlight("batch_1", {1, 2, 3, 5}).ok());
+  ASSERT_TRUE(store_->UnmarkInFlight("batch_1", {5}).ok());  // done, not committed yet
+  ASSERT_EQ(*store_->CommitResults("batch_1", {Outcome(2, true)}), 1);
+  // The process died: rows 1 and 3 were in flight, row 2 was answered.
+  auto n = store_->RecoverInFlight();
+  ASSERT_TRUE(n.ok()) << n.status().ToString();
+  EXPECT_EQ(*n, 2);
+  EXPECT_EQ(*store_->RecoverInFlight(), 0) << "the marks are cleared";
+  ASSERT_TRUE(store_->MarkInFlight("batch_1", {3, 4}).ok());
+  EXPECT_EQ(*store_->RecoverInFlight(), 2);
+  // A clean stop counts nothing.
+  ASSERT_TRUE(store_->MarkInFlight("batch_1", {5}).ok());
+  ASSERT_TRUE(store_->ClearInFlight().ok());
+  EXPECT_EQ(*store_->RecoverInFlight(), 0);
+  std::map<int64_t, int32_t> crashes;
+  auto pending = store_->PendingRequests("batch_1");
+  ASSERT_TRUE(pending.ok());
+  for (const PendingRequest& p : *pending) crashes[p.line] = p.crashes;
+  EXPECT_EQ(crashes, (std::map<int64_t, int32_t>{{1, 1}, {3, 2}, {4, 1}, {5, 0}}));
+}
+
+TEST(SqliteStoreOnDisk, MigratesAVersion1DatabaseKeepingItsRows) {
+  TempDir dir;
+  const std::string path = dir.File("kvb.db");
+  {
+    auto store = Open(path);
+    ASSERT_TRUE(store->PutBatch(MakeBatch("batch_1", 100)).ok());
+    ASSERT_TRUE(store->AddRequests("batch_1", MakeRows(3)).ok());
+  }
+  // Turn it back into what version 1 wrote.
+  sqlite3* db = nullptr;
+  ASSERT_EQ(sqlite3_open(path.c_str(), &db), SQLITE_OK);
+  ASSERT_EQ(sqlite3_exec(db,
+                         "DROP INDEX requests_inflight; ALTER TABLE requests DROP COLUMN inflight; "
+                         "ALTER TABLE requests DROP COLUMN crashes; PRAGMA user_version = 1;",
+                         nullptr, nullptr, nullptr),
+            SQLITE_OK);
+  sqlite3_close(db);
+  auto store = Open(path);
+  ASSERT_NE(store, nullptr);
+  EXPECT_EQ(store->PendingRequests("batch_1")->size(), 3u);
+  EXPECT_TRUE(store->MarkInFlight("batch_1", {1}).ok());
+  EXPECT_EQ(*store->RecoverInFlight(), 1);
+}
+
 TEST(SqliteStoreOnDisk, UsesWalAndRefusesANewerSchemaVersion) {
   TempDir dir;
   const std::string path = dir.File("kvb.db");
@@ -593,7 +641,7 @@ TEST(SqliteStoreOnDisk, UsesWalAndRefusesANewerSchemaVersion) {
     return v;
   };
   EXPECT_EQ(query_int("PRAGMA journal_mode"), 1);  // "wal"
-  EXPECT_EQ(query_int("PRAGMA user_version"), 1);
+  EXPECT_EQ(query_int("PRAGMA user_version"), 2);
   ASSERT_EQ(sqlite3_exec(db, "PRAGMA user_version = 1000", nullptr, nullptr, nullptr), SQLITE_OK);
   sqlite3_close(db);
 
