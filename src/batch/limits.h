@@ -7,6 +7,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <nlohmann/json_fwd.hpp>
 #include <string_view>
 
 #include "util/status.h"
@@ -43,5 +44,10 @@ void SetLimits(const Limits& limits);
 // parsing it; InvalidArgument naming the limit when it is deeper than
 // max_depth. Unbalanced or malformed text is left to the parser.
 Status CheckJsonDepth(std::string_view text, int32_t max_depth);
+
+// What a response_format schema can make the grammar converter build: its
+// size, enum sizes and the repetition counts it unrolls (Limits); walks the
+// schema with an explicit stack. InvalidArgument naming the limit.
+Status CheckSchemaLimits(const nlohmann::json& schema);
 
 }  // namespace kvb::batch

@@ -417,68 +417,6 @@ void ParseLogitBias(Params& p, std::vector<std::pair<engine::Token, float>>* out
   *out = std::move(bias);
 }
 
-// The largest {n}, {n,} or {n,m} count in a regular expression.
-int64_t LargestQuantifier(std::string_view re) {
-  int64_t best = 0;
-  for (size_t i = 0; i < re.size(); ++i) {
-    if (re[i] != '{' || (i > 0 && re[i - 1] == '\\')) continue;
-    int64_t n = 0;
-    for (size_t j = i + 1; j < re.size(); ++j) {
-      const char c = re[j];
-      if (c >= '0' && c <= '9') {
-        n = n * 10 + (c - '0');
-        if (n >= (int64_t{1} << 40)) return n;  // absurd: no need to read on
-      } else {
-        if (c == ',' || c == '}') best = std::max(best, n);
-        if (c != ',') break;
-        n = 0;
-      }
-    }
-  }
-  return best;
-}
-
-// Bounds what a schema can make the grammar converter build: its size,
-// enum sizes and the repetition counts it unrolls. Walks the schema with an
-// explicit stack (its depth is already bounded by Limits::max_json_depth).
-Status CheckSchema(const json& schema) {
-  const Limits& limits = GetLimits();
-  const std::string text = Show(schema);
-  if (static_cast<int64_t>(text.size()) > limits.max_schema_bytes)
-    return Status::InvalidArgument("the schema has " + std::to_string(text.size()) + " bytes, over the limit of " +
-                                   std::to_string(limits.max_schema_bytes));
-  static constexpr const char* kCounts[] = {"minItems",      "maxItems",      "minLength",   "maxLength",
-                                            "minProperties", "maxProperties", "minContains", "maxContains"};
-  std::vector<const json*> todo = {&schema};
-  while (!todo.empty()) {
-    const json* node = todo.back();
-    todo.pop_back();
-    if (node->is_array()) {
-      for (const json& child : *node) todo.push_back(&child);
-      continue;
-    }
-    if (!node->is_object()) continue;
-    for (const char* key : kCounts) {
-      auto it = node->find(key);
-      if (it == node->end() || !it->is_number()) continue;
-      if (it->get<double>() > static_cast<double>(limits.max_schema_repetition))
-        return Status::InvalidArgument(std::string("the schema's ") + key + " is " + Show(*it) +
-                                       ", over the limit of " + std::to_string(limits.max_schema_repetition));
-    }
-    if (auto it = node->find("enum"); it != node->end() && it->is_array() &&
-                                      it->size() > static_cast<size_t>(limits.max_schema_enum))
-      return Status::InvalidArgument("the schema has an enum of " + std::to_string(it->size()) +
-                                     " values, over the limit of " + std::to_string(limits.max_schema_enum));
-    if (auto it = node->find("pattern"); it != node->end() && it->is_string() &&
-                                         LargestQuantifier(it->get_ref<const std::string&>()) >
-                                             limits.max_schema_repetition)
-      return Status::InvalidArgument("the schema's pattern repeats more than " +
-                                     std::to_string(limits.max_schema_repetition) + " times");
-    for (const auto& [_, child] : node->items()) todo.push_back(&child);
-  }
-  return Status::Ok();
-}
-
 // The schema exactly as written: nlohmann::json sorts object keys, and the
 // grammar generates properties in the schema's order, so the line is read
 // again with key order kept (only for lines that carry a schema).
@@ -507,7 +445,7 @@ void ParseResponseFormat(Params& p, std::string_view line, ParsedRequest* r) {
       return;
     }
     if (!schema->is_object()) return p.TypeError("response_format.schema", "an object", *schema);
-    if (Status st = CheckSchema(*schema); !st.ok())
+    if (Status st = CheckSchemaLimits(*schema); !st.ok())
       return p.Fail("response_format.schema", "Invalid 'response_format.schema': " + st.message() + ".");
     r->response_format = ResponseFormat::kJsonSchema;
     r->json_schema = OrderedSchema(line, false);
@@ -533,7 +471,7 @@ void ParseResponseFormat(Params& p, std::string_view line, ParsedRequest* r) {
     return;
   }
   if (!schema->is_object()) return p.TypeError("response_format.json_schema.schema", "an object", *schema);
-  if (Status st = CheckSchema(*schema); !st.ok())
+  if (Status st = CheckSchemaLimits(*schema); !st.ok())
     return p.Fail("response_format.json_schema.schema", "Invalid 'response_format.json_schema.schema': " +
                                                             st.message() + ".");
   r->response_format = ResponseFormat::kJsonSchema;
