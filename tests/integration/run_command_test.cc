@@ -140,14 +140,16 @@ TEST(RunCommand, ResumesAfterKill9WithoutLosingOrRepeatingWork) {
   for (size_t i = 0; i < leads.size(); ++i)
     lines.push_back(ChatLine("cand-" + std::to_string(i), Rubric(12), std::string(1, leads[i]) + ": " + Candidate(int(i)), 64));
   WriteLines(dir / "in.jsonl", lines);
-  const std::string common = " -m " + TinyModel() + " --max-seqs 1 -q";
+  // One engine thread: ctest runs tests side by side on two cores, and
+  // llama.cpp's spinning threads slow down badly when oversubscribed.
+  const std::string common = " -m " + TinyModel() + " --max-seqs 1 --threads 1 -q";
   std::string err;
   ASSERT_EQ(RunKvbatch("run " + (dir / "in.jsonl").string() + " -o " + (dir / "ref.jsonl").string() + common, &err), 0)
       << err;
 
   const std::string out = (dir / "out.jsonl").string();
   std::vector<std::string> args = {KVBATCH_BIN, "run", (dir / "in.jsonl").string(), "-o", out, "-m", TinyModel(),
-                                   "--max-seqs", "1", "-q"};
+                                   "--max-seqs", "1", "--threads", "1", "-q"};
   std::vector<char*> argv;
   for (auto& a : args) argv.push_back(a.data());
   argv.push_back(nullptr);
