@@ -10,6 +10,7 @@
 #include <nlohmann/json_fwd.hpp>
 #include <string_view>
 
+#include "util/json_depth.h"
 #include "util/status.h"
 
 namespace kvb::batch {
@@ -41,9 +42,8 @@ const Limits& GetLimits();
 void SetLimits(const Limits& limits);
 
 // Scans JSON text for its nesting depth without recursion and without
-// parsing it; InvalidArgument naming the limit when it is deeper than
-// max_depth. Unbalanced or malformed text is left to the parser.
-Status CheckJsonDepth(std::string_view text, int32_t max_depth);
+// parsing it (util/json_depth.h).
+using kvb::CheckJsonDepth;
 
 // What a response_format schema can make the grammar converter build: its
 // size, enum sizes and the repetition counts it unrolls (Limits); walks the

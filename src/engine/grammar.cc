@@ -6,6 +6,7 @@
 #include <unordered_map>
 
 #include "llama.h"
+#include "util/json_depth.h"
 
 #ifdef KVBATCH_HAVE_LLAMA_COMMON
 #include "json-schema-to-grammar.h"
@@ -40,8 +41,14 @@ class Memo {
   std::unordered_map<std::string, V> map_;
 };
 
+// llama.cpp's converter recurses over the schema: deeper input is refused
+// before it (requests are already held to --max-json-depth by batch/).
+constexpr int32_t kMaxSchemaDepth = 256;
+
 StatusOr<std::string> Convert(const std::string& schema) {
 #ifdef KVBATCH_HAVE_LLAMA_COMMON
+  if (Status depth = CheckJsonDepth(schema, kMaxSchemaDepth); !depth.ok())
+    return Status::InvalidArgument("the JSON schema is too deep: " + depth.message());
   try {
     common_json parsed = common_json::parse(schema);
     if (!parsed.is_object()) return Status::InvalidArgument("the JSON schema must be an object");

@@ -516,9 +516,11 @@ bool Scheduler::Step() {
       for (int32_t i = 0; i < k; ++i) s.group->top_logits.emplace_back(idx[i], logits[idx[i]]);
     }
     // Siblings first: the leader may finish (and with the last choice,
-    // release the group) on its own first token.
+    // release the group) on its own first token. A sibling's failing
+    // sampler releases the whole group, `s` included: only `id` is read after.
+    const int32_t id = s.id;
     if (first && s.group->seqs.size() > 1) Fork(s, logits);
-    if (seqs_[s.id].get() == &s && !s.done) Sample(s, logits);
+    if (seqs_[id].get() == &s && !s.done) Sample(s, logits);
   }
 
   stats_.waiting = static_cast<int32_t>(waiting_.size());

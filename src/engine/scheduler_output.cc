@@ -125,7 +125,10 @@ void Scheduler::Sample(Seq& s, const float* logits) {
 // share its prompt cells (no copy) and sample their first token from the
 // same logits.
 void Scheduler::Fork(Seq& leader, const float* logits) {
-  const Group& g = *leader.group;
+  // Held: a sampler that throws fails the group (FailGroup) while this
+  // loop still walks it.
+  const std::shared_ptr<Group> keep = leader.group;
+  const Group& g = *keep;
   const int32_t n = static_cast<int32_t>(g.req.prompt.size());
   for (size_t i = 1; i < g.seqs.size(); ++i) {
     Seq* f = seqs_[g.seqs[i]].get();
