@@ -1,6 +1,9 @@
 #include "engine/grammar.h"
 
+#include <cmath>
 #include <cstdint>
+#include <nlohmann/json.hpp>
+#include <vector>
 #include <exception>
 #include <mutex>
 #include <unordered_map>
@@ -45,6 +48,30 @@ class Memo {
 // before it (requests are already held to --max-json-depth by batch/).
 constexpr int32_t kMaxSchemaDepth = 256;
 
+#ifdef KVBATCH_HAVE_LLAMA_COMMON
+// The converter negates integer bounds (int64): the most negative one
+// overflows (found by fuzzing). Bounds beyond +-2^62 are refused.
+Status CheckIntegerBounds(const std::string& schema) {
+  constexpr double kLimit = 4.6e18;
+  const nlohmann::json doc = nlohmann::json::parse(schema, nullptr, false);
+  std::vector<const nlohmann::json*> todo = {&doc};
+  while (!todo.empty()) {
+    const nlohmann::json* node = todo.back();
+    todo.pop_back();
+    if (!node->is_structured()) continue;
+    if (node->is_object()) {
+      for (const char* key : {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"}) {
+        auto it = node->find(key);
+        if (it != node->end() && it->is_number() && std::fabs(it->get<double>()) > kLimit)
+          return Status::InvalidArgument(std::string("the JSON schema's ") + key + " is out of range");
+      }
+    }
+    for (const auto& child : *node) todo.push_back(&child);
+  }
+  return Status::Ok();
+}
+#endif
+
 StatusOr<std::string> Convert(const std::string& schema) {
 #ifdef KVBATCH_HAVE_LLAMA_COMMON
   if (Status depth = CheckJsonDepth(schema, kMaxSchemaDepth); !depth.ok())
@@ -52,6 +79,7 @@ StatusOr<std::string> Convert(const std::string& schema) {
   try {
     common_json parsed = common_json::parse(schema);
     if (!parsed.is_object()) return Status::InvalidArgument("the JSON schema must be an object");
+    if (Status st = CheckIntegerBounds(schema); !st.ok()) return st;
     // force_gbnf: llama.cpp's own grammar sampler, whatever the build.
     std::string gbnf = json_schema_to_grammar(parsed, /*force_gbnf=*/true);
     if (gbnf.empty()) return Status::InvalidArgument("the JSON schema gives an empty grammar");
