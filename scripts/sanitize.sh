@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Builds kvbatch and its C++ tests under AddressSanitizer + UndefinedBehaviorSanitizer
+# (KVBATCH_SANITIZE=ON; llama.cpp stays as installed) in build-asan/ and runs
+# the unit tests and the integration tests but the slowest (see `slow` below).
+#
+#   KVBATCH_ASAN_BUILD_DIR   build dir                         (default: build-asan)
+#   KVBATCH_ASAN_ALL=1       run every integration test
+#   KVBATCH_ASAN_CC          clang or gcc                      (default: clang)
+#   KVBATCH_JOBS             build parallelism                  (default: nproc)
+#   extra arguments          passed to ctest
+set -euo pipefail
+cd "$(dirname "$0")/.."
+log() { echo "[sanitize] $*" >&2; }
+start=$(date +%s)
+
+# Packages: the ones scripts/setup.sh installs (this script may run first).
+cc=${KVBATCH_ASAN_CC:-clang}
+pkgs=(build-essential cmake git pkg-config ccache nlohmann-json3-dev libcli11-dev libgtest-dev libgmock-dev
+      libcpp-httplib-dev libsqlite3-dev)
+[ "$cc" = clang ] && pkgs+=(clang libclang-rt-dev)  # libclang-rt: the sanitizers' runtime
+missing=()
+for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+command -v npm >/dev/null 2>&1 || missing+=(npm)  # scripts/llama.sh fetches llama.cpp with it
+if [ ${#missing[@]} -gt 0 ]; then
+  sudo=""
+  [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  log "installing: ${missing[*]}"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+llama_dir=${KVBATCH_LLAMA_DIR:-$(bash scripts/llama.sh)}
+build=${KVBATCH_ASAN_BUILD_DIR:-build-asan}
+jobs=${KVBATCH_JOBS:-$(nproc)}
+
+# halt_on_error: the first report fails the test. Leaks are errors; the
+# suppressions name only leaks inside llama.cpp/ggml (not ours to fix).
+export ASAN_OPTIONS=${ASAN_OPTIONS:-halt_on_error=1:abort_on_error=0:detect_leaks=1:detect_stack_use_after_return=0:check_initialization_order=1:print_stacktrace=1}
+export LSAN_OPTIONS=${LSAN_OPTIONS:-suppressions=$PWD/tests/fuzz/lsan.supp:print_suppressions=0}
+export UBSAN_OPTIONS=${UBSAN_OPTIONS:-halt_on_error=1:print_stacktrace=1}
+
+flags=(-DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_FLAGS_RELWITHDEBINFO="-O0 -g1" -DCMAKE_C_FLAGS_RELWITHDEBINFO="-O0 -g1")
+command -v ccache >/dev/null 2>&1 && flags+=(-DCMAKE_C_COMPILER_LAUNCHER=ccache -DCMAKE_CXX_COMPILER_LAUNCHER=ccache)
+if [ "$cc" = clang ]; then
+  export CC=clang CXX=clang++
+else
+  # GCC's -Wmaybe-uninitialized is wrong under ASan (std::regex in libstdc++'s headers).
+  export CC=gcc CXX=g++
+  flags+=(-DCMAKE_CXX_FLAGS="-Wno-maybe-uninitialized")
+fi
+# -O0: on a 2-core machine the sanitized build is most of this script's time
+# and -O0 compiles about twice as fast as -O1; the tests spend their time in
+# llama.cpp (optimized, not instrumented). -g1 keeps line numbers in reports.
+cmake -S . -B "$build" "${flags[@]}" -DKVBATCH_SANITIZE=ON -DKVBATCH_LLAMA_DIR="$llama_dir" >/dev/null
+# The test binaries are listed (gtest_discover_tests) at build time, under the options above.
+cmake --build "$build" -j "$jobs" --target kvbatch kvb_unit_tests kvb_integration_tests
+built=$(date +%s)
+log "built $build in $((built - start)) s"
+
+# Integration tests run the real binary on a generated model. Under the
+# sanitizers these seven take 10-150 s each on 2 cores (440 s together; every
+# other one under 10 s): they run only with KVBATCH_ASAN_ALL=1. Each of their
+# files keeps faster tests in the run.
+slow='ResumesAfterKill9|BatchedLogitsMatch|ScoringBatchOf200|Seed\.SameSeedSameOutput|VocabTrie\.AllowedTokensEqual|SampledTextDoesNotDepend|JsonObjectAnswersParse'
+skip=()
+[ "${KVBATCH_ASAN_ALL:-0}" = 1 ] || skip=(-E "$slow")
+ctest --test-dir "$build" --output-on-failure -j "$jobs" -L 'unit|integration' "${skip[@]}" "$@"
+log "tests passed in $(( $(date +%s) - built )) s (total $(( $(date +%s) - start )) s)"
