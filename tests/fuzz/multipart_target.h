@@ -19,10 +19,12 @@
 #pragma once
 
 #include <dlfcn.h>
+#include <signal.h>
 #include <httplib.h>
 #include <stdlib.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <cstring>
 #include <filesystem>
 #include <memory>
@@ -79,10 +81,22 @@ inline std::string HttplibProvider() {
 class UploadHarness : public httplib::Server {
  public:
   UploadHarness() {
-    std::string base = std::filesystem::is_directory("/dev/shm") && ::access("/dev/shm", W_OK) == 0 ? "/dev/shm" : "/tmp";
-    std::string templ = base + "/kvb-fuzz-multipart-XXXXXX";
-    if (::mkdtemp(templ.data()) == nullptr) std::abort();
-    dir_ = templ;
+    // One folder per process, named by pid: libFuzzer often ends a process
+    // without running destructors, so folders of processes that are gone
+    // are removed here.
+    const std::string base =
+        std::filesystem::is_directory("/dev/shm") && ::access("/dev/shm", W_OK) == 0 ? "/dev/shm" : "/tmp";
+    const std::string prefix = "kvb-fuzz-multipart-";
+    std::error_code ec;
+    for (const auto& e : std::filesystem::directory_iterator(base, ec)) {
+      const std::string name = e.path().filename().string();
+      if (!name.starts_with(prefix)) continue;
+      const long pid = std::strtol(name.c_str() + prefix.size(), nullptr, 10);
+      if (pid > 0 && ::kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH) std::filesystem::remove_all(e.path(), ec);
+    }
+    dir_ = base + "/" + prefix + std::to_string(::getpid());
+    std::filesystem::create_directories(dir_, ec);
+    if (ec) std::abort();
     auto st = store::SqliteStore::Open(":memory:");
     if (!st.ok()) std::abort();
     store_ = std::move(st).value();
