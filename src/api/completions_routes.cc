@@ -156,7 +156,7 @@ void Complete(Context& ctx, batch::Endpoint endpoint, const httplib::Request& re
   res.set_header("Cache-Control", "no-cache");
   res.set_chunked_content_provider(
       "text/event-stream",
-      [=, &ctx](size_t, httplib::DataSink& sink) {
+      [=](size_t, httplib::DataSink& sink) {
         std::string out;
         if (!*started && chat) {
           *started = true;
