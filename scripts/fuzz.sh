@@ -20,19 +20,10 @@ cd "$(dirname "$0")/.."
 log() { echo "[fuzz] $*" >&2; }
 start=$(date +%s)
 
-# Packages: what scripts/setup.sh installs, plus clang and its libFuzzer runtime.
-pkgs=(build-essential cmake git pkg-config ccache nlohmann-json3-dev libcli11-dev libgtest-dev libgmock-dev
-      libcpp-httplib-dev libsqlite3-dev clang libclang-rt-dev)
-missing=()
-for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
-command -v npm >/dev/null 2>&1 || missing+=(npm)  # scripts/llama.sh fetches llama.cpp with it
-if [ ${#missing[@]} -gt 0 ]; then
-  sudo=""
-  [ "$(id -u)" -ne 0 ] && sudo="sudo"
-  log "installing: ${missing[*]}"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+# Packages: what scripts/setup.sh installs, plus clang and its libFuzzer
+# runtime; npm fetches llama.cpp (scripts/llama.sh).
+. scripts/packages.sh
+ensure_packages "${KVBATCH_BUILD_PKGS[@]}" clang libclang-rt-dev -- npm
 
 llama_dir=${KVBATCH_LLAMA_DIR:-$(bash scripts/llama.sh)}
 build=${KVBATCH_FUZZ_BUILD_DIR:-build-fuzz}

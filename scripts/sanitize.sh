@@ -13,21 +13,13 @@ cd "$(dirname "$0")/.."
 log() { echo "[sanitize] $*" >&2; }
 start=$(date +%s)
 
-# Packages: the ones scripts/setup.sh installs (this script may run first).
+# Packages: the ones scripts/setup.sh installs (this script may run first);
+# libclang-rt is the sanitizers' runtime; npm fetches llama.cpp.
 cc=${KVBATCH_ASAN_CC:-clang}
-pkgs=(build-essential cmake git pkg-config ccache nlohmann-json3-dev libcli11-dev libgtest-dev libgmock-dev
-      libcpp-httplib-dev libsqlite3-dev)
-[ "$cc" = clang ] && pkgs+=(clang libclang-rt-dev)  # libclang-rt: the sanitizers' runtime
-missing=()
-for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
-command -v npm >/dev/null 2>&1 || missing+=(npm)  # scripts/llama.sh fetches llama.cpp with it
-if [ ${#missing[@]} -gt 0 ]; then
-  sudo=""
-  [ "$(id -u)" -ne 0 ] && sudo="sudo"
-  log "installing: ${missing[*]}"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+. scripts/packages.sh
+extra=()
+[ "$cc" = clang ] && extra=(clang libclang-rt-dev)
+ensure_packages "${KVBATCH_BUILD_PKGS[@]}" "${extra[@]}" -- npm
 
 llama_dir=${KVBATCH_LLAMA_DIR:-$(bash scripts/llama.sh)}
 build=${KVBATCH_ASAN_BUILD_DIR:-build-asan}

@@ -14,22 +14,10 @@ demo=1
 [ "${1:-}" = "--no-demo" ] && demo=0
 log() { echo "[setup] $*" >&2; }
 
-# 1. System packages (Debian names); skipped when already present.
-pkgs=(build-essential cmake git pkg-config ccache nlohmann-json3-dev libcli11-dev libgtest-dev libgmock-dev
-      libcpp-httplib-dev libsqlite3-dev)
-missing=()
-for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
-# Tools that may come from elsewhere than Debian's packages (nvm, pyenv):
-# only installed when the command is missing.
-command -v npm >/dev/null 2>&1 || missing+=(npm)
-command -v python3 >/dev/null 2>&1 || missing+=(python3)
-if [ ${#missing[@]} -gt 0 ]; then
-  sudo=""
-  [ "$(id -u)" -ne 0 ] && sudo="sudo"
-  log "installing: ${missing[*]}"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+# 1. System packages (Debian names); skipped when already present. npm and
+# python3 only when the commands are missing.
+. scripts/packages.sh
+ensure_packages "${KVBATCH_BUILD_PKGS[@]}" -- npm python3
 
 # 2. llama.cpp: the user's own, or the pinned one built into the cache.
 llama_dir=${KVBATCH_LLAMA_DIR:-}
