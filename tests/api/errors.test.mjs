@@ -29,25 +29,7 @@ after(async () => {
   h.removeDir(work && work.dir);
 });
 
-async function call(server, method, p, { body, json, headers = {} } = {}) {
-  const init = { method, headers: { ...headers } };
-  if (json !== undefined) {
-    init.body = JSON.stringify(json);
-    init.headers['Content-Type'] = 'application/json';
-  } else if (body !== undefined) {
-    init.body = body;
-    if (typeof body === 'string') init.headers['Content-Type'] = 'application/json';
-  }
-  const res = await fetch(`http://127.0.0.1:${server.port}${p}`, init);
-  const text = await res.text();
-  let parsed;
-  try {
-    parsed = JSON.parse(text);
-  } catch {
-    parsed = undefined;
-  }
-  return { status: res.status, body: parsed, text, headers: res.headers };
-}
+const call = (server, method, p, opts) => h.httpCall(server.port, method, p, opts);
 
 // Asserts an OpenAI error response; returns its `error` object.
 function assertError(r, status, { param, code, type } = {}) {
