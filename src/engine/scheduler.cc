@@ -47,6 +47,10 @@ void Scheduler::Submit(Request request, bool urgent) {
   stats_.waiting = static_cast<int32_t>(waiting_.size());
 }
 
+bool Scheduler::AnyRunning() const {
+  return std::any_of(seqs_.begin(), seqs_.end(), [](const auto& s) { return s != nullptr; });
+}
+
 bool Scheduler::Idle() const {
   if (!waiting_.empty()) return false;
   for (const auto& s : seqs_)
@@ -164,10 +168,7 @@ bool Scheduler::TryAdmit(Request& r) {
   // (failures_) also shares nothing with an anchor, whose state may be the cause.
   const bool suspect = Suspect(r);
   const bool fresh = FailedBefore(r);
-  if (suspect) {
-    for (const auto& q : seqs_)
-      if (q) return false;
-  }
+  if (suspect && AnyRunning()) return false;
   // At least the last prompt token is always decoded by the request itself:
   // its logits give the first sampled token.
   const size_t max_len = static_cast<size_t>(n - 1);
@@ -225,8 +226,7 @@ bool Scheduler::TryAdmit(Request& r) {
     // The anchor it would fork from is all that is in the way (a request
     // wanting the whole context): with nothing else running, run it without
     // the anchor rather than never.
-    const bool alone = std::none_of(seqs_.begin(), seqs_.end(), [](const auto& q) { return q != nullptr; });
-    if (m.length == 0 || !alone) return false;
+    if (m.length == 0 || AnyRunning()) return false;
     m = PrefixCache::Match{};
     need = n + n_choices * max_new;
     if (!MakeRoom(need, -1)) return false;
@@ -345,8 +345,7 @@ void Scheduler::StepFailed(const Status& st) {
   ++stats_.failed_steps;
   std::vector<std::shared_ptr<Group>> groups;
   for (auto& s : seqs_)
-    if (s && (groups.empty() || groups.back() != s->group) &&
-        std::find(groups.begin(), groups.end(), s->group) == groups.end())
+    if (s && std::find(groups.begin(), groups.end(), s->group) == groups.end())
       groups.push_back(s->group);
   for (auto& a : anchors_)
     if (a) a->chunk = 0;

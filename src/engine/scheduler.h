@@ -110,6 +110,7 @@ class Scheduler {
   void FailGroup(Seq& s, Status status);
   void StepFailed(const Status& status);
   bool Suspect(const Request& r) const { return r.isolate || failures_.count(r.id) != 0; }
+  bool AnyRunning() const;  // a request holds a sequence
   bool FailedBefore(const Request& r) const { return failures_.count(r.id) != 0; }
   void Sample(Seq& s, const float* logits);
   void Fork(Seq& leader, const float* logits);
