@@ -17,6 +17,7 @@ enum class StatusCode {
   kIoError,
   kCancelled,
   kInternal,
+  kUnavailable,       // a service (the database) cannot be reached now: retry (HTTP 503)
 };
 
 class [[nodiscard]] Status {
@@ -32,6 +33,7 @@ class [[nodiscard]] Status {
   static Status IoError(std::string m) { return {StatusCode::kIoError, std::move(m)}; }
   static Status Cancelled(std::string m) { return {StatusCode::kCancelled, std::move(m)}; }
   static Status Internal(std::string m) { return {StatusCode::kInternal, std::move(m)}; }
+  static Status Unavailable(std::string m) { return {StatusCode::kUnavailable, std::move(m)}; }
 
   bool ok() const { return code_ == StatusCode::kOk; }
   StatusCode code() const { return code_; }
@@ -59,6 +61,7 @@ inline const char* StatusCodeName(StatusCode code) {
     case StatusCode::kIoError: return "io_error";
     case StatusCode::kCancelled: return "cancelled";
     case StatusCode::kInternal: return "internal";
+    case StatusCode::kUnavailable: return "unavailable";
   }
   return "unknown";
 }
