@@ -73,6 +73,31 @@ ALTER TABLE requests ADD COLUMN inflight INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE requests ADD COLUMN crashes INTEGER NOT NULL DEFAULT 0;
 CREATE INDEX requests_inflight ON requests (batch_id, line) WHERE inflight = 1;
 )sql";
+
+// Version 3: chunks that workers claim (one prefix group, tens to a few
+// hundred rows each) with a lease and a fencing token; a task lease on the
+// batch (validation, finalization). Lease times are Unix milliseconds,
+// 0 = free. Rows of a version-2 batch become chunk 0 of their batch.
+constexpr const char* kMigrateTo3 = R"sql(
+ALTER TABLE requests ADD COLUMN chunk INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE batches ADD COLUMN lease_owner TEXT;
+ALTER TABLE batches ADD COLUMN lease_until INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE chunks (
+  batch_id TEXT NOT NULL REFERENCES batches (id) ON DELETE CASCADE,
+  chunk INTEGER NOT NULL,
+  prefix_hash INTEGER NOT NULL,
+  pending INTEGER NOT NULL,          -- rows still unanswered
+  token INTEGER NOT NULL DEFAULT 0,  -- fencing token: every claim increments it
+  lease_owner TEXT,
+  lease_until INTEGER NOT NULL DEFAULT 0,
+  reclaims INTEGER NOT NULL DEFAULT 0,
+  PRIMARY KEY (batch_id, chunk)
+);
+CREATE INDEX chunks_open ON chunks (batch_id, chunk) WHERE pending > 0;
+CREATE INDEX requests_by_chunk ON requests (batch_id, chunk, line) WHERE state = 0;
+INSERT INTO chunks (batch_id, chunk, prefix_hash, pending)
+  SELECT batch_id, 0, 0, COUNT(*) FROM requests WHERE state = 0 GROUP BY batch_id;
+)sql";
 }  // namespace
 
 Status EnsureSchema(sqlite3* db, const std::string& path) {
@@ -91,6 +116,8 @@ Status EnsureSchema(sqlite3* db, const std::string& path) {
       if (Status s = Exec(db, kSchema); !s.ok()) return s;
     if (version < 2)
       if (Status s = Exec(db, kMigrateTo2); !s.ok()) return s;
+    if (version < 3)
+      if (Status s = Exec(db, kMigrateTo3); !s.ok()) return s;
     return Exec(db, ("PRAGMA user_version = " + std::to_string(kSchemaVersion)).c_str());
   });
 }

@@ -11,7 +11,7 @@ struct sqlite3;
 namespace kvb::store::sqlite {
 
 // The schema version this code writes and reads.
-inline constexpr int kSchemaVersion = 2;
+inline constexpr int kSchemaVersion = 3;
 
 // Brings the database on `db` to kSchemaVersion in one transaction: creates
 // the tables in a new database (version 0); migrations from older versions

@@ -2,17 +2,23 @@
 
 #include <sqlite3.h>
 
-#include <bit>
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <filesystem>
 #include <limits>
 #include <nlohmann/json.hpp>
 #include <utility>
 
 #include "store/sqlite_schema.h"
 #include "store/sqlite_util.h"
+#include "util/atomic_file.h"
 
 namespace kvb::store {
 namespace {
 
+using sqlite::BatchStatusText;
+using sqlite::CheckBatchExists;
 using sqlite::Exec;
 using sqlite::IsDuplicateKey;
 using sqlite::Prepare;
@@ -21,43 +27,23 @@ using sqlite::StepDone;
 using sqlite::Stmt;
 using sqlite::Transaction;
 
-// How long a statement waits for another connection's lock (another process
-// on the same file, or WAL checkpointing) before failing with SQLITE_BUSY.
-constexpr int kBusyTimeoutMs = 10'000;
-// Rows per chunk when ForEachRequest reads ":memory:" in chunks.
-constexpr int kForEachChunk = 512;
-
-// requests.state
-enum RequestStateValue : int64_t { kStatePending = 0, kStateCompleted = 1, kStateFailed = 2 };
-
-// NotFound unless the batch exists (on connection `db`).
-Status CheckBatchExists(sqlite3* db, std::string_view batch_id) {
-  auto st = Prepare(db, "SELECT 1 FROM batches WHERE id = ?1");
-  if (!st.ok()) return st.status();
-  st->Text(1, batch_id);
-  int rc = st->Step();
-  if (rc == SQLITE_ROW) return Status::Ok();
-  if (rc == SQLITE_DONE) return Status::NotFound("no batch " + std::string(batch_id));
-  return SqlError(db, "look up batch");
-}
 
 // --- files ---
 
 constexpr const char* kFileColumns = "id, filename, purpose, path, bytes, created_at, expires_at";
 
-FileRecord ReadFile(const Stmt& st) {
+FileRecord ReadFileRow(const Stmt& st) {
   FileRecord f;
   f.id = st.ColText(0);
   f.filename = st.ColText(1);
   f.purpose = st.ColText(2);
-  f.path = st.ColText(3);
   f.bytes = st.ColInt(4);
   f.created_at = st.ColInt(5);
   f.expires_at = st.ColInt(6);
   return f;
 }
 
-Status InsertFile(sqlite3* db, const FileRecord& f) {
+Status InsertFile(sqlite3* db, const FileRecord& f, const std::string& path) {
   auto st = Prepare(db,
                     "INSERT INTO files (id, filename, purpose, path, bytes, created_at, expires_at) "
                     "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)");
@@ -65,7 +51,7 @@ Status InsertFile(sqlite3* db, const FileRecord& f) {
   st->Text(1, f.id);
   st->Text(2, f.filename);
   st->Text(3, f.purpose);
-  st->Text(4, f.path);
+  st->Text(4, path);
   st->Int(5, f.bytes);
   st->Int(6, f.created_at);
   st->Int(7, f.expires_at);
@@ -140,7 +126,7 @@ Status BindBatchFields(Stmt& st, const BatchRecord& b) {
   st.Text(1, b.endpoint);
   st.Text(2, b.input_file_id);
   st.Text(3, b.completion_window);
-  st.Text(4, b.status);
+  st.Text(4, ToString(b.status));
   st.OptText(5, b.output_file_id);
   st.OptText(6, b.error_file_id);
   st.OptText(7, b.metadata_json);
@@ -160,7 +146,9 @@ StatusOr<BatchRecord> ReadBatch(const Stmt& st) {
   b.endpoint = st.ColText(1);
   b.input_file_id = st.ColText(2);
   b.completion_window = st.ColText(3);
-  b.status = st.ColText(4);
+  auto status = ParseBatchStatus(st.ColText(4));
+  if (!status) return Status::Internal("batch " + b.id + " has an unknown status " + st.ColText(4));
+  b.status = *status;
   b.output_file_id = st.ColText(5);
   b.error_file_id = st.ColText(6);
   b.metadata_json = st.ColText(7);
@@ -194,39 +182,42 @@ StatusOr<std::vector<BatchRecord>> ReadBatches(sqlite3* db, Stmt& st) {
   return out;
 }
 
-Status UpdateBatchLocked(sqlite3* db, const BatchRecord& b) {
-  auto st = Prepare(db, kUpdateBatchSql);
+// Reads one batch on `db`.
+StatusOr<BatchRecord> GetBatchOn(sqlite3* db, std::string_view id) {
+  auto st = Prepare(db, std::string("SELECT ") + kBatchColumns + " FROM batches WHERE id = ?1");
   if (!st.ok()) return st.status();
-  if (Status s = BindBatchFields(*st, b); !s.ok()) return s;
-  st->Text(21, b.id);
-  if (Status s = StepDone(db, *st, "update batch"); !s.ok()) return s;
-  if (sqlite3_changes(db) == 0) return Status::NotFound("no batch " + b.id);
-  return Status::Ok();
+  st->Text(1, id);
+  int rc = st->Step();
+  if (rc == SQLITE_ROW) return ReadBatch(*st);
+  if (rc == SQLITE_DONE) return Status::NotFound("no batch " + std::string(id));
+  return SqlError(db, "get batch");
 }
 
-// --- requests ---
+// The column holding the time a batch entered `s`.
+const char* TimeColumn(BatchStatus s) {
+  switch (s) {
+    case BatchStatus::kValidating: return "created_at";
+    case BatchStatus::kFailed: return "failed_at";
+    case BatchStatus::kInProgress: return "in_progress_at";
+    case BatchStatus::kFinalizing: return "finalizing_at";
+    case BatchStatus::kCompleted: return "completed_at";
+    case BatchStatus::kExpired: return "expired_at";
+    case BatchStatus::kCancelling: return "cancelling_at";
+    case BatchStatus::kCancelled: return "cancelled_at";
+  }
+  return "created_at";
+}
 
-constexpr const char* kForEachSql =
-    "SELECT line, custom_id, state, result_line FROM requests WHERE batch_id = ?1 AND line > ?2 ORDER BY line "
-    "LIMIT ?3";
-
-StoredRequest ReadStoredRequest(const Stmt& st) {
-  StoredRequest r;
-  r.line = st.ColInt(0);
-  r.custom_id = st.ColText(1);
-  int64_t state = st.ColInt(2);
-  r.state = state == kStateCompleted ? RequestState::kCompleted
-            : state == kStateFailed  ? RequestState::kFailed
-                                     : RequestState::kPending;
-  r.result_line = st.ColText(3);
-  return r;
+Status NotInStatus(std::string_view id, std::string_view status, BatchStatus to) {
+  return Status::FailedPrecondition("batch " + std::string(id) + " is " + std::string(status) + ", it cannot become " +
+                                    std::string(ToString(to)));
 }
 
 }  // namespace
 
 // --- open / close ---
 
-StatusOr<std::unique_ptr<SqliteStore>> SqliteStore::Open(const std::string& path) {
+StatusOr<std::unique_ptr<SqliteStore>> SqliteStore::Open(const std::string& path, const std::string& files_dir) {
   sqlite3* db = nullptr;
   if (sqlite3_open_v2(path.c_str(), &db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE, nullptr) != SQLITE_OK) {
     Status s = Status::Internal("open database " + path + ": " + (db ? sqlite3_errmsg(db) : "out of memory"));
@@ -236,7 +227,7 @@ StatusOr<std::unique_ptr<SqliteStore>> SqliteStore::Open(const std::string& path
   // Owns db until the store does.
   std::unique_ptr<sqlite3, int (*)(sqlite3*)> guard(db, sqlite3_close_v2);
   sqlite3_extended_result_codes(db, 1);
-  sqlite3_busy_timeout(db, kBusyTimeoutMs);
+  sqlite3_busy_timeout(db, sqlite::kBusyTimeoutMs);
 
   // "" is a private temporary file: like ":memory:", no second connection can see it.
   const bool is_file = path != ":memory:" && !path.empty();
@@ -252,11 +243,11 @@ StatusOr<std::unique_ptr<SqliteStore>> SqliteStore::Open(const std::string& path
   if (Status s = Exec(db, "PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;"); !s.ok()) return s;
 
   if (Status s = sqlite::EnsureSchema(db, path); !s.ok()) return s;
-  return std::unique_ptr<SqliteStore>(new SqliteStore(guard.release(), path, is_file && wal));
+  return std::unique_ptr<SqliteStore>(new SqliteStore(guard.release(), path, files_dir, is_file && wal));
 }
 
-SqliteStore::SqliteStore(sqlite3* db, std::string path, bool use_readers)
-    : db_(db), path_(std::move(path)), use_readers_(use_readers) {}
+SqliteStore::SqliteStore(sqlite3* db, std::string path, std::string files_dir, bool use_readers)
+    : db_(db), path_(std::move(path)), files_dir_(std::move(files_dir)), use_readers_(use_readers) {}
 
 SqliteStore::~SqliteStore() {
   for (sqlite3* r : idle_readers_) sqlite3_close_v2(r);
@@ -265,9 +256,63 @@ SqliteStore::~SqliteStore() {
 
 // --- files ---
 
-Status SqliteStore::PutFile(const FileRecord& file) {
+StatusOr<std::string> SqliteStore::AdoptContent(std::string_view id, const std::string& local_path) {
+  if (files_dir_.empty()) return Status::FailedPrecondition("this store has no files directory");
+  const std::string path = files_dir_ + "/" + std::string(id) + ".jsonl";
+  if (Status s = util::MoveFileDurably(local_path, path); !s.ok()) return s;
+  return path;
+}
+
+Status SqliteStore::PutFile(const FileRecord& file, const std::string& local_path) {
+  auto path = AdoptContent(file.id, local_path);
+  if (!path.ok()) return path.status();
   std::lock_guard lock(mu_);
-  return Transaction(db_, [&] { return InsertFile(db_, file); });
+  Status s = Transaction(db_, [&] { return InsertFile(db_, file, *path); });
+  if (!s.ok()) {
+    // Handed back: the caller still owns its file when the call fails.
+    std::error_code ec;
+    std::filesystem::rename(*path, local_path, ec);
+  }
+  return s;
+}
+
+StatusOr<std::string> SqliteStore::ContentPath(std::string_view id) {
+  std::lock_guard lock(mu_);
+  auto st = Prepare(db_, "SELECT path FROM files WHERE id = ?1");
+  if (!st.ok()) return st.status();
+  st->Text(1, id);
+  int rc = st->Step();
+  if (rc == SQLITE_ROW) return st->ColText(0);
+  if (rc == SQLITE_DONE) return Status::NotFound("no file " + std::string(id));
+  return SqlError(db_, "get file");
+}
+
+Status SqliteStore::ReadFile(std::string_view id, int64_t offset, int64_t max_bytes, std::string* out) {
+  auto path = ContentPath(id);
+  if (!path.ok()) return path.status();
+  int fd = ::open(path->c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return Status::IoError("cannot open the content of " + std::string(id));
+  const size_t start = out->size();
+  out->resize(start + static_cast<size_t>(std::max<int64_t>(0, max_bytes)));
+  size_t got = 0;
+  Status s;
+  while (got < out->size() - start) {
+    ssize_t n = ::pread(fd, out->data() + start + got, out->size() - start - got, static_cast<off_t>(offset) +
+                                                                                         static_cast<off_t>(got));
+    if (n < 0) {
+      s = Status::IoError("cannot read the content of " + std::string(id));
+      break;
+    }
+    if (n == 0) break;
+    got += static_cast<size_t>(n);
+  }
+  ::close(fd);
+  out->resize(start + got);
+  return s;
+}
+
+StatusOr<std::string> SqliteStore::LocalFile(std::string_view id, const std::string& /*cache_dir*/) {
+  return ContentPath(id);
 }
 
 StatusOr<FileRecord> SqliteStore::GetFile(std::string_view id) {
@@ -276,7 +321,7 @@ StatusOr<FileRecord> SqliteStore::GetFile(std::string_view id) {
   if (!st.ok()) return st.status();
   st->Text(1, id);
   int rc = st->Step();
-  if (rc == SQLITE_ROW) return ReadFile(*st);
+  if (rc == SQLITE_ROW) return ReadFileRow(*st);
   if (rc == SQLITE_DONE) return Status::NotFound("no file " + std::string(id));
   return SqlError(db_, "get file");
 }
@@ -317,14 +362,16 @@ StatusOr<std::vector<FileRecord>> SqliteStore::ListFiles(std::string_view purpos
   }
   st->Int(4, limit);
   int rc;
-  while ((rc = st->Step()) == SQLITE_ROW) out.push_back(ReadFile(*st));
+  while ((rc = st->Step()) == SQLITE_ROW) out.push_back(ReadFileRow(*st));
   if (rc != SQLITE_DONE) return SqlError(db_, "list files");
   return out;
 }
 
 Status SqliteStore::DeleteFile(std::string_view id) {
+  auto path = ContentPath(id);
+  if (!path.ok()) return path.status();
   std::lock_guard lock(mu_);
-  return Transaction(db_, [&]() -> Status {
+  Status s = Transaction(db_, [&]() -> Status {
     auto st = Prepare(db_, "DELETE FROM files WHERE id = ?1");
     if (!st.ok()) return st.status();
     st->Text(1, id);
@@ -332,6 +379,12 @@ Status SqliteStore::DeleteFile(std::string_view id) {
     if (sqlite3_changes(db_) == 0) return Status::NotFound("no file " + std::string(id));
     return Status::Ok();
   });
+  if (!s.ok()) return s;
+  // After the record: a crash in between leaves bytes nobody names, never a
+  // record without its content.
+  std::error_code ec;
+  std::filesystem::remove(*path, ec);
+  return Status::Ok();
 }
 
 // --- batches ---
@@ -357,13 +410,7 @@ Status SqliteStore::PutBatch(const BatchRecord& batch) {
 
 StatusOr<BatchRecord> SqliteStore::GetBatch(std::string_view id) {
   std::lock_guard lock(mu_);
-  auto st = Prepare(db_, std::string("SELECT ") + kBatchColumns + " FROM batches WHERE id = ?1");
-  if (!st.ok()) return st.status();
-  st->Text(1, id);
-  int rc = st->Step();
-  if (rc == SQLITE_ROW) return ReadBatch(*st);
-  if (rc == SQLITE_DONE) return Status::NotFound("no batch " + std::string(id));
-  return SqlError(db_, "get batch");
+  return GetBatchOn(db_, id);
 }
 
 StatusOr<std::vector<BatchRecord>> SqliteStore::ListBatches(std::string_view after, int limit) {
@@ -394,7 +441,7 @@ StatusOr<std::vector<BatchRecord>> SqliteStore::ListBatches(std::string_view aft
   return ReadBatches(db_, *st);
 }
 
-StatusOr<std::vector<BatchRecord>> SqliteStore::BatchesWithStatus(const std::vector<std::string>& statuses) {
+StatusOr<std::vector<BatchRecord>> SqliteStore::BatchesWithStatus(const std::vector<BatchStatus>& statuses) {
   if (statuses.empty()) return std::vector<BatchRecord>();
   std::lock_guard lock(mu_);
   std::string sql = std::string("SELECT ") + kBatchColumns + " FROM batches WHERE status IN (";
@@ -402,277 +449,154 @@ StatusOr<std::vector<BatchRecord>> SqliteStore::BatchesWithStatus(const std::vec
   sql += ") ORDER BY created_at, rowid";
   auto st = Prepare(db_, sql);
   if (!st.ok()) return st.status();
-  for (size_t i = 0; i < statuses.size(); ++i) st->Text(static_cast<int>(i) + 1, statuses[i]);
+  for (size_t i = 0; i < statuses.size(); ++i) st->Text(static_cast<int>(i) + 1, ToString(statuses[i]));
   return ReadBatches(db_, *st);
 }
 
-Status SqliteStore::UpdateBatch(const BatchRecord& batch) {
+StatusOr<BatchRecord> SqliteStore::TransitionBatch(std::string_view id, const std::vector<BatchStatus>& from,
+                                                   BatchStatus to, int64_t now) {
+  for (BatchStatus f : from)
+    if (!CanTransition(f, to))
+      return Status::InvalidArgument("a batch cannot go from " + std::string(ToString(f)) + " to " +
+                                     std::string(ToString(to)));
   std::lock_guard lock(mu_);
-  return Transaction(db_, [&] { return UpdateBatchLocked(db_, batch); });
-}
-
-Status SqliteStore::FinalizeBatch(const BatchRecord& batch, const std::vector<FileRecord>& files) {
-  std::lock_guard lock(mu_);
-  return Transaction(db_, [&]() -> Status {
-    for (const FileRecord& f : files) {
-      if (Status s = InsertFile(db_, f); !s.ok()) return s;
-    }
-    return UpdateBatchLocked(db_, batch);
+  StatusOr<BatchRecord> out = Status::Internal("unset");
+  Status s = Transaction(db_, [&]() -> Status {
+    auto cur = BatchStatusText(db_, id);
+    if (!cur.ok()) return cur.status();
+    bool allowed = false;
+    for (BatchStatus f : from) allowed = allowed || ToString(f) == *cur;
+    if (!allowed) return NotInStatus(id, *cur, to);
+    auto st = Prepare(db_, std::string("UPDATE batches SET status = ?1, ") + TimeColumn(to) + " = ?2 WHERE id = ?3");
+    if (!st.ok()) return st.status();
+    st->Text(1, ToString(to));
+    st->Int(2, now);
+    st->Text(3, id);
+    if (Status e = StepDone(db_, *st, "update batch status"); !e.ok()) return e;
+    out = GetBatchOn(db_, id);
+    return out.status();
   });
-}
-
-// --- batch requests ---
-
-Status SqliteStore::AddRequests(std::string_view batch_id, const std::vector<PendingRequest>& rows) {
-  std::lock_guard lock(mu_);
-  return Transaction(db_, [&]() -> Status {
-    if (Status s = CheckBatchExists(db_, batch_id); !s.ok()) return s;
-    auto del = Prepare(db_, "DELETE FROM requests WHERE batch_id = ?1");
-    if (!del.ok()) return del.status();
-    del->Text(1, batch_id);
-    if (Status s = StepDone(db_, *del, "delete requests"); !s.ok()) return s;
-
-    // One statement reused for every row; the batch id stays bound across resets.
-    auto ins = Prepare(db_,
-                       "INSERT INTO requests (batch_id, line, custom_id, byte_offset, byte_length, prefix_hash, "
-                       "state) VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0)");
-    if (!ins.ok()) return ins.status();
-    ins->Text(1, batch_id);
-    for (const PendingRequest& r : rows) {
-      ins->Int(2, r.line);
-      ins->Text(3, r.custom_id);
-      ins->Int(4, r.offset);
-      ins->Int(5, r.length);
-      ins->Int(6, std::bit_cast<int64_t>(r.prefix_hash));
-      int rc = SQLITE_OK;
-      Status s = StepDone(db_, *ins, "insert request", &rc);
-      if (IsDuplicateKey(rc)) return Status::InvalidArgument("line " + std::to_string(r.line) + " given twice");
-      if (!s.ok()) return s;
-    }
-
-    auto upd = Prepare(db_,
-                       "UPDATE batches SET total = ?1, completed = 0, failed = 0, input_tokens = 0, "
-                       "cached_tokens = 0, output_tokens = 0 WHERE id = ?2");
-    if (!upd.ok()) return upd.status();
-    upd->Int(1, static_cast<int64_t>(rows.size()));
-    upd->Text(2, batch_id);
-    return StepDone(db_, *upd, "set request counts");
-  });
-}
-
-StatusOr<std::vector<PendingRequest>> SqliteStore::PendingRequests(std::string_view batch_id) {
-  std::lock_guard lock(mu_);
-  if (Status s = CheckBatchExists(db_, batch_id); !s.ok()) return s;
-  // `state = 0` matches the partial index requests_pending.
-  auto st = Prepare(db_,
-                    "SELECT line, custom_id, byte_offset, byte_length, prefix_hash, crashes FROM requests "
-                    "WHERE batch_id = ?1 AND state = 0 ORDER BY line");
-  if (!st.ok()) return st.status();
-  st->Text(1, batch_id);
-  std::vector<PendingRequest> out;
-  int rc;
-  while ((rc = st->Step()) == SQLITE_ROW) {
-    PendingRequest r;
-    r.line = st->ColInt(0);
-    r.custom_id = st->ColText(1);
-    r.offset = st->ColInt(2);
-    r.length = st->ColInt(3);
-    r.prefix_hash = std::bit_cast<uint64_t>(st->ColInt(4));
-    r.crashes = static_cast<int32_t>(st->ColInt(5));
-    out.push_back(std::move(r));
-  }
-  if (rc != SQLITE_DONE) return SqlError(db_, "read pending requests");
+  if (!s.ok()) return s;
   return out;
 }
 
-// Called on the engine thread as each request starts and ends: committed
-// without an fsync (synchronous=NORMAL in WAL mode), which survives the
-// process dying, the only crash a mark is for, at the cost of a write(2).
-Status SqliteStore::SetInFlight(std::string_view batch_id, const std::vector<int64_t>& lines, bool in_flight) {
-  if (lines.empty()) return Status::Ok();
+StatusOr<BatchRecord> SqliteStore::SetBatchControl(std::string_view id, std::optional<bool> paused,
+                                                   std::optional<int32_t> priority) {
   std::lock_guard lock(mu_);
-  if (Status s = Exec(db_, "PRAGMA synchronous = NORMAL"); !s.ok()) return s;
-  Status marked = Transaction(db_, [&]() -> Status {
-    auto upd = Prepare(db_, "UPDATE requests SET inflight = ?3 WHERE batch_id = ?1 AND line = ?2 AND state = 0");
-    if (!upd.ok()) return upd.status();
-    upd->Text(1, batch_id);
-    upd->Int(3, in_flight ? 1 : 0);
-    for (int64_t line : lines) {
-      upd->Int(2, line);
-      if (Status s = StepDone(db_, *upd, "mark in flight"); !s.ok()) return s;
-    }
+  StatusOr<BatchRecord> out = Status::Internal("unset");
+  Status s = Transaction(db_, [&]() -> Status {
+    auto cur = BatchStatusText(db_, id);
+    if (!cur.ok()) return cur.status();
+    auto status = ParseBatchStatus(*cur);
+    if (status && IsFinal(*status))
+      return Status::FailedPrecondition("Cannot change a batch with status '" + *cur + "'.");
+    auto st = Prepare(db_,
+                      "UPDATE batches SET paused = COALESCE(?1, paused), priority = COALESCE(?2, priority) "
+                      "WHERE id = ?3");
+    if (!st.ok()) return st.status();
+    if (paused) st->Int(1, *paused ? 1 : 0);
+    if (priority) st->Int(2, *priority);
+    st->Text(3, id);
+    if (Status e = StepDone(db_, *st, "update batch controls"); !e.ok()) return e;
+    out = GetBatchOn(db_, id);
+    return out.status();
+  });
+  if (!s.ok()) return s;
+  return out;
+}
+
+StatusOr<bool> SqliteStore::LeaseBatch(std::string_view id, std::string_view owner, int64_t lease_ms) {
+  std::lock_guard lock(mu_);
+  bool held = false;
+  Status s = Transaction(db_, [&]() -> Status {
+    if (Status e = CheckBatchExists(db_, id); !e.ok()) return e;
+    const int64_t now = sqlite::NowMs();
+    auto st = Prepare(db_,
+                      "UPDATE batches SET lease_owner = ?1, lease_until = ?2 "
+                      "WHERE id = ?3 AND (lease_until < ?4 OR lease_owner = ?1)");
+    if (!st.ok()) return st.status();
+    st->Text(1, owner);
+    st->Int(2, now + lease_ms);
+    st->Text(3, id);
+    st->Int(4, now);
+    if (Status e = StepDone(db_, *st, "lease batch"); !e.ok()) return e;
+    held = sqlite3_changes(db_) > 0;
     return Status::Ok();
   });
-  Status restored = Exec(db_, "PRAGMA synchronous = FULL");
-  return marked.ok() ? restored : marked;
-}
-
-Status SqliteStore::MarkInFlight(std::string_view batch_id, const std::vector<int64_t>& lines) {
-  return SetInFlight(batch_id, lines, true);
-}
-
-Status SqliteStore::UnmarkInFlight(std::string_view batch_id, const std::vector<int64_t>& lines) {
-  return SetInFlight(batch_id, lines, false);
-}
-
-StatusOr<int64_t> SqliteStore::RecoverInFlight() {
-  std::lock_guard lock(mu_);
-  int64_t n = 0;
-  Status s = Transaction(db_, [&]() -> Status {
-    if (Status e = Exec(db_, "UPDATE requests SET crashes = crashes + 1, inflight = 0 WHERE inflight = 1 AND state = 0");
-        !e.ok())
-      return e;
-    n = sqlite3_changes(db_);
-    return Exec(db_, "UPDATE requests SET inflight = 0 WHERE inflight = 1");
-  });
   if (!s.ok()) return s;
-  return n;
+  return held;
 }
 
-Status SqliteStore::ClearInFlight() {
+Status SqliteStore::FailBatch(std::string_view id, const std::vector<BatchError>& errors, int64_t now) {
+  auto json = ErrorsToJson(errors);
+  if (!json.ok()) return json.status();
   std::lock_guard lock(mu_);
-  return Transaction(db_, [&]() -> Status { return Exec(db_, "UPDATE requests SET inflight = 0 WHERE inflight = 1"); });
-}
-
-StatusOr<int64_t> SqliteStore::CommitResults(std::string_view batch_id, const std::vector<RequestOutcome>& outcomes) {
-  std::lock_guard lock(mu_);
-  int64_t recorded = 0;
-  Status s = Transaction(db_, [&]() -> Status {
-    if (Status s = CheckBatchExists(db_, batch_id); !s.ok()) return s;
-    // `state = 0`: a row answered before (by this call or an earlier one) is
-    // left alone, so nothing is answered or counted twice.
-    auto upd = Prepare(db_,
-                       "UPDATE requests SET state = ?1, result_line = ?2, inflight = 0 "
-                       "WHERE batch_id = ?3 AND line = ?4 AND state = 0");
-    if (!upd.ok()) return upd.status();
-    upd->Text(3, batch_id);
-    Usage usage;
-    int64_t completed = 0, failed = 0;
-    for (const RequestOutcome& o : outcomes) {
-      upd->Int(1, o.ok ? kStateCompleted : kStateFailed);
-      upd->Text(2, o.result_line);
-      upd->Int(4, o.line);
-      if (Status s = StepDone(db_, *upd, "record result"); !s.ok()) return s;
-      if (sqlite3_changes(db_) == 0) continue;
-      ++recorded;
-      ++(o.ok ? completed : failed);
-      usage.input_tokens += o.input_tokens;
-      usage.cached_tokens += o.cached_tokens;
-      usage.output_tokens += o.output_tokens;
-    }
-    if (recorded == 0) return Status::Ok();
-    auto counts = Prepare(db_,
-                          "UPDATE batches SET completed = completed + ?1, failed = failed + ?2, "
-                          "input_tokens = input_tokens + ?3, cached_tokens = cached_tokens + ?4, "
-                          "output_tokens = output_tokens + ?5 WHERE id = ?6");
-    if (!counts.ok()) return counts.status();
-    counts->Int(1, completed);
-    counts->Int(2, failed);
-    counts->Int(3, usage.input_tokens);
-    counts->Int(4, usage.cached_tokens);
-    counts->Int(5, usage.output_tokens);
-    counts->Text(6, batch_id);
-    return StepDone(db_, *counts, "add to batch counts");
+  return Transaction(db_, [&]() -> Status {
+    auto cur = BatchStatusText(db_, id);
+    if (!cur.ok()) return cur.status();
+    if (*cur != ToString(BatchStatus::kValidating)) return NotInStatus(id, *cur, BatchStatus::kFailed);
+    auto st = Prepare(db_, "UPDATE batches SET status = 'failed', failed_at = ?1, errors_json = ?2 WHERE id = ?3");
+    if (!st.ok()) return st.status();
+    st->Int(1, now);
+    st->OptText(2, *json);
+    st->Text(3, id);
+    return StepDone(db_, *st, "fail batch");
   });
-  if (!s.ok()) return s;
-  return recorded;
 }
 
-Status SqliteStore::ForEachRequest(std::string_view batch_id, const std::function<Status(const StoredRequest&)>& fn) {
-  return use_readers_ ? ForEachRequestFromReader(batch_id, fn) : ForEachRequestInChunks(batch_id, fn);
-}
-
-Status SqliteStore::ForEachRequestInChunks(std::string_view batch_id,
-                                           const std::function<Status(const StoredRequest&)>& fn) {
-  // Keyset by line; the mutex is held only while a chunk is read, never
-  // while `fn` runs.
-  int64_t after_line = std::numeric_limits<int64_t>::min();
-  std::vector<StoredRequest> chunk;
-  for (bool first = true;; first = false) {
-    chunk.clear();
-    {
-      std::lock_guard lock(mu_);
-      if (first) {
-        if (Status s = CheckBatchExists(db_, batch_id); !s.ok()) return s;
-      }
-      auto st = Prepare(db_, kForEachSql);
-      if (!st.ok()) return st.status();
-      st->Text(1, batch_id);
-      st->Int(2, after_line);
-      st->Int(3, kForEachChunk);
-      int rc;
-      while ((rc = st->Step()) == SQLITE_ROW) chunk.push_back(ReadStoredRequest(*st));
-      if (rc != SQLITE_DONE) return SqlError(db_, "read requests");
-    }
-    for (const StoredRequest& r : chunk) {
-      if (Status s = fn(r); !s.ok()) return s;
-    }
-    if (chunk.size() < static_cast<size_t>(kForEachChunk)) return Status::Ok();
-    after_line = chunk.back().line;
-  }
-}
-
-Status SqliteStore::ForEachRequestFromReader(std::string_view batch_id,
-                                             const std::function<Status(const StoredRequest&)>& fn) {
-  auto acquired = AcquireReader();
-  if (!acquired.ok()) return acquired.status();
-  sqlite3* reader = *acquired;
-  struct Lease {  // gives the connection back, its read transaction ended
-    SqliteStore* store;
-    sqlite3* reader;
-    ~Lease() {
-      if (!sqlite3_get_autocommit(reader)) sqlite3_exec(reader, "ROLLBACK", nullptr, nullptr, nullptr);
-      store->ReleaseReader(reader);
-    }
-  } lease{this, reader};
-
-  // One read transaction: the existence check and every row see one snapshot.
-  if (Status s = Exec(reader, "BEGIN"); !s.ok()) return s;
-  if (Status s = CheckBatchExists(reader, batch_id); !s.ok()) return s;
-  auto st = Prepare(reader, kForEachSql);
-  if (!st.ok()) return st.status();
-  st->Text(1, batch_id);
-  st->Int(2, std::numeric_limits<int64_t>::min());
-  st->Int(3, -1);  // no limit
-  int rc;
-  while ((rc = st->Step()) == SQLITE_ROW) {
-    if (Status s = fn(ReadStoredRequest(*st)); !s.ok()) return s;
-  }
-  if (rc != SQLITE_DONE) return SqlError(reader, "read requests");
-  return Status::Ok();
-}
-
-StatusOr<sqlite3*> SqliteStore::AcquireReader() {
+StatusOr<BatchRecord> SqliteStore::FinalizeBatch(std::string_view id, BatchStatus from, BatchStatus to, int64_t now,
+                                                 const std::optional<ResultFile>& output,
+                                                 const std::optional<ResultFile>& error) {
+  if (!CanTransition(from, to) || !IsFinal(to))
+    return Status::InvalidArgument("a batch cannot be finalized from " + std::string(ToString(from)) + " to " +
+                                   std::string(ToString(to)));
   {
-    std::lock_guard lock(readers_mu_);
-    if (!idle_readers_.empty()) {
-      sqlite3* r = idle_readers_.back();
-      idle_readers_.pop_back();
-      return r;
-    }
+    std::lock_guard lock(mu_);
+    auto cur = BatchStatusText(db_, id);
+    if (!cur.ok()) return cur.status();
+    if (*cur != ToString(from)) return NotInStatus(id, *cur, to);
   }
-  sqlite3* r = nullptr;
-  if (sqlite3_open_v2(path_.c_str(), &r, SQLITE_OPEN_READONLY, nullptr) != SQLITE_OK) {
-    Status s = Status::Internal("open read connection " + path_ + ": " + (r ? sqlite3_errmsg(r) : "out of memory"));
-    sqlite3_close(r);
+  // Content first (outside the transaction: renames), handed back if the
+  // transaction does not happen.
+  std::vector<std::pair<const ResultFile*, std::string>> adopted;
+  auto give_back = [&] {
+    std::error_code ec;
+    for (auto& [f, path] : adopted) std::filesystem::rename(path, f->local_path, ec);
+  };
+  for (const auto* f : {&output, &error}) {
+    if (!f->has_value()) continue;
+    auto path = AdoptContent((*f)->record.id, (*f)->local_path);
+    if (!path.ok()) {
+      give_back();
+      return path.status();
+    }
+    adopted.emplace_back(&**f, *path);
+  }
+  std::lock_guard lock(mu_);
+  StatusOr<BatchRecord> out = Status::Internal("unset");
+  Status s = Transaction(db_, [&]() -> Status {
+    auto cur = BatchStatusText(db_, id);
+    if (!cur.ok()) return cur.status();
+    if (*cur != ToString(from)) return NotInStatus(id, *cur, to);
+    for (auto& [f, path] : adopted)
+      if (Status e = InsertFile(db_, f->record, path); !e.ok()) return e;
+    auto st = Prepare(db_, std::string("UPDATE batches SET status = ?1, ") + TimeColumn(to) +
+                               " = ?2, output_file_id = ?3, error_file_id = ?4 WHERE id = ?5");
+    if (!st.ok()) return st.status();
+    st->Text(1, ToString(to));
+    st->Int(2, now);
+    st->OptText(3, output ? std::string_view(output->record.id) : std::string_view());
+    st->OptText(4, error ? std::string_view(error->record.id) : std::string_view());
+    st->Text(5, id);
+    if (Status e = StepDone(db_, *st, "finalize batch"); !e.ok()) return e;
+    out = GetBatchOn(db_, id);
+    return out.status();
+  });
+  if (!s.ok()) {
+    give_back();
     return s;
   }
-  sqlite3_extended_result_codes(r, 1);
-  sqlite3_busy_timeout(r, kBusyTimeoutMs);
-  return r;
-}
-
-void SqliteStore::ReleaseReader(sqlite3* reader) {
-  // Keep a couple idle; a burst of concurrent calls closes its extras.
-  constexpr size_t kMaxIdleReaders = 2;
-  {
-    std::lock_guard lock(readers_mu_);
-    if (idle_readers_.size() < kMaxIdleReaders) {
-      idle_readers_.push_back(reader);
-      return;
-    }
-  }
-  sqlite3_close_v2(reader);
+  return out;
 }
 
 }  // namespace kvb::store

@@ -4,6 +4,7 @@
 
 #include <sqlite3.h>
 
+#include <chrono>
 #include <cstdint>
 #include <limits>
 #include <string>
@@ -96,4 +97,35 @@ Status Transaction(sqlite3* db, Body&& body) {
   if (!s.ok() && !sqlite3_get_autocommit(db)) sqlite3_exec(db, "ROLLBACK", nullptr, nullptr, nullptr);
   return s;
 }
+
+// How long a statement waits for another connection's lock (another process
+// on the same file, or WAL checkpointing) before failing with SQLITE_BUSY.
+inline constexpr int kBusyTimeoutMs = 10'000;
+
+// requests.state
+enum RequestStateValue : int64_t { kStatePending = 0, kStateCompleted = 1, kStateFailed = 2 };
+
+// Lease clock: Unix milliseconds (leases outlive the process that took them).
+inline int64_t NowMs() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+// The batch's stored status text; NotFound when there is no such batch.
+inline StatusOr<std::string> BatchStatusText(sqlite3* db, std::string_view batch_id) {
+  auto st = Prepare(db, "SELECT status FROM batches WHERE id = ?1");
+  if (!st.ok()) return st.status();
+  st->Text(1, batch_id);
+  int rc = st->Step();
+  if (rc == SQLITE_ROW) return st->ColText(0);
+  if (rc == SQLITE_DONE) return Status::NotFound("no batch " + std::string(batch_id));
+  return SqlError(db, "look up batch");
+}
+
+// NotFound unless the batch exists.
+inline Status CheckBatchExists(sqlite3* db, std::string_view batch_id) {
+  auto s = BatchStatusText(db, batch_id);
+  return s.ok() ? Status::Ok() : s.status();
+}
+
 }  // namespace kvb::store::sqlite
