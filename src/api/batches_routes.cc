@@ -28,7 +28,30 @@ int64_t WindowSeconds(const std::string& w) {
   }
 }
 
-json Object(Context& ctx, const store::BatchRecord& b) { return BatchObject(b, ctx.worker->Progress(b.id)); }
+json Object(Context& ctx, const store::BatchRecord& b) { return BatchObject(b, ctx.driver->Progress(b.id)); }
+
+int64_t Now() { return static_cast<int64_t>(std::time(nullptr)); }
+
+// cancel, pause, resume: compare-and-set in the store (any node may serve
+// them); the nodes running the batch see the change within a poll.
+StatusOr<store::BatchRecord> Control(Context& ctx, const std::string& id, const std::string& action) {
+  if (action == "cancel") {
+    auto b = ctx.store->TransitionBatch(id, {store::BatchStatus::kValidating, store::BatchStatus::kInProgress},
+                                        store::BatchStatus::kCancelling, Now());
+    if (b.ok() || b.status().code() != StatusCode::kFailedPrecondition) return b;
+    auto cur = ctx.store->GetBatch(id);
+    if (!cur.ok()) return cur.status();
+    if (cur->status == store::BatchStatus::kCancelling || cur->status == store::BatchStatus::kCancelled) return cur;
+    return Status::FailedPrecondition("Cannot cancel a batch with status '" + std::string(ToString(cur->status)) +
+                                      "'.");
+  }
+  auto b = ctx.store->SetBatchControl(id, action == "pause", std::nullopt);
+  if (b.ok() || b.status().code() != StatusCode::kFailedPrecondition) return b;
+  auto cur = ctx.store->GetBatch(id);
+  if (!cur.ok()) return cur.status();
+  return Status::FailedPrecondition("Cannot " + action + " a batch with status '" +
+                                    std::string(ToString(cur->status)) + "'.");
+}
 
 void SendBatchStatus(httplib::Response& res, const std::string& id, const Status& st) {
   if (st.code() == StatusCode::kNotFound) return SendError(res, 404, "No such Batch object: " + id, "not_found", "id");
@@ -90,11 +113,11 @@ void CreateBatch(Context& ctx, const httplib::Request& req, httplib::Response& r
     return SendError(res, 400, "The input file must have purpose 'batch', not '" + file->purpose + "'.",
                      "invalid_file_purpose", "input_file_id");
   b.id = batch::NewId("batch_");
-  b.status = "validating";
+  b.status = store::BatchStatus::kValidating;
   b.created_at = static_cast<int64_t>(std::time(nullptr));
   b.expires_at = b.created_at + window;
   if (Status st = ctx.store->PutBatch(b); !st.ok()) return SendStatus(res, st);
-  ctx.worker->Wake();
+  ctx.driver->Wake();
   SendJson(res, 200, Object(ctx, b));
 }
 
@@ -131,8 +154,9 @@ void AddBatchRoutes(httplib::Server& http, Context& ctx) {
                                                                    httplib::Response& res) {
     const std::string id = req.matches[1].str();
     const std::string action = req.matches[2].str();
-    auto b = action == "cancel" ? ctx.worker->Cancel(id) : ctx.worker->SetPaused(id, action == "pause");
+    auto b = Control(ctx, id, action);
     if (!b.ok()) return SendBatchStatus(res, id, b.status());
+    ctx.driver->Wake();
     SendJson(res, 200, Object(ctx, *b));
   });
 }

@@ -64,6 +64,11 @@ class OnlineSlot {
 };
 
 void Complete(Context& ctx, batch::Endpoint endpoint, const httplib::Request& req, httplib::Response& res) {
+  if (ctx.hub == nullptr)
+    return SendError(res, 503,
+                     "This node has no model: it keeps batches only. Send online requests to a node started with "
+                     "-m (kvbatch serve -m MODEL --store ...).",
+                     "no_model_loaded");
   auto slot = std::make_shared<OnlineSlot>(ctx.online_requests, ctx.options.max_online_requests);
   if (!slot->ok())
     return SendError(res, 429,
@@ -91,9 +96,12 @@ void Complete(Context& ctx, batch::Endpoint endpoint, const httplib::Request& re
   }
   // The same parser and checks as a batch line, so both give the same answer.
   const std::string request_id = batch::NewId("req_");
-  json line = {{"custom_id", request_id}, {"method", "POST"}, {"url", batch::EndpointPath(endpoint)}, {"body", body}};
+  // The body's own text, not a re-serialized copy: nlohmann::json sorts keys,
+  // and a json_schema's property order is the order its grammar generates.
+  const std::string line = "{\"custom_id\":\"" + request_id + "\",\"method\":\"POST\",\"url\":\"" +
+                           std::string(batch::EndpointPath(endpoint)) + "\",\"body\":" + req.body + "}";
   std::string param;
-  auto parsed = batch::ParseRequest(batch::DumpJson(line), &param);
+  auto parsed = batch::ParseRequest(line, &param);
   if (!parsed.ok()) {
     if (param.rfind("body.", 0) == 0) param.erase(0, 5);
     return SendError(res, 400, parsed.status().message(), "invalid_request", param);

@@ -1,4 +1,6 @@
-// Files API: upload (multipart, streamed to disk), list, retrieve, content, delete.
+// Files API: upload (multipart, streamed to a local temporary file, then
+// handed to the store, which keeps the content where every node can read
+// it), list, retrieve, content (streamed from the store), delete.
 // Clients name files only by id: no client string ever reaches a path.
 #include <fcntl.h>
 #include <unistd.h>
@@ -11,6 +13,7 @@
 #include "api/objects.h"
 #include "api/routes.h"
 #include "batch/response.h"
+#include "util/atomic_file.h"
 
 namespace kvb::api {
 
@@ -20,11 +23,10 @@ namespace {
 
 constexpr size_t kMaxFieldBytes = 4096;  // non-file form fields (purpose)
 
-// The upload's bytes go straight to a temporary file; it becomes the file
-// only when complete, so a broken upload never leaves a file behind.
+// The upload's bytes go straight to a temporary file (removed unless the
+// upload completes), so a broken upload never leaves a file behind.
 struct Upload {
-  int fd = -1;
-  std::string tmp_path;
+  util::AtomicFileWriter file;
   std::string field;
   std::string filename;
   std::string purpose;
@@ -32,22 +34,7 @@ struct Upload {
   bool got_file = false;
   bool too_large = false;
   bool io_error = false;
-
-  ~Upload() {
-    if (fd >= 0) ::close(fd);
-    if (!tmp_path.empty()) std::remove(tmp_path.c_str());
-  }
 };
-
-bool WriteAll(int fd, const char* data, size_t len) {
-  while (len > 0) {
-    ssize_t n = ::write(fd, data, len);
-    if (n < 0) return false;
-    data += n;
-    len -= static_cast<size_t>(n);
-  }
-  return true;
-}
 
 void CreateFile(Context& ctx, const httplib::Request& req, httplib::Response& res,
                 const httplib::ContentReader& reader) {
@@ -57,7 +44,6 @@ void CreateFile(Context& ctx, const httplib::Request& req, httplib::Response& re
   }
   const std::string id = batch::NewId("file-");
   auto up = std::make_unique<Upload>();
-  up->tmp_path = ctx.options.files_dir + "/" + id + ".upload";
   const int64_t limit = ctx.options.max_file_bytes;
   const bool read_ok = reader(
       [&](const httplib::MultipartFormData& part) {
@@ -66,20 +52,19 @@ void CreateFile(Context& ctx, const httplib::Request& req, httplib::Response& re
           if (up->got_file) return true;  // a second file part is ignored
           up->got_file = true;
           up->filename = part.filename.empty() ? "upload.jsonl" : part.filename;
-          up->fd = ::open(up->tmp_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-          if (up->fd < 0) up->io_error = true;
+          if (!up->file.Open(ctx.options.files_dir + "/" + id + ".upload").ok()) up->io_error = true;
         }
         return true;
       },
       [&](const char* data, size_t len) {
         if (up->field == "purpose") {
           if (up->purpose.size() + len <= kMaxFieldBytes) up->purpose.append(data, len);
-        } else if (up->field == "file" && up->fd >= 0 && !up->too_large && !up->io_error) {
+        } else if (up->field == "file" && !up->too_large && !up->io_error) {
           up->bytes += static_cast<int64_t>(len);
           if (up->bytes > limit) {
             // Keep reading (and dropping) the rest, so the client gets the 413.
             up->too_large = true;
-          } else if (!WriteAll(up->fd, data, len)) {
+          } else if (!up->file.Append(std::string_view(data, len)).ok()) {
             up->io_error = true;
           }
         }
@@ -115,28 +100,20 @@ void CreateFile(Context& ctx, const httplib::Request& req, httplib::Response& re
               "invalid_value", "purpose");
     return;
   }
-  if (::fsync(up->fd) != 0 || ::close(up->fd) != 0) {
-    up->fd = -1;
+  auto local = up->file.Release();
+  if (!local.ok()) {
     SendError(res, 500, "The server could not store the file.", "server_error");
     return;
   }
-  up->fd = -1;
   store::FileRecord f;
   f.id = id;
   f.filename = batch::ToValidUtf8(up->filename);
   f.purpose = up->purpose;
-  f.path = ctx.options.files_dir + "/" + id + ".jsonl";
   f.bytes = up->bytes;
   f.created_at = static_cast<int64_t>(std::time(nullptr));
-  std::error_code ec;
-  std::filesystem::rename(up->tmp_path, f.path, ec);
-  if (ec) {
-    SendError(res, 500, "The server could not store the file.", "server_error");
-    return;
-  }
-  up->tmp_path.clear();
-  if (Status st = ctx.store->PutFile(f); !st.ok()) {
-    std::filesystem::remove(f.path, ec);
+  if (Status st = ctx.store->PutFile(f, *local); !st.ok()) {
+    std::error_code ec;
+    std::filesystem::remove(*local, ec);
     SendStatus(res, st);
     return;
   }
@@ -180,18 +157,16 @@ void AddFileRoutes(httplib::Server& http, Context& ctx) {
   http.Get(R"(/v1/files/([^/]+)/content)", [&ctx](const httplib::Request& req, httplib::Response& res) {
     auto f = ctx.store->GetFile(req.matches[1].str());
     if (!f.ok()) return SendError(res, 404, "No such File object: " + req.matches[1].str(), "not_found", "id");
-    auto fd = std::make_shared<int>(::open(f->path.c_str(), O_RDONLY | O_CLOEXEC));
-    if (*fd < 0) return SendError(res, 500, "The file's content is missing on the server.", "server_error");
+    // Streamed in pieces from the store (a local file, or database rows).
     res.set_content_provider(
         static_cast<size_t>(f->bytes), "application/octet-stream",
-        [fd](size_t offset, size_t length, httplib::DataSink& sink) {
-          char buf[1 << 16];
-          const size_t want = std::min(length, sizeof buf);
-          ssize_t n = ::pread(*fd, buf, want, static_cast<off_t>(offset));
-          if (n <= 0) return false;
-          return sink.write(buf, static_cast<size_t>(n));
-        },
-        [fd](bool) { ::close(*fd); });
+        [&ctx, id = f->id](size_t offset, size_t length, httplib::DataSink& sink) {
+          std::string buf;
+          Status st = ctx.store->ReadFile(id, static_cast<int64_t>(offset),
+                                          static_cast<int64_t>(std::min<size_t>(length, 1 << 20)), &buf);
+          if (!st.ok() || buf.empty()) return false;
+          return sink.write(buf.data(), buf.size());
+        });
   });
 
   http.Delete(R"(/v1/files/([^/]+))", [&ctx](const httplib::Request& req, httplib::Response& res) {
@@ -200,7 +175,7 @@ void AddFileRoutes(httplib::Server& http, Context& ctx) {
     if (!f.ok()) return SendError(res, 404, "No such File object: " + id, "not_found", "id");
     // The input of an unfinished batch stays until the batch is done: its
     // requests are read from it, also after a restart.
-    auto busy = ctx.store->BatchesWithStatus(store::kUnfinishedStatuses);
+    auto busy = ctx.store->BatchesWithStatus({store::kUnfinishedStatuses.begin(), store::kUnfinishedStatuses.end()});
     if (!busy.ok()) return SendStatus(res, busy.status());
     for (const auto& b : *busy) {
       if (b.input_file_id == id)
@@ -208,8 +183,6 @@ void AddFileRoutes(httplib::Server& http, Context& ctx) {
                          "file_in_use", "id");
     }
     if (Status st = ctx.store->DeleteFile(id); !st.ok()) return SendStatus(res, st);
-    std::error_code ec;
-    std::filesystem::remove(f->path, ec);
     SendJson(res, 200, {{"id", id}, {"object", "file"}, {"deleted", true}});
   });
 }

@@ -66,7 +66,7 @@ json BatchObject(const store::BatchRecord& b, const std::optional<worker::BatchP
       {"errors", std::move(errors)},
       {"input_file_id", b.input_file_id},
       {"completion_window", b.completion_window},
-      {"status", b.status},
+      {"status", store::ToString(b.status)},
       {"output_file_id", IdOrNull(b.output_file_id)},
       {"error_file_id", IdOrNull(b.error_file_id)},
       {"created_at", b.created_at},

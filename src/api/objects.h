@@ -5,7 +5,7 @@
 #include <optional>
 
 #include "store/store.h"
-#include "worker/batch_worker.h"
+#include "worker/driver_options.h"
 
 namespace kvb::api {
 

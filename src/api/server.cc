@@ -202,11 +202,12 @@ Server::Server(Context context) : ctx_(std::move(context)), http_(std::make_uniq
   auto model_object = [this] {
     return json{{"id", ctx_.model->name()}, {"object", "model"}, {"created", ctx_.started_at}, {"owned_by", "kvbatch"}};
   };
-  http.Get("/v1/models", [model_object](const httplib::Request&, httplib::Response& res) {
-    SendJson(res, 200, {{"object", "list"}, {"data", json::array({model_object()})}});
+  // An API node without a model lists none.
+  http.Get("/v1/models", [this, model_object](const httplib::Request&, httplib::Response& res) {
+    SendJson(res, 200, {{"object", "list"}, {"data", ctx_.model ? json::array({model_object()}) : json::array()}});
   });
   http.Get(R"(/v1/models/([^/]+))", [this, model_object](const httplib::Request& req, httplib::Response& res) {
-    if (req.matches[1] != ctx_.model->name()) {
+    if (ctx_.model == nullptr || req.matches[1] != ctx_.model->name()) {
       SendError(res, 404, "The model '" + req.matches[1].str() + "' does not exist.", "model_not_found", "model");
       return;
     }

@@ -1,7 +1,7 @@
 // `kvbatch serve`'s HTTP front: the OpenAI Files, Batches, Chat Completions,
 // Completions and Models endpoints on cpp-httplib. JSON and HTTP stay here;
-// batches go to the store and the worker, online requests straight to the
-// engine (ahead of batch work).
+// batches go to the store and the batch driver, online requests straight to
+// the engine (ahead of batch work).
 #pragma once
 
 #include <atomic>
@@ -12,7 +12,7 @@
 #include "engine/model.h"
 #include "store/store.h"
 #include "util/status.h"
-#include "worker/batch_worker.h"
+#include "worker/batch_driver.h"
 #include "worker/engine_hub.h"
 
 namespace httplib {
@@ -25,7 +25,7 @@ struct ServerOptions {
   std::string host = "127.0.0.1";
   int port = 4080;             // 0: any free port (see Server::port)
   std::string api_key;         // empty: no authentication
-  std::string files_dir;       // where uploaded files are written
+  std::string files_dir;       // local scratch for uploads before they go to the store
   int64_t max_file_bytes = int64_t{16} << 30;  // uploads over this get 413
   int32_t default_max_tokens = 0;              // online requests without max_tokens
   // Hostile clients (DESIGN.md section 5): JSON bodies over max_body_bytes
@@ -41,8 +41,8 @@ struct ServerOptions {
 struct Context {
   store::Store* store = nullptr;
   worker::EngineHub* hub = nullptr;
-  worker::BatchWorker* worker = nullptr;
-  const engine::Model* model = nullptr;
+  worker::BatchDriver* driver = nullptr;
+  const engine::Model* model = nullptr;  // null with hub: an API node without a model
   ServerOptions options;
   int64_t started_at = 0;
   // Online completions running now (bounded by options.max_online_requests).

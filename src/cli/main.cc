@@ -7,6 +7,7 @@
 #include "batch/limits.h"
 #include "cli/run_command.h"
 #include "cli/serve_command.h"
+#include "store/open_store.h"
 #include "tools/gen_model.h"
 
 namespace fs = std::filesystem;
@@ -74,6 +75,23 @@ void AddEngineFlags(CLI::App* cmd, kvb::engine::EngineOptions& e, int32_t& n_gpu
   cmd->add_option("--flash-attn", e.context.flash_attn, "Flash attention (true/false)")->capture_default_str();
 }
 
+// Batch driver flags shared by serve and worker (worker/driver_options.h).
+void AddNodeFlags(CLI::App* cmd, kvb::cli::ServeOptions& o) {
+  cmd->add_option("--window", o.driver.window, "Batch requests in the engine at once (0: 2 x sequences + 64)")
+      ->capture_default_str();
+  cmd->add_option("--chunk-rows", o.driver.chunk_rows, "Requests per chunk, the unit a worker claims")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 100000));
+  cmd->add_option_function<double>(
+         "--lease-seconds", [&o](double s) { o.driver.lease_ms = static_cast<int64_t>(s * 1000); },
+         "A claimed chunk's lease: a worker silent this long is presumed dead and its chunk taken over (default 30)")
+      ->check(CLI::Range(0.1, 3600.0));
+  cmd->add_option("--max-reclaims", o.driver.max_reclaims,
+                  "A chunk taken over this many times fails its unanswered requests instead of looping")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 1000));
+}
+
 // Request limits shared by run and serve (batch/limits.h).
 void AddLimitFlags(CLI::App* cmd, kvb::batch::Limits& l) {
   cmd->add_option("--max-json-depth", l.max_json_depth, "Deepest JSON nesting accepted in a line or body")
@@ -122,8 +140,10 @@ int main(int argc, char** argv) {
   serve_cmd->add_option("--default-max-tokens", serve.server.default_max_tokens,
                         "max_tokens for requests without one (0: until the context is full)")
       ->capture_default_str();
-  serve_cmd->add_option("--window", serve.window, "Batch requests in the engine at once (0: 2 x sequences + 64)")
-      ->capture_default_str();
+  AddNodeFlags(serve_cmd, serve);
+  serve_cmd->add_option("--store", serve.store,
+                        "postgresql://... to share batches with other nodes (then -m is optional: without it this "
+                        "node only serves the API); default: SQLite in the data directory");
   AddEngineFlags(serve_cmd, serve.engine, serve.n_gpu_layers);
   AddLimitFlags(serve_cmd, limits);
   serve_cmd->add_option("--max-body-bytes", limits.max_body_bytes, "Largest JSON request body (uploads: --max-file-bytes)")
@@ -136,6 +156,18 @@ int main(int argc, char** argv) {
                         "Seconds a connection may stay silent before it is closed")
       ->capture_default_str()
       ->check(CLI::Range(1, 3600));
+
+  kvb::cli::ServeOptions work;
+  auto* worker_cmd = app.add_subcommand("worker", "Run batches from a PostgreSQL store shared with `kvbatch serve` nodes");
+  worker_cmd->add_option("--store", work.store, "postgresql://... (the API nodes' store)")->required();
+  worker_cmd->add_option("-m,--model", work.model, "GGUF model (default: the generated demo model)");
+  worker_cmd->add_option("--data-dir", work.data_dir, "Local cache of input files (default: <data home>/worker)");
+  worker_cmd->add_option("--default-max-tokens", work.server.default_max_tokens,
+                         "max_tokens for requests without one (0: until the context is full)")
+      ->capture_default_str();
+  AddNodeFlags(worker_cmd, work);
+  AddEngineFlags(worker_cmd, work.engine, work.n_gpu_layers);
+  AddLimitFlags(worker_cmd, limits);
 
   std::string preset = "tiny", out, vocab, type;
   uint64_t seed = 42;
@@ -158,7 +190,10 @@ int main(int argc, char** argv) {
       if (const char* k = std::getenv("KVBATCH_API_KEY")) serve.server.api_key = k;
     }
   }
-  if (*path_cmd || (*run_cmd && run.model.empty()) || (*serve_cmd && serve.model.empty())) {
+  if (*worker_cmd && work.data_dir.empty()) work.data_dir = (DataHome() / "worker").string();
+  // An API node on PostgreSQL may run without a model.
+  const bool serve_needs_model = *serve_cmd && serve.model.empty() && !kvb::store::IsPostgresUri(serve.store);
+  if (*path_cmd || (*run_cmd && run.model.empty()) || serve_needs_model || (*worker_cmd && work.model.empty())) {
     fs::path demo = DemoModelPath();
     if (!fs::exists(demo)) {
       if (int rc = GenModel("bench", demo.string(), "", 42, "", false); rc != 0) return rc;
@@ -167,8 +202,11 @@ int main(int argc, char** argv) {
       std::printf("%s\n", demo.c_str());
       return 0;
     }
-    run.model = serve.model = demo.string();
+    run.model = demo.string();
+    if (serve_needs_model) serve.model = demo.string();
+    if (work.model.empty()) work.model = demo.string();
   }
+  if (*worker_cmd) return kvb::cli::Worker(work);
   if (*serve_cmd) return kvb::cli::Serve(serve);
   return kvb::cli::Run(run);
 }

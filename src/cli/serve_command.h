@@ -1,6 +1,8 @@
 // `kvbatch serve`: the OpenAI Files + Batches API (and online completions)
-// over HTTP, on a durable store in the data directory. Batches survive a
-// crash: a restarted server continues them from their committed results.
+// over HTTP, on a durable store: SQLite in the data directory (one process),
+// or PostgreSQL (--store postgresql://...) shared with other API nodes and
+// workers. Batches survive a crash: any node continues them from their
+// committed results. `kvbatch worker` is a node with an engine and no HTTP.
 #pragma once
 
 #include <cstdint>
@@ -8,19 +10,23 @@
 
 #include "api/server.h"
 #include "engine/engine.h"
+#include "worker/driver_options.h"
 
 namespace kvb::cli {
 
 struct ServeOptions {
-  std::string model;
-  std::string data_dir;  // holds kvbatch.db and files/
+  std::string model;     // empty with a PostgreSQL store: an API node without a model
+  std::string data_dir;  // kvbatch.db and files/ (SQLite); a local cache (PostgreSQL)
+  std::string store;     // empty: SQLite in data_dir; postgresql://...: PostgreSQL
   int32_t n_gpu_layers = -1;
-  int32_t window = 0;  // batch requests in the engine at once (0: automatic)
   api::ServerOptions server;
   engine::EngineOptions engine;
+  worker::DriverOptions driver;
 };
 
 // Returns the process exit code (0 after SIGINT/SIGTERM, 1 on errors).
 int Serve(const ServeOptions& options);
+// `kvbatch worker`: the same without HTTP; needs a PostgreSQL store.
+int Worker(const ServeOptions& options);
 
 }  // namespace kvb::cli

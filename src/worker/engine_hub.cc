@@ -6,6 +6,7 @@ StatusOr<std::unique_ptr<EngineHub>> EngineHub::Start(const engine::Model* model
                                                       const engine::EngineOptions& options) {
   std::unique_ptr<EngineHub> hub(new EngineHub());
   EngineHub* h = hub.get();
+  h->model_ = model;
   auto engine = engine::Engine::Start(
       model, options, [h](engine::Result&& r) { h->OnResult(std::move(r)); },
       [h](uint64_t id, int32_t choice, std::string_view text) { h->OnDelta(id, choice, text); },

@@ -1,4 +1,4 @@
-// One engine shared by the batch worker and the online endpoints. The engine
+// One engine shared by the batch driver and the online endpoints. The engine
 // reports every result (and streamed text) through one callback; the hub
 // routes each to the callbacks its submitter registered with the request.
 #pragma once
@@ -14,17 +14,12 @@
 #include <vector>
 
 #include "engine/engine.h"
+#include "engine/model.h"
+#include "worker/engine_client.h"
 
 namespace kvb::worker {
 
-struct RequestCallbacks {
-  // Both run on the engine thread: keep them short (hand off to a queue).
-  std::function<void(int32_t choice, std::string_view text)> on_delta;  // streaming requests only
-  std::function<void(engine::Result&&)> on_result;      // exactly once per request
-  std::function<void()> on_admit;  // the engine starts running it (may come again after a requeue)
-};
-
-class EngineHub {
+class EngineHub : public EngineClient {
  public:
   static StatusOr<std::unique_ptr<EngineHub>> Start(const engine::Model* model, const engine::EngineOptions& options);
 
@@ -33,14 +28,20 @@ class EngineHub {
   // `urgent`: interactive traffic, queued ahead of batch work.
   void Submit(engine::Request request, RequestCallbacks callbacks, bool urgent);
   // Queued together, so their shared prefixes are found (Engine::SubmitAll).
-  void SubmitAll(std::vector<std::pair<engine::Request, RequestCallbacks>> requests);
+  void SubmitAll(std::vector<std::pair<engine::Request, RequestCallbacks>> requests) override;
   // The request's on_result still comes (status Cancelled, unless it finished first).
-  void Cancel(uint64_t id) { engine_->Cancel(id); }
+  void Cancel(uint64_t id) override { engine_->Cancel(id); }
+  std::variant<engine::Request, batch::RequestFailure> Prepare(batch::ParsedRequest&& request,
+                                                               int32_t default_max_tokens) override {
+    return batch::PrepareRequest(std::move(request), *model_, default_max_tokens, NextId());
+  }
+  std::string model_name() const override { return model_->name(); }
+  const engine::Model* model() const { return model_; }
 
   engine::EngineStats Stats() const { return engine_->Stats(); }
   const engine::ContextInfo& info() const { return engine_->info(); }
   void DeviceMemory(size_t* free, size_t* total) const { engine_->DeviceMemory(free, total); }
-  int32_t max_seqs() const;
+  int32_t max_seqs() const override;
 
  private:
   EngineHub() = default;
@@ -48,6 +49,7 @@ class EngineHub {
   void OnResult(engine::Result&& r);
   void OnAdmit(uint64_t id);
 
+  const engine::Model* model_ = nullptr;
   std::atomic<uint64_t> next_id_{1};
   std::mutex mu_;
   std::unordered_map<uint64_t, RequestCallbacks> pending_;
