@@ -1,8 +1,10 @@
 # Sourced by setup.sh, sanitize.sh and fuzz.sh: the Debian packages kvbatch
 # builds with, and one way to install what is missing.
 
+# libpq-dev builds the PostgreSQL store; postgresql gives the tests their
+# private server (scripts/pg_test_server.sh).
 KVBATCH_BUILD_PKGS=(build-essential cmake git pkg-config ccache nlohmann-json3-dev libcli11-dev libgtest-dev
-                    libgmock-dev libcpp-httplib-dev libsqlite3-dev)
+                    libgmock-dev libcpp-httplib-dev libsqlite3-dev libpq-dev postgresql)
 
 # ensure_packages PKG... [-- CMD...]: installs each Debian package not yet
 # installed, and each CMD (a package of that name) not on PATH: tools that
