@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # A private PostgreSQL server for tests and benchmarks, all inside DIR:
 #
-#   scripts/pg_test_server.sh start DIR   # prints a connection URI on stdout
+#   scripts/pg_test_server.sh start DIR [OWNER_PID]   # prints a connection URI on stdout
 #   scripts/pg_test_server.sh stop DIR
+#
+# With OWNER_PID (a test binary's own pid), a detached watcher stops the
+# server and removes DIR once that process is gone, so a test killed by a
+# timeout or a crash leaves no server behind.
 #
 # DIR/data is the cluster (created by the first start, reused by later
 # ones), DIR/sock the Unix socket directory (no TCP: listen_addresses=''),
@@ -16,12 +20,14 @@
 set -euo pipefail
 
 usage() {
-  echo "usage: $0 start|stop DIR" >&2
+  echo "usage: $0 start DIR [OWNER_PID] | stop DIR" >&2
   exit 2
 }
-[ $# -eq 2 ] || usage
+[ $# -eq 2 ] || [ $# -eq 3 ] || usage
 cmd=$1
 dir=$2
+owner=${3:-}
+self=$(cd "$(dirname "$0")" && pwd -P)/$(basename "$0")
 
 find_bin() {
   if [ -n "${PG_BIN:-}" ]; then
@@ -90,6 +96,12 @@ case "$cmd" in
       -o "-c listen_addresses='' -c unix_socket_directories='$dir/sock' -c unix_socket_permissions=0777 \
           -c max_connections=200 -c shared_buffers=32MB" start >/dev/null \
       || { tail -n 30 "$dir/log" >&2 || true; exit 1; }
+    if [ -n "$owner" ]; then
+      # Detached (own session, no inherited descriptors: the caller reading
+      # our stdout must see it end).
+      setsid -f bash -c 'while kill -0 "$1" 2>/dev/null; do sleep 1; done; "$2" stop "$3"; rm -rf "$3"' \
+        watcher "$owner" "$self" "$dir" </dev/null >/dev/null 2>&1
+    fi
     echo "postgresql:///postgres?host=$dir/sock&user=kvb"
     ;;
   stop)

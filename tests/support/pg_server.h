@@ -13,6 +13,7 @@
 #include <libpq-fe.h>
 #include <stdlib.h>
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include <cstdio>
 #include <filesystem>
@@ -54,7 +55,8 @@ class PgTestServer {
   // Starts the server on the same data directory (after Stop); true when it runs.
   bool Start() {
     std::string out;
-    if (!RunScript("start", &out)) {
+    // With our pid: the server goes when this process does, however it ends.
+    if (!RunScript(("start '" + dir_ + "' " + std::to_string(getpid())).c_str(), &out)) {
       error_ = out;
       return false;
     }
@@ -66,7 +68,7 @@ class PgTestServer {
   // Stops it (fast shutdown: connected sessions are ended).
   bool Stop() {
     std::string out;
-    if (!RunScript("stop", &out)) {
+    if (!RunScript(("stop '" + dir_ + "'").c_str(), &out)) {
       error_ = out;
       return false;
     }
@@ -100,10 +102,10 @@ class PgTestServer {
   }
 
  private:
-  // Runs the script; its stdout and stderr together in *out.
-  bool RunScript(const char* command, std::string* out) {
+  // Runs the script with `args`; its stdout and stderr together in *out.
+  bool RunScript(const char* args, std::string* out) {
     std::string cmd = "'";
-    cmd.append(Script()).append("' ").append(command).append(" '").append(dir_).append("' 2>&1");
+    cmd.append(Script()).append("' ").append(args).append(" 2>&1");
     FILE* p = popen(cmd.c_str(), "r");
     if (p == nullptr) {
       out->assign("cannot run ").append(Script());
@@ -117,7 +119,7 @@ class PgTestServer {
     if (rc == 0) return true;
     std::string why = rc == 3 ? std::string("PostgreSQL server binaries are missing: install the Debian packages "
                                             "'postgresql' and 'libpq-dev' (scripts/packages.sh). ")
-                              : std::string("scripts/pg_test_server.sh ") + command + " failed (exit " +
+                              : std::string("scripts/pg_test_server.sh ") + args + " failed (exit " +
                                     std::to_string(rc) + "): ";
     why.append(*out);
     *out = std::move(why);
