@@ -176,10 +176,13 @@ Status Conn::Connect() {
   if (pg_) PQfinish(pg_);
   prepared_.clear();
   // Defaults first: the caller's conninfo (expanded from dbname) overrides
-  // them. A connect timeout bounds how long an unreachable host blocks a
-  // call; keepalives notice a peer that vanished without closing.
-  const char* keys[] = {"connect_timeout", "application_name", "keepalives_idle", "dbname", nullptr};
-  const char* values[] = {"5", "kvbatch", "30", conninfo_->c_str(), nullptr};
+  // them. A connect timeout (2 s, libpq's least) bounds how long an
+  // unreachable host blocks an attempt; keepalives notice a peer that
+  // vanished without closing the connection.
+  const char* keys[] = {"connect_timeout",     "application_name", "keepalives_idle",
+                        "keepalives_interval", "keepalives_count", "dbname",
+                        nullptr};
+  const char* values[] = {"2", "kvbatch", "30", "5", "3", conninfo_->c_str(), nullptr};
   pg_ = PQconnectdbParams(keys, values, /*expand_dbname=*/1);
   if (pg_ && PQstatus(pg_) == CONNECTION_OK) {
     // NOTICEs ("relation ... already exists, skipping" while the schema is
@@ -283,13 +286,16 @@ void Pool::Release(Conn* conn) {
 
 Status Run(Pool& pool, std::string_view what, Mode mode, const Body& body) {
   // ~3.2 s of waiting in all: long enough for a connection reset or a
-  // failover to finish, short enough that callers (who keep their results
-  // and retry later) are not stalled.
+  // restart to finish, short enough that callers (who keep their results
+  // and retry later) are not stalled. No retry starts after 4 s, so an
+  // unreachable host (each connect up to its 2 s timeout) gives up in ~6 s.
   static constexpr std::array<int, 7> kBackoffMs = {0, 50, 100, 200, 400, 800, 1600};
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(4);
   bool unknown_commit = false;
   Status last;
   for (int delay : kBackoffMs) {
     if (delay > 0) std::this_thread::sleep_for(std::chrono::milliseconds(delay));
+    if (delay > 0 && std::chrono::steady_clock::now() > deadline) break;
     Pool::Lease conn = pool.Acquire();
     if (!conn->Connected()) {
       last = conn->Connect();

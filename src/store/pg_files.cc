@@ -231,6 +231,7 @@ StatusOr<std::string> PgStore::LocalFile(std::string_view id, const std::string&
   // cache directory never names a file here.
   if (id.empty() || id.find('/') != std::string_view::npos || id.front() == '.')
     return Status::InvalidArgument("file id " + std::string(id) + " cannot name a local file");
+  if (cache_dir.empty()) return Status::InvalidArgument("a local copy of a file needs a cache directory");
   auto record = GetFile(id);
   if (!record.ok()) return record.status();
   const std::string path = cache_dir + "/" + std::string(id) + ".jsonl";
