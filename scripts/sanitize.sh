@@ -45,7 +45,7 @@ fi
 # llama.cpp (optimized, not instrumented). -g1 keeps line numbers in reports.
 cmake -S . -B "$build" "${flags[@]}" -DKVBATCH_SANITIZE=ON -DKVBATCH_LLAMA_DIR="$llama_dir" >/dev/null
 # The test binaries are listed (gtest_discover_tests) at build time, under the options above.
-cmake --build "$build" -j "$jobs" --target kvbatch kvb_unit_tests kvb_integration_tests
+cmake --build "$build" -j "$jobs" --target kvbatch kvb_unit_tests kvb_integration_tests store_conformance_test
 built=$(date +%s)
 log "built $build in $((built - start)) s"
 
