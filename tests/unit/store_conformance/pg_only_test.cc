@@ -30,6 +30,15 @@ TEST_P(PgOnlyTest, OpenRefusesABadConnectionString) {
   EXPECT_EQ(PgStore::Open("this is = not valid = conninfo").status().code(), StatusCode::kInvalidArgument);
 }
 
+TEST_P(PgOnlyTest, OpenTakesKeyValueConninfoToo) {
+  ASSERT_TRUE(store().PutBatch(MakeBatch("batch_a", 1)).ok());
+  // uri_ is "postgresql:///<db>?host=<dir>/sock&user=kvb".
+  const std::string db = uri_.substr(14, uri_.find('?') - 14);
+  auto kv = PgStore::Open("host=" + Server().dir() + "/sock user=kvb dbname=" + db);
+  ASSERT_TRUE(kv.ok()) << kv.status().ToString();
+  EXPECT_TRUE((*kv)->GetBatch("batch_a").ok());
+}
+
 TEST_P(PgOnlyTest, NodesStartingTogetherCreateTheSchemaOnce) {
   const std::string uri = FreshDatabase();
   std::vector<std::thread> threads;
