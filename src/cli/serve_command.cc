@@ -71,7 +71,7 @@ int Open(const char* who, const ServeOptions& o, Node& node, bool need_model) {
   const std::string lock_path = (data / "serve.lock").string();
   node.lock_fd = ::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
   if (node.lock_fd < 0 || ::flock(node.lock_fd, LOCK_EX | LOCK_NB) != 0)
-    return Fail(who, "another kvbatch process uses " + data.string() + " (give each its own --data-dir)");
+    return Fail(who, "another kvbatch serve or worker uses " + data.string() + " (give each its own --data-dir)");
 
   // Leftovers of uploads, copies and result files a crash interrupted.
   for (const auto& entry : fs::directory_iterator(files, ec)) {

@@ -3,8 +3,10 @@
 #include <sqlite3.h>
 
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <limits>
 #include <nlohmann/json.hpp>
@@ -264,6 +266,8 @@ StatusOr<std::string> SqliteStore::AdoptContent(std::string_view id, const std::
 }
 
 Status SqliteStore::PutFile(const FileRecord& file, const std::string& local_path) {
+  // A duplicate id must not touch the existing file's content.
+  if (ContentPath(file.id).ok()) return Status::InvalidArgument("file " + file.id + " already exists");
   auto path = AdoptContent(file.id, local_path);
   if (!path.ok()) return path.status();
   std::lock_guard lock(mu_);
@@ -292,8 +296,15 @@ Status SqliteStore::ReadFile(std::string_view id, int64_t offset, int64_t max_by
   if (!path.ok()) return path.status();
   int fd = ::open(path->c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) return Status::IoError("cannot open the content of " + std::string(id));
+  struct stat info {};
+  if (::fstat(fd, &info) != 0) {
+    ::close(fd);
+    return Status::IoError("cannot stat the content of " + std::string(id));
+  }
+  // Only what is there: a caller may ask for "the rest" with a huge max_bytes.
+  const int64_t want = std::clamp<int64_t>(static_cast<int64_t>(info.st_size) - offset, 0, std::max<int64_t>(0, max_bytes));
   const size_t start = out->size();
-  out->resize(start + static_cast<size_t>(std::max<int64_t>(0, max_bytes)));
+  out->resize(start + static_cast<size_t>(want));
   size_t got = 0;
   Status s;
   while (got < out->size() - start) {

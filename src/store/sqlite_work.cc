@@ -129,7 +129,7 @@ StatusOr<std::optional<ChunkClaim>> SqliteStore::ClaimChunk(std::string_view own
   Status s = Transaction(db_, [&]() -> Status {
     const int64_t now = NowMs();
     // Built from constant fragments only; every value is a bound parameter.
-    std::string resident_sql = "0";
+    std::string resident_sql = "c.chunk < 0";  // false (a bare 0 would be a column number in ORDER BY)
     if (!resident.empty()) {
       resident_sql = "c.prefix_hash IN (";
       for (size_t i = 0; i < resident.size(); ++i) resident_sql += i == 0 ? "?" + std::to_string(i + 3) : ", ?" + std::to_string(i + 3);
@@ -398,7 +398,9 @@ StatusOr<int64_t> SqliteStore::RecoverInFlight() {
     n = count->ColInt(0);
     // Held leases are a dead process's: expired now (not freed), so the next
     // claim counts the reclaim and the crashes of the rows marked in flight.
-    return Exec(db_, "UPDATE chunks SET lease_until = 1 WHERE lease_until > 1");
+    if (Status e = Exec(db_, "UPDATE chunks SET lease_until = 1 WHERE lease_until > 1"); !e.ok()) return e;
+    // Its task leases (validation, finalization) go too: nobody holds them.
+    return Exec(db_, "UPDATE batches SET lease_until = 0, lease_owner = NULL WHERE lease_until > 0");
   });
   if (!s.ok()) return s;
   return n;

@@ -199,6 +199,8 @@ class Store {
   // A task lease on the batch (validation, finalization), so one node does
   // it while others wait: true when `owner` holds it now (it was free,
   // expired, or already `owner`'s; it is renewed to `lease_ms` from now).
+  // lease_ms 0 gives the lease back: another owner may take it from the
+  // next millisecond on.
   virtual StatusOr<bool> LeaseBatch(std::string_view id, std::string_view owner, int64_t lease_ms) = 0;
   // validating -> failed with `errors` (errors.data[]), failed_at = now.
   // FailedPrecondition when the batch is not validating any more.
@@ -264,7 +266,8 @@ class Store {
   virtual Status UnmarkInFlight(std::string_view batch_id, const std::vector<int64_t>& lines) = 0;
   // For an embedded store that one process uses alone, at its start: every
   // lease left is a dead process's and expires now (so the next claim of its
-  // chunks counts the crash). Returns how many rows are marked in flight.
+  // chunks counts the crash; batch task leases are freed). Returns how many
+  // rows are marked in flight.
   // PostgreSQL: leases expire by time (other workers are alive); returns 0.
   virtual StatusOr<int64_t> RecoverInFlight() = 0;
   // Visits every request row of the batch in line order, streaming (rows are

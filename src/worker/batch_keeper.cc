@@ -109,7 +109,10 @@ void BatchKeeper::Tick() {
     seen[rec.id] = true;
     switch (rec.status) {
       case BatchStatus::kValidating:
-        if (Lease(rec.id)) Validate(rec);
+        if (Lease(rec.id)) {
+          Validate(rec);
+          Unlease(rec.id);
+        }
         break;
       case BatchStatus::kInProgress:
         Sample(rec);
@@ -136,6 +139,12 @@ void BatchKeeper::Tick() {
   }
 }
 
+// Gives a task lease back once the task is done (or waits), so another node
+// can take the next step at once instead of waiting for the lease to lapse.
+void BatchKeeper::Unlease(const std::string& id) {
+  if (auto r = store_->LeaseBatch(id, options_.owner, 0); !r.ok()) Log(id, "lease", r.status());
+}
+
 void BatchKeeper::Validate(const store::BatchRecord& rec) {
   Validation v = ValidateBatchInput(rec, store_->LocalFile(rec.input_file_id, options_.cache_dir),
                                     options_.max_listed_errors, options_.chunk_rows);
@@ -146,6 +155,11 @@ void BatchKeeper::Validate(const store::BatchRecord& rec) {
 
 void BatchKeeper::Finish(const store::BatchRecord& rec) {
   if (!Lease(rec.id)) return;
+  struct Release {
+    BatchKeeper* k;
+    const std::string& id;
+    ~Release() { k->Unlease(id); }
+  } release{this, rec.id};
   auto files = WriteResultFiles(store_, rec, options_.cache_dir, Now());
   if (!files.ok()) return Log(rec.id, "writing result files", files.status());
   auto done = store_->FinalizeBatch(rec.id, BatchStatus::kFinalizing, BatchStatus::kCompleted, Now(), files->output,
@@ -158,6 +172,11 @@ void BatchKeeper::Finish(const store::BatchRecord& rec) {
 
 void BatchKeeper::Stop(const store::BatchRecord& rec, const char* code, BatchStatus to) {
   if (!Lease(rec.id)) return;
+  struct Release {
+    BatchKeeper* k;
+    const std::string& id;
+    ~Release() { k->Unlease(id); }
+  } release{this, rec.id};
   // Holders of its chunks answer what they are running and let go first.
   auto leased = store_->LeasedChunks(rec.id);
   if (!leased.ok()) return Log(rec.id, "leases", leased.status());

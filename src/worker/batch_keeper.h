@@ -47,6 +47,7 @@ class BatchKeeper {
   void Stop(const store::BatchRecord& rec, const char* code, store::BatchStatus to);
   void Sample(const store::BatchRecord& rec);
   bool Lease(const std::string& id);
+  void Unlease(const std::string& id);
 
   store::Store* store_;
   DriverOptions options_;

@@ -97,7 +97,7 @@ class UploadHarness : public httplib::Server {
     dir_ = base + "/" + prefix + std::to_string(::getpid());
     std::filesystem::create_directories(dir_, ec);
     if (ec) std::abort();
-    auto st = store::SqliteStore::Open(":memory:");
+    auto st = store::SqliteStore::Open(":memory:", dir_);
     if (!st.ok()) std::abort();
     store_ = std::move(st).value();
     ctx_.store = store_.get();
@@ -151,7 +151,9 @@ class UploadHarness : public httplib::Server {
     KVB_FUZZ_CHECK(files.ok(), "ListFiles failed");
     for (const auto& f : *files) {
       std::error_code ec;
-      const auto bytes = std::filesystem::file_size(f.path, ec);
+      auto path = store_->LocalFile(f.id, dir_);
+      KVB_FUZZ_CHECK(path.ok(), "no content for stored file " + f.id);
+      const auto bytes = std::filesystem::file_size(*path, ec);
       KVB_FUZZ_CHECK(!ec && static_cast<int64_t>(bytes) == f.bytes,
                      "stored file " + f.id + " has " + std::to_string(bytes) + " bytes, its record " +
                          std::to_string(f.bytes));
@@ -162,7 +164,8 @@ class UploadHarness : public httplib::Server {
     }
     for (const auto& entry : std::filesystem::directory_iterator(dir_)) {
       const std::string name = entry.path().filename().string();
-      KVB_FUZZ_CHECK(!name.ends_with(".upload"), "a temporary upload file was left behind: " + name);
+      KVB_FUZZ_CHECK(!name.ends_with(".upload") && !name.ends_with(".tmp"),
+                     "a temporary upload file was left behind: " + name);
       std::filesystem::remove(entry.path());
     }
   }
