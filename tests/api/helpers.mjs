@@ -6,6 +6,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
+import { fileURLToPath } from 'node:url';
 import OpenAI from 'openai';
 
 const execFileP = promisify(execFile);
@@ -55,11 +56,13 @@ process.on('exit', () => {
 // Returns { proc, pid, port, baseURL, dataDir, client(apiKey?), stdout(), stderr(), exited }.
 // One engine thread by default: several servers (and a compiler) share two
 // cores, and llama.cpp's spinning worker threads oversubscribe them badly.
+// Without `model` (an API node on a PostgreSQL store: extraArgs has --store)
+// no -m is passed.
 export function startServer({
   model, dataDir, maxSeqs = 4, defaultMaxTokens = 16, threads = 1, extraArgs = [], timeoutMs = 30000, env: extraEnv = {},
 }) {
   const args = [
-    'serve', '-m', model, '--port', '0', '--data-dir', dataDir, '--max-seqs', String(maxSeqs),
+    'serve', ...(model ? ['-m', model] : []), '--port', '0', '--data-dir', dataDir, '--max-seqs', String(maxSeqs),
     '--default-max-tokens', String(defaultMaxTokens), '--threads', String(threads), ...extraArgs,
   ];
   const env = { ...childEnv(), ...extraEnv };
@@ -304,4 +307,95 @@ export function procMemory(pid) {
     return m ? Number(m[1]) * 1024 : null;
   };
   return { rss: kb('VmRSS'), hwm: kb('VmHWM') };
+}
+
+// ---- Scale-out: workers and a private PostgreSQL (scaleout.test.mjs) --------
+
+// Starts `kvbatch worker` and resolves once it prints its running line.
+// Returns { proc, pid, dataDir, stdout(), stderr(), exited, startedAt };
+// stopServer stops it (SIGTERM: it prints its stats line, see workerStats).
+export function startWorker({ model, store, dataDir, threads = 1, extraArgs = [], timeoutMs = 30000 }) {
+  const args = ['worker', '--store', store, '-m', model, '--data-dir', dataDir, '--threads', String(threads), ...extraArgs];
+  const proc = spawn(KVBATCH_BIN, args, { env: childEnv(), stdio: ['ignore', 'pipe', 'pipe'] });
+  let out = '';
+  let err = '';
+  const exited = new Promise((resolve) => proc.on('exit', (code, signal) => resolve({ code, signal })));
+  const w = { proc, pid: proc.pid, dataDir, exited, stdout: () => out, stderr: () => err, startedAt: Date.now() };
+  running.add(w);
+  exited.then(() => running.delete(w));
+  return new Promise((resolve, reject) => {
+    let ready = false;
+    const timer = setTimeout(() => {
+      proc.kill('SIGKILL');
+      reject(new Error(`kvbatch worker did not start in ${timeoutMs} ms\nstdout: ${out}\nstderr: ${err}`));
+    }, timeoutMs);
+    proc.stderr.on('data', (d) => { err += d; });
+    proc.stdout.on('data', (d) => {
+      out += d;
+      if (!ready && /kvbatch worker: running batches/.test(out)) {
+        ready = true;
+        clearTimeout(timer);
+        w.startedAt = Date.now();
+        resolve(w);
+      }
+    });
+    exited.then(({ code, signal }) => {
+      clearTimeout(timer);
+      if (!ready) reject(new Error(`kvbatch worker exited (${code ?? signal}) before running\nstderr: ${err}`));
+    });
+  });
+}
+
+// The stats line a worker prints on SIGTERM, parsed; null if there is none.
+export function workerStats(stderr) {
+  const m = /kvbatch worker: (\d+) chunks claimed \((\d+) prefix groups\), (\d+) results committed, (\d+) chunks lost, (\d+) results dropped/
+    .exec(stderr);
+  if (!m) return null;
+  const [claimed, prefixGroups, committed, lost, dropped] = m.slice(1).map(Number);
+  return { claimed, prefixGroups, committed, lost, dropped };
+}
+
+const PG_SCRIPT = fileURLToPath(new URL('../../scripts/pg_test_server.sh', import.meta.url));
+
+// scripts/pg_test_server.sh start DIR OWNER_PID: (re)starts the private
+// server whose cluster and socket live in DIR (DIR under /tmp: short enough
+// for a socket path and reachable by the `postgres` user when run as root);
+// resolves with its URI (the same on every start in DIR).
+export async function pgStart(dir, ownerPid = process.pid) {
+  try {
+    const { stdout } = await execFileP(PG_SCRIPT, ['start', dir, String(ownerPid)], { timeout: 120000 });
+    return stdout.trim().split('\n').pop();
+  } catch (e) {
+    const why = e.code === 3
+      ? 'PostgreSQL server binaries are missing: install the Debian package \'postgresql\' (scripts/packages.sh). '
+      : '';
+    throw new Error(`${why}pg_test_server.sh start ${dir} failed: ${e.stderr || e.message}`);
+  }
+}
+
+export async function pgStop(dir) {
+  await execFileP(PG_SCRIPT, ['stop', dir], { timeout: 120000 });
+}
+
+// psql from the server's bin dir (PG_BIN, else the newest /usr/lib/postgresql/*/bin).
+export function psqlPath() {
+  if (process.env.PG_BIN) return path.join(process.env.PG_BIN, 'psql');
+  let root;
+  try {
+    root = fs.readdirSync('/usr/lib/postgresql');
+  } catch {
+    root = [];
+  }
+  const versions = root.filter((v) => fs.existsSync(`/usr/lib/postgresql/${v}/bin/psql`))
+    .sort((a, b) => Number.parseFloat(a) - Number.parseFloat(b));
+  return versions.length ? `/usr/lib/postgresql/${versions.at(-1)}/bin/psql` : 'psql';
+}
+
+// Runs `sql` through psql (unaligned, tuples only, '|' between fields, errors
+// fatal); resolves with the rows as arrays of strings.
+export async function psql(uri, sql, { timeoutMs = 15000 } = {}) {
+  const { stdout } = await execFileP(psqlPath(),
+    ['-X', '-q', '-A', '-t', '-F', '|', '-v', 'ON_ERROR_STOP=1', '-d', uri, '-c', sql],
+    { timeout: timeoutMs, maxBuffer: 16 << 20 });
+  return stdout.split('\n').filter((l) => l !== '').map((l) => l.split('|'));
 }
