@@ -134,8 +134,11 @@ int BatchRun::Execute(Progress& progress, int64_t resumed) {
         results_.Push(std::move(r));
       },
       nullptr,
-      [this](uint64_t id) {
-        if (Status st = journal_.MarkInFlight({pending_[id]->line_no}); !st.ok())
+      [this](const std::vector<uint64_t>& ids) {
+        std::vector<int64_t> lines;
+        lines.reserve(ids.size());
+        for (uint64_t id : ids) lines.push_back(pending_[id]->line_no);
+        if (Status st = journal_.MarkInFlight(lines); !st.ok())
           std::fprintf(stderr, "kvbatch: %s\n", st.message().c_str());
       });
   if (!eng.ok()) return Fail(eng.status());

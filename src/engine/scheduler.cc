@@ -245,11 +245,11 @@ bool Scheduler::TryAdmit(Request& r) {
       return true;
     }
   }
-  if (on_admit_) on_admit_(r.id);
+  admitted_.push_back(r.id);
   if (r.test_abort) {
-    std::fprintf(stderr, "kvbatch: KVBATCH_TEST_CRASH_ON: aborting on request %llu (test hook)\n",
+    std::fprintf(stderr, "kvbatch: KVBATCH_TEST_CRASH_ON: aborting on request %llu once admitted (test hook)\n",
                  static_cast<unsigned long long>(r.id));
-    std::abort();
+    abort_admitted_ = true;
   }
   auto g = std::make_shared<Group>();
   auto c = credit_.find(r.id);
@@ -301,6 +301,10 @@ void Scheduler::Admit() {
     if (!TryAdmit(waiting_.front())) break;
     waiting_.pop_front();
   }
+  if (admitted_.empty()) return;
+  if (on_admit_) on_admit_(admitted_);
+  admitted_.clear();
+  if (abort_admitted_) std::abort();  // as a crash inside llama.cpp would, after the record
 }
 
 void Scheduler::Release(Seq& s) {

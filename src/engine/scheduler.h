@@ -60,9 +60,10 @@ class Scheduler {
   // finishes, all of them before the request's Result.
   using DeltaFn = std::function<void(uint64_t id, int32_t choice, std::string_view text)>;
 
-  // Called when a request is admitted, before its first token is decoded
-  // (crash guard: the caller records it as in flight, batch/crash_guard.h).
-  using AdmitFn = std::function<void(uint64_t id)>;
+  // Called with the requests admitted in a step, before their first token
+  // is decoded (crash guard: the caller records them as in flight,
+  // batch/crash_guard.h). Once per step, so the record is one write.
+  using AdmitFn = std::function<void(const std::vector<uint64_t>& ids)>;
 
   Scheduler(Backend* backend, SchedulerOptions options, ResultFn on_result, DeltaFn on_delta = nullptr,
             AdmitFn on_admit = nullptr);
@@ -126,6 +127,8 @@ class Scheduler {
   ResultFn on_result_;
   DeltaFn on_delta_;
   AdmitFn on_admit_;
+  std::vector<uint64_t> admitted_;  // this step's admissions, for on_admit_
+  bool abort_admitted_ = false;     // a test hook asked to crash once they are recorded
   PrefixCache cache_;
   int32_t max_running_;
 

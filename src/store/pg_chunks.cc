@@ -202,7 +202,8 @@ StatusOr<int64_t> PgStore::CommitResults(std::string_view batch_id, const std::v
     // The chunks of the rows first, in chunk order (the lock order above).
     auto locked = conn.Exec(
         "SELECT c.chunk FROM chunks c WHERE c.batch_id = $1 AND c.chunk IN "
-        "(SELECT r.chunk FROM requests r WHERE r.batch_id = $1 AND r.line = ANY($2::bigint[]) AND r.state = 0) "
+        "(SELECT r.chunk FROM requests r WHERE r.batch_id = $1 AND r.line = ANY($2::bigint[]) "
+        "AND r.state + 0 = 0) "  // by primary key (see SetInFlight)
         "ORDER BY c.chunk FOR UPDATE OF c",
         Params().Text(batch_id).IntArray(lines));
     if (!locked.ok()) return locked.status();

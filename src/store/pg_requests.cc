@@ -144,8 +144,12 @@ StatusOr<int64_t> PgStore::LeasedChunks(std::string_view batch_id) {
 // transaction only): no fsync on the engine's path.
 Status PgStore::SetInFlight(std::string_view batch_id, const std::vector<int64_t>& lines, bool in_flight) {
   if (lines.empty() || !pg::IsText(batch_id)) return Status::Ok();
+  // Found by primary key: `state + 0` rather than `state = 0`, which would
+  // let the planner pick the pending-rows index (requests_pending) and test
+  // the array against every pending row of the batch (measured: ~4 ms a
+  // mark on a 20,000-row batch).
   const char* sql = in_flight ? "UPDATE requests SET inflight = true WHERE batch_id = $1 AND line = ANY($2::bigint[]) "
-                                "AND state = 0"
+                                "AND state + 0 = 0"
                               : "UPDATE requests SET inflight = false WHERE batch_id = $1 AND line = ANY($2::bigint[]) "
                                 "AND inflight";
   const Params p = Params().Text(batch_id).IntArray(lines);

@@ -46,6 +46,23 @@ ChunkRunner::ChunkRunner(store::Store* store, EngineClient* engine, DriverOption
     : store_(store), engine_(engine), options_(std::move(options)) {
   if (options_.owner.empty()) options_.owner = NewOwnerName();
   if (options_.window <= 0) options_.window = 2 * engine_->max_seqs() + 64;
+  engine_->SetAdmitFlush([this] { FlushMarks(); });
+}
+
+// On the engine thread, once per step: the rows it admitted are recorded as
+// in flight in one write per batch, before their first token
+// (batch/crash_guard.h). They are cleared by the commit that answers them.
+void ChunkRunner::FlushMarks() {
+  std::vector<std::pair<std::string, int64_t>> marks;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    marks.swap(marks_);
+  }
+  std::map<std::string, std::vector<int64_t>> by_batch;
+  for (auto& [batch_id, line] : marks) by_batch[batch_id].push_back(line);
+  for (const auto& [batch_id, lines] : by_batch)
+    if (Status st = store_->MarkInFlight(batch_id, lines); !st.ok())
+      std::fprintf(stderr, "kvbatch: store: %s\n", st.message().c_str());
 }
 
 ChunkRunner::~ChunkRunner() { Stop(); }
@@ -250,21 +267,20 @@ void ChunkRunner::Feed() {
       ++in_flight_by_batch_[h->fence.batch_id];
     }
     RequestCallbacks cb;
+    // Its in-flight mark is cleared by the commit of its answer (within a
+    // commit interval): a crash in between counts against it once more,
+    // which one crash alone never turns into a failure (kMaxCrashes).
     cb.on_result = [this, batch_id = h->fence.batch_id, chunk = h->fence.chunk, line = p.line](engine::Result&& r) {
-      // Done with the engine: a crash before the commit is not this request's.
-      if (Status st = store_->UnmarkInFlight(batch_id, {line}); !st.ok())
-        std::fprintf(stderr, "kvbatch: store: %s\n", st.message().c_str());
       {
         std::lock_guard<std::mutex> lock(mu_);
         done_.push_back({batch_id, chunk, line, std::move(r)});
       }
       cv_.notify_all();
     };
-    // Recorded in the store as the engine starts it, before its first token
-    // (batch/crash_guard.h).
+    // Recorded as the engine starts it (FlushMarks writes the step's marks).
     cb.on_admit = [this, batch_id = h->fence.batch_id, line = p.line] {
-      if (Status st = store_->MarkInFlight(batch_id, {line}); !st.ok())
-        std::fprintf(stderr, "kvbatch: store: %s\n", st.message().c_str());
+      std::lock_guard<std::mutex> lock(mu_);
+      marks_.emplace_back(batch_id, line);
     };
     ready.emplace_back(std::move(*request), std::move(cb));
   }
@@ -403,9 +419,11 @@ void ChunkRunner::Retire() {
       ++it;
       continue;
     }
-    if (h.fence.token >= 0) {
-      // Rows it did not answer (stopped, paused) become claimable at once;
-      // a chunk it answered whole has no lease left to give back.
+    const bool answered_all = h.next == h.rows.size() && h.stop_code == nullptr;
+    if (h.fence.token >= 0 && !answered_all) {
+      // Rows it did not answer (stopped, paused) become claimable at once.
+      // A chunk answered whole needs no call: the commit of its last row
+      // freed its lease.
       if (Status st = store_->ReleaseChunk(h.fence); !st.ok()) {
         ++it;  // the database is away: try again later
         continue;

@@ -69,6 +69,7 @@ class ChunkRunner {
   using Key = std::pair<std::string, int64_t>;  // batch, chunk
 
   void Loop();
+  void FlushMarks();
   void Collect();
   void Commit(bool force);
   void Refresh();
@@ -89,6 +90,7 @@ class ChunkRunner {
   bool stop_ = false;
   bool wake_ = false;
   std::vector<Done> done_;
+  std::vector<std::pair<std::string, int64_t>> marks_;  // admitted, not yet recorded (batch, line)
   std::map<std::string, int64_t> in_flight_by_batch_;
   RunnerStats stats_;
   std::thread thread_;

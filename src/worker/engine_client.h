@@ -22,7 +22,11 @@ struct RequestCallbacks {
   // Both run on the engine thread: keep them short (hand off to a queue).
   std::function<void(int32_t choice, std::string_view text)> on_delta;  // streaming requests only
   std::function<void(engine::Result&&)> on_result;                      // exactly once per request
-  std::function<void()> on_admit;  // the engine starts running it (may come again after a requeue)
+  // The engine starts running it (may come again after a requeue). The
+  // engine admits several requests per step: after the on_admit of each, it
+  // calls the client's admit flush (EngineClient::SetAdmitFlush) once, before
+  // their first token, so their records can be written together.
+  std::function<void()> on_admit;
 };
 
 class EngineClient {
@@ -35,6 +39,9 @@ class EngineClient {
   virtual void SubmitAll(std::vector<std::pair<engine::Request, RequestCallbacks>> requests) = 0;
   // The request's on_result still comes (status Cancelled, unless it finished first).
   virtual void Cancel(uint64_t id) = 0;
+  // Runs on the engine thread after the on_admit callbacks of one step, before
+  // those requests decode anything. One per client (the batch runner's).
+  virtual void SetAdmitFlush(std::function<void()> flush) = 0;
   virtual int32_t max_seqs() const = 0;
   virtual std::string model_name() const = 0;
 };

@@ -10,7 +10,7 @@ StatusOr<std::unique_ptr<EngineHub>> EngineHub::Start(const engine::Model* model
   auto engine = engine::Engine::Start(
       model, options, [h](engine::Result&& r) { h->OnResult(std::move(r)); },
       [h](uint64_t id, int32_t choice, std::string_view text) { h->OnDelta(id, choice, text); },
-      [h](uint64_t id) { h->OnAdmit(id); });
+      [h](const std::vector<uint64_t>& ids) { h->OnAdmit(ids); });
   if (!engine.ok()) return engine.status();
   hub->engine_ = std::move(engine).value();
   return hub;
@@ -50,15 +50,20 @@ void EngineHub::OnDelta(uint64_t id, int32_t choice, std::string_view text) {
   if (fn) fn(choice, text);
 }
 
-void EngineHub::OnAdmit(uint64_t id) {
-  std::function<void()> fn;
+void EngineHub::OnAdmit(const std::vector<uint64_t>& ids) {
+  std::vector<std::function<void()>> fns;
+  std::function<void()> flush;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    auto it = pending_.find(id);
-    if (it == pending_.end()) return;
-    fn = it->second.on_admit;
+    for (uint64_t id : ids) {
+      auto it = pending_.find(id);
+      if (it != pending_.end() && it->second.on_admit) fns.push_back(it->second.on_admit);
+    }
+    flush = admit_flush_;
   }
-  if (fn) fn();
+  if (fns.empty()) return;
+  for (auto& fn : fns) fn();
+  if (flush) flush();
 }
 
 void EngineHub::OnResult(engine::Result&& r) {

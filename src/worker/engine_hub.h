@@ -36,6 +36,10 @@ class EngineHub : public EngineClient {
     return batch::PrepareRequest(std::move(request), *model_, default_max_tokens, NextId());
   }
   std::string model_name() const override { return model_->name(); }
+  void SetAdmitFlush(std::function<void()> flush) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    admit_flush_ = std::move(flush);
+  }
   const engine::Model* model() const { return model_; }
 
   engine::EngineStats Stats() const { return engine_->Stats(); }
@@ -47,12 +51,13 @@ class EngineHub : public EngineClient {
   EngineHub() = default;
   void OnDelta(uint64_t id, int32_t choice, std::string_view text);
   void OnResult(engine::Result&& r);
-  void OnAdmit(uint64_t id);
+  void OnAdmit(const std::vector<uint64_t>& ids);
 
   const engine::Model* model_ = nullptr;
   std::atomic<uint64_t> next_id_{1};
   std::mutex mu_;
   std::unordered_map<uint64_t, RequestCallbacks> pending_;
+  std::function<void()> admit_flush_;
   std::unique_ptr<engine::Engine> engine_;  // last: stopped before the map goes
 };
 

@@ -63,6 +63,10 @@ class FakeEngine : public worker::EngineClient {
     cv_.notify_all();
   }
   int32_t max_seqs() const override { return 8; }
+  void SetAdmitFlush(std::function<void()> flush) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    flush_ = std::move(flush);
+  }
   std::string model_name() const override { return name_; }
 
   void Hold() {
@@ -82,6 +86,8 @@ class FakeEngine : public worker::EngineClient {
   }
 
  private:
+  // Like the real engine, "steps" of up to max_seqs() requests: admitted
+  // together (one flush), then answered.
   void Loop() {
     std::unique_lock<std::mutex> lock(mu_);
     for (;;) {
@@ -91,10 +97,26 @@ class FakeEngine : public worker::EngineClient {
         return !hold_ || cancelled_.count(queue_.front()) > 0;
       });
       if (stop_) return;
-      const uint64_t id = queue_.front();
-      queue_.pop_front();
-      worker::RequestCallbacks cb = std::move(callbacks_[id]);
-      callbacks_.erase(id);
+      std::vector<std::pair<uint64_t, worker::RequestCallbacks>> step;
+      while (!queue_.empty() && step.size() < static_cast<size_t>(max_seqs()) &&
+             (!hold_ || cancelled_.count(queue_.front()) > 0)) {
+        const uint64_t id = queue_.front();
+        queue_.pop_front();
+        step.emplace_back(id, std::move(callbacks_[id]));
+        callbacks_.erase(id);
+      }
+      auto flush = flush_;
+      lock.unlock();
+      for (auto& [id, cb] : step)
+        if (cb.on_admit) cb.on_admit();
+      if (flush) flush();
+      lock.lock();
+      for (auto& [id, cb] : step) Answer(id, cb, lock);
+    }
+  }
+
+  void Answer(uint64_t id, worker::RequestCallbacks& cb, std::unique_lock<std::mutex>& lock) {
+    {
       engine::Result r;
       r.id = id;
       if (cancelled_.erase(id) > 0) {
@@ -111,7 +133,6 @@ class FakeEngine : public worker::EngineClient {
       }
       content_.erase(id);
       lock.unlock();
-      if (cb.on_admit) cb.on_admit();
       if (cb.on_result) cb.on_result(std::move(r));
       lock.lock();
     }
@@ -128,6 +149,7 @@ class FakeEngine : public worker::EngineClient {
   std::map<uint64_t, worker::RequestCallbacks> callbacks_;
   std::map<uint64_t, std::string> content_;
   std::set<uint64_t> cancelled_;
+  std::function<void()> flush_;
   std::thread thread_;
 };
 
