@@ -49,20 +49,29 @@ ChunkRunner::ChunkRunner(store::Store* store, EngineClient* engine, DriverOption
   engine_->SetAdmitFlush([this] { FlushMarks(); });
 }
 
-// On the engine thread, once per step: the rows it admitted are recorded as
-// in flight in one write per batch, before their first token
-// (batch/crash_guard.h). They are cleared by the commit that answers them.
+// On the engine thread, once per step that admits requests, before their
+// first token: the rows that finished since the last flush lose their
+// in-flight mark and the rows admitted now get one, one write per batch
+// each (batch/crash_guard.h). So when an admitted request crashes the
+// process, the requests that finished before it are not blamed, even if
+// their answers were not committed yet.
 void ChunkRunner::FlushMarks() {
-  std::vector<std::pair<std::string, int64_t>> marks;
+  std::vector<std::pair<std::string, int64_t>> marks, unmarks;
   {
     std::lock_guard<std::mutex> lock(mu_);
     marks.swap(marks_);
+    unmarks.swap(unmarks_);
   }
-  std::map<std::string, std::vector<int64_t>> by_batch;
-  for (auto& [batch_id, line] : marks) by_batch[batch_id].push_back(line);
-  for (const auto& [batch_id, lines] : by_batch)
-    if (Status st = store_->MarkInFlight(batch_id, lines); !st.ok())
-      std::fprintf(stderr, "kvbatch: store: %s\n", st.message().c_str());
+  auto write = [this](std::vector<std::pair<std::string, int64_t>>& rows, bool mark) {
+    std::map<std::string, std::vector<int64_t>> by_batch;
+    for (auto& [batch_id, line] : rows) by_batch[batch_id].push_back(line);
+    for (const auto& [batch_id, lines] : by_batch) {
+      Status st = mark ? store_->MarkInFlight(batch_id, lines) : store_->UnmarkInFlight(batch_id, lines);
+      if (!st.ok()) std::fprintf(stderr, "kvbatch: store: %s\n", st.message().c_str());
+    }
+  };
+  write(unmarks, false);
+  write(marks, true);
 }
 
 ChunkRunner::~ChunkRunner() { Stop(); }
@@ -267,12 +276,12 @@ void ChunkRunner::Feed() {
       ++in_flight_by_batch_[h->fence.batch_id];
     }
     RequestCallbacks cb;
-    // Its in-flight mark is cleared by the commit of its answer (within a
-    // commit interval): a crash in between counts against it once more,
-    // which one crash alone never turns into a failure (kMaxCrashes).
+    // Its in-flight mark goes with the next admissions' flush (or with the
+    // commit of its answer, whichever comes first).
     cb.on_result = [this, batch_id = h->fence.batch_id, chunk = h->fence.chunk, line = p.line](engine::Result&& r) {
       {
         std::lock_guard<std::mutex> lock(mu_);
+        unmarks_.emplace_back(batch_id, line);
         done_.push_back({batch_id, chunk, line, std::move(r)});
       }
       cv_.notify_all();

@@ -90,7 +90,8 @@ class ChunkRunner {
   bool stop_ = false;
   bool wake_ = false;
   std::vector<Done> done_;
-  std::vector<std::pair<std::string, int64_t>> marks_;  // admitted, not yet recorded (batch, line)
+  std::vector<std::pair<std::string, int64_t>> marks_;    // admitted, not yet recorded (batch, line)
+  std::vector<std::pair<std::string, int64_t>> unmarks_;  // finished since the last flush
   std::map<std::string, int64_t> in_flight_by_batch_;
   RunnerStats stats_;
   std::thread thread_;
