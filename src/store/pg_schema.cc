@@ -99,6 +99,8 @@ CREATE TABLE chunks (
   PRIMARY KEY (batch_id, chunk)
 );
 CREATE INDEX chunks_open ON chunks (batch_id, chunk) WHERE pending > 0;
+-- Claims prefer prefix groups no live lease works on (one probe per candidate).
+CREATE INDEX chunks_by_prefix ON chunks (batch_id, prefix_hash, lease_until);
 
 -- Fencing tokens: one sequence for all chunks, so a token is never reused,
 -- not even by a chunk created again.

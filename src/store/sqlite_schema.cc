@@ -94,6 +94,7 @@ CREATE TABLE chunks (
   PRIMARY KEY (batch_id, chunk)
 );
 CREATE INDEX chunks_open ON chunks (batch_id, chunk) WHERE pending > 0;
+CREATE INDEX chunks_by_prefix ON chunks (batch_id, prefix_hash, lease_until);
 CREATE INDEX requests_by_chunk ON requests (batch_id, chunk, line) WHERE state = 0;
 INSERT INTO chunks (batch_id, chunk, prefix_hash, pending)
   SELECT batch_id, 0, 0, COUNT(*) FROM requests WHERE state = 0 GROUP BY batch_id;

@@ -140,7 +140,9 @@ StatusOr<std::optional<ChunkClaim>> SqliteStore::ClaimChunk(std::string_view own
                         "JOIN batches b ON b.id = c.batch_id "
                         "WHERE b.status = 'in_progress' AND b.paused = 0 AND (b.expires_at = 0 OR b.expires_at > ?1) "
                         "AND c.pending > 0 AND c.lease_until < ?2 "
-                        "ORDER BY b.priority DESC, (" + resident_sql + ") DESC, b.created_at, b.rowid, c.chunk LIMIT 1");
+                        "ORDER BY b.priority DESC, (" + resident_sql + ") DESC, b.created_at, b.rowid, "
+                        "EXISTS (SELECT 1 FROM chunks h WHERE h.batch_id = c.batch_id AND h.prefix_hash = c.prefix_hash "
+                        "AND h.lease_until >= ?2), c.chunk LIMIT 1");
     if (!pick.ok()) return pick.status();
     pick->Int(1, now / 1000);
     pick->Int(2, now);

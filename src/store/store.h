@@ -228,7 +228,9 @@ class Store {
   // paused and not past expires_at, whose lease is free or expired: highest
   // batch priority first, then chunks whose prefix_hash is in `resident`
   // (prefix groups already in the claimer's engine), then oldest batch,
-  // then chunk number. The claim increments the chunk's token and sets its
+  // then chunks of a prefix group no live lease works on (so claimers
+  // spread over the groups instead of all starting on the first), then
+  // chunk number. The claim increments the chunk's token and sets its
   // lease to `lease_ms` from now. Taking a chunk whose lease expired (not
   // released) counts a reclaim, and each of its rows still marked in flight
   // gets one more crash (and loses the mark). std::nullopt: nothing to claim.

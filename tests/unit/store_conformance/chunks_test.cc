@@ -87,6 +87,29 @@ TEST_P(StoreTest, ClaimOrderPriorityThenResidentThenOldestThenChunk) {
   EXPECT_FALSE(MustClaim(store()));
 }
 
+// Workers starting on one batch spread over its prefix groups: a chunk of
+// a group nobody holds comes before the next chunk of a group in work.
+TEST_P(StoreTest, ClaimPrefersPrefixGroupsNobodyWorksOn) {
+  // Chunks 0-1 share prefix A, 2-3 prefix B, 4-5 prefix C.
+  AddBatch("batch_a", 10, 12, 2, [](int64_t chunk) { return 0xA000'0000'0000'0000ULL + static_cast<uint64_t>(chunk / 2); });
+  auto first = MustClaim(store(), {}, 60'000, "w1");
+  ASSERT_TRUE(first);
+  EXPECT_EQ(Key(*first), "batch_a/0");
+  auto second = MustClaim(store(), {}, 60'000, "w2");
+  ASSERT_TRUE(second);
+  EXPECT_EQ(Key(*second), "batch_a/2") << "group A is in work: the next group";
+  auto third = MustClaim(store(), {}, 60'000, "w3");
+  ASSERT_TRUE(third);
+  EXPECT_EQ(Key(*third), "batch_a/4");
+  // Every group in work: the chunk number decides; a resident group first.
+  auto fourth = MustClaim(store(), {second->prefix_hash}, 60'000, "w2");
+  ASSERT_TRUE(fourth);
+  EXPECT_EQ(Key(*fourth), "batch_a/3");
+  auto fifth = MustClaim(store(), {}, 60'000, "w4");
+  ASSERT_TRUE(fifth);
+  EXPECT_EQ(Key(*fifth), "batch_a/1");
+}
+
 TEST_P(StoreTest, ClaimSkipsBatchesThatMustNotRun) {
   AddBatch("batch_paused", 10, 2, 2);
   ASSERT_TRUE(store().SetBatchControl("batch_paused", true, std::nullopt).ok());
