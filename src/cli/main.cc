@@ -86,6 +86,10 @@ void AddNodeFlags(CLI::App* cmd, kvb::cli::ServeOptions& o) {
          "--lease-seconds", [&o](double s) { o.driver.lease_ms = static_cast<int64_t>(s * 1000); },
          "A claimed chunk's lease: a worker silent this long is presumed dead and its chunk taken over (default 30)")
       ->check(CLI::Range(0.1, 3600.0));
+  cmd->add_option("--devices", o.devices,
+                  "One engine per device, fed by one driver (data parallel): cpu or GPU indexes, e.g. 0,1,2,3 "
+                  "(default: one engine where llama.cpp puts the model)")
+      ->delimiter(',');
   cmd->add_option("--max-reclaims", o.driver.max_reclaims,
                   "A chunk taken over this many times fails its unanswered requests instead of looping")
       ->capture_default_str()

@@ -43,17 +43,45 @@ sigset_t BlockStopSignals() {
 // is one) and the batch driver, torn down in the right order.
 struct Node {
   std::unique_ptr<store::Store> store;
-  std::unique_ptr<engine::Model> model;
-  std::unique_ptr<worker::EngineHub> hub;
+  std::vector<std::unique_ptr<engine::Model>> models;  // one per device
+  std::vector<std::unique_ptr<worker::EngineHub>> hubs;
   std::unique_ptr<worker::BatchDriver> driver;
   int lock_fd = -1;
 
   ~Node() {
     if (driver) driver->Stop();
-    // The engine goes before the driver: its thread may still call back into it.
-    hub.reset();
+    // The engines go before the driver: their threads may still call back into it.
+    hubs.clear();
     driver.reset();
     if (lock_fd >= 0) ::close(lock_fd);
+  }
+  // Online requests go to the first engine; batch work to all of them.
+  worker::EngineHub* hub() const { return hubs.empty() ? nullptr : hubs.front().get(); }
+  const engine::Model* model() const { return models.empty() ? nullptr : models.front().get(); }
+
+  std::string Describe() const {
+    std::string out;
+    for (size_t i = 0; i < hubs.size(); ++i) {
+      const auto& info = hubs[i]->info();
+      if (i > 0) out += "; ";
+      out += info.device + ", " + std::to_string(info.max_seqs) + " sequences, " + std::to_string(info.kv_cells) +
+             " KV cells";
+    }
+    return out;
+  }
+
+  void PrintStats(const char* who) const {
+    auto per = driver->EngineStats();
+    for (size_t i = 0; i < per.size(); ++i) {
+      const auto& s = per[i];
+      const std::string tag = per.size() > 1 ? " engine " + std::to_string(i) : "";
+      std::fprintf(stderr,
+                   "kvbatch %s%s: %lld chunks claimed (%lld prefix groups), %lld results committed, %lld chunks "
+                   "lost, %lld results dropped\n",
+                   who, tag.c_str(), static_cast<long long>(s.chunks_claimed),
+                   static_cast<long long>(s.distinct_prefixes), static_cast<long long>(s.results_committed),
+                   static_cast<long long>(s.chunks_lost), static_cast<long long>(s.results_dropped));
+    }
   }
 };
 
@@ -97,17 +125,23 @@ int Open(const char* who, const ServeOptions& o, Node& node, bool need_model) {
   }
   if (need_model) {
     if (std::error_code e; !fs::is_regular_file(o.model, e)) return Fail(who, "model not found: " + o.model);
-    auto model = engine::Model::Load({o.model, o.n_gpu_layers});
-    if (!model.ok()) return Fail(who, model.status().message());
-    node.model = std::move(model).value();
-    auto hub = worker::EngineHub::Start(node.model.get(), o.engine);
-    if (!hub.ok()) return Fail(who, hub.status().message());
-    node.hub = std::move(hub).value();
+    // Data parallel: a copy of the model and an engine per device.
+    const std::vector<std::string> devices = o.devices.empty() ? std::vector<std::string>{""} : o.devices;
+    for (const std::string& device : devices) {
+      auto model = engine::Model::Load({o.model, o.n_gpu_layers, device});
+      if (!model.ok()) return Fail(who, model.status().message());
+      node.models.push_back(std::move(model).value());
+      auto hub = worker::EngineHub::Start(node.models.back().get(), o.engine);
+      if (!hub.ok()) return Fail(who, hub.status().message());
+      node.hubs.push_back(std::move(hub).value());
+    }
   }
   worker::DriverOptions d = o.driver;
   d.cache_dir = files.string();
   d.default_max_tokens = o.server.default_max_tokens;
-  node.driver = std::make_unique<worker::BatchDriver>(node.store.get(), node.hub.get(), d);
+  std::vector<worker::EngineClient*> engines;
+  for (const auto& h : node.hubs) engines.push_back(h.get());
+  node.driver = std::make_unique<worker::BatchDriver>(node.store.get(), engines, d);
   return 0;
 }
 
@@ -123,9 +157,9 @@ int Serve(const ServeOptions& o) {
 
   api::Context ctx;
   ctx.store = node.store.get();
-  ctx.hub = node.hub.get();
+  ctx.hub = node.hub();
   ctx.driver = node.driver.get();
-  ctx.model = node.model.get();
+  ctx.model = node.model();
   ctx.options = o.server;
   ctx.options.files_dir = (fs::path(o.data_dir) / "files").string();
   api::Server server(ctx);
@@ -139,11 +173,9 @@ int Serve(const ServeOptions& o) {
 
   node.driver->Start();
   const std::string where = store::IsPostgresUri(o.store) ? "store PostgreSQL" : "data in " + o.data_dir;
-  if (node.hub) {
-    const auto& info = node.hub->info();
-    std::printf("kvbatch serve: listening on http://%s:%d/v1 (model %s, %s, %d sequences, %d KV cells; %s)\n",
-                o.server.host.c_str(), server.port(), node.model->name().c_str(), info.device.c_str(), info.max_seqs,
-                info.kv_cells, where.c_str());
+  if (node.hub()) {
+    std::printf("kvbatch serve: listening on http://%s:%d/v1 (model %s, %s; %s)\n", o.server.host.c_str(),
+                server.port(), node.model()->name().c_str(), node.Describe().c_str(), where.c_str());
   } else {
     std::printf("kvbatch serve: listening on http://%s:%d/v1 (no model: batches run on workers; %s)\n",
                 o.server.host.c_str(), server.port(), where.c_str());
@@ -152,6 +184,7 @@ int Serve(const ServeOptions& o) {
   Status st = server.Run();
   std::fprintf(stderr, "kvbatch serve: stopping\n");
   node.driver->Stop();
+  node.PrintStats("serve");
   // Wake the signal thread if the server stopped for another reason.
   pthread_kill(waiter.native_handle(), SIGTERM);
   waiter.join();
@@ -167,22 +200,14 @@ int Worker(const ServeOptions& o) {
   Node node;
   if (int rc = Open("worker", o, node, true); rc != 0) return rc;
   node.driver->Start();
-  const auto& info = node.hub->info();
-  std::printf("kvbatch worker: running batches from PostgreSQL (model %s, %s, %d sequences, %d KV cells)\n",
-              node.model->name().c_str(), info.device.c_str(), info.max_seqs, info.kv_cells);
+  std::printf("kvbatch worker: running batches from PostgreSQL (model %s, %s)\n", node.model()->name().c_str(),
+              node.Describe().c_str());
   std::fflush(stdout);
   int sig = 0;
   sigwait(&signals, &sig);
   std::fprintf(stderr, "kvbatch worker: stopping\n");
   node.driver->Stop();
-  if (auto s = node.driver->Stats()) {
-    std::fprintf(stderr,
-                 "kvbatch worker: %lld chunks claimed (%lld prefix groups), %lld results committed, %lld chunks lost, "
-                 "%lld results dropped\n",
-                 static_cast<long long>(s->chunks_claimed), static_cast<long long>(s->distinct_prefixes),
-                 static_cast<long long>(s->results_committed), static_cast<long long>(s->chunks_lost),
-                 static_cast<long long>(s->results_dropped));
-  }
+  node.PrintStats("worker");
   return 0;
 }
 

@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "api/server.h"
 #include "engine/engine.h"
@@ -19,6 +20,9 @@ struct ServeOptions {
   std::string data_dir;  // kvbatch.db and files/ (SQLite); a local cache (PostgreSQL)
   std::string store;     // empty: SQLite in data_dir; postgresql://...: PostgreSQL
   int32_t n_gpu_layers = -1;
+  // One engine per entry ("cpu" or a GPU index), all fed by one driver
+  // (data parallel); empty: one engine where llama.cpp puts it.
+  std::vector<std::string> devices;
   api::ServerOptions server;
   engine::EngineOptions engine;
   worker::DriverOptions driver;

@@ -33,21 +33,13 @@ size_t AvailableRam() {
   return size_t{4} << 30;
 }
 
-ggml_backend_dev_t FirstGpu() {
-  for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
-    ggml_backend_dev_t dev = ggml_backend_dev_get(i);
-    if (ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_GPU) return dev;
-  }
-  return nullptr;
-}
-
 }  // namespace
 
 StatusOr<std::unique_ptr<LlamaBackend>> LlamaBackend::Create(const Model* model, const ContextOptions& o) {
   std::unique_ptr<LlamaBackend> b(new LlamaBackend);
   b->model_ = model;
   b->n_vocab_ = model->n_vocab();
-  ggml_backend_dev_t gpu = model->on_gpu() ? FirstGpu() : nullptr;
+  ggml_backend_dev_t gpu = model->gpu();
 
   ggml_type kv_type = GGML_TYPE_F16;
   if (o.kv_type == "f32") kv_type = GGML_TYPE_F32;
@@ -164,7 +156,7 @@ bool LlamaBackend::IsEndOfGeneration(Token t) const { return llama_vocab_is_eog(
 
 void LlamaBackend::DeviceMemory(size_t* free, size_t* total) const {
   *free = *total = 0;
-  if (ggml_backend_dev_t gpu = model_->on_gpu() ? FirstGpu() : nullptr) ggml_backend_dev_memory(gpu, free, total);
+  if (ggml_backend_dev_t gpu = model_->gpu()) ggml_backend_dev_memory(gpu, free, total);
 }
 
 }  // namespace kvb::engine

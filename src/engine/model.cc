@@ -4,6 +4,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <vector>
 #include <mutex>
 
 #include "ggml-backend.h"
@@ -51,6 +52,27 @@ StatusOr<std::unique_ptr<Model>> Model::Load(const ModelOptions& options) {
     return Status::NotFound("model file not found: " + options.path);
   llama_model_params mp = llama_model_default_params();
   mp.n_gpu_layers = options.n_gpu_layers;
+  ggml_backend_dev_t only[2] = {nullptr, nullptr};  // mp.devices: null-terminated
+  bool on_gpu = options.n_gpu_layers != 0;
+  if (options.device == "cpu") {
+    mp.n_gpu_layers = 0;
+    on_gpu = false;
+  } else if (!options.device.empty()) {
+    char* end = nullptr;
+    const long want = std::strtol(options.device.c_str(), &end, 10);
+    std::vector<ggml_backend_dev_t> gpus;
+    for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
+      ggml_backend_dev_t dev = ggml_backend_dev_get(i);
+      if (ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_GPU) gpus.push_back(dev);
+    }
+    if (*end != '\0' || want < 0 || static_cast<size_t>(want) >= gpus.size())
+      return Status::InvalidArgument("device '" + options.device + "' does not exist: use cpu or a GPU index below " +
+                                     std::to_string(gpus.size()));
+    only[0] = gpus[static_cast<size_t>(want)];
+    mp.devices = only;
+    mp.split_mode = LLAMA_SPLIT_MODE_NONE;
+    mp.main_gpu = 0;
+  }
   llama_model* raw = llama_model_load_from_file(options.path.c_str(), mp);
   if (!raw) return Status::InvalidArgument("llama.cpp could not load the model " + options.path);
   std::unique_ptr<Model> m(new Model);
@@ -70,10 +92,11 @@ StatusOr<std::unique_ptr<Model>> Model::Load(const ModelOptions& options) {
     }
   }
 #endif
-  for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
+  for (size_t i = 0; i < ggml_backend_dev_count() && on_gpu && m->gpu_ == nullptr; ++i) {
     ggml_backend_dev_t dev = ggml_backend_dev_get(i);
-    if (ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_GPU && options.n_gpu_layers != 0) m->on_gpu_ = true;
+    if (ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_GPU) m->gpu_ = only[0] ? only[0] : dev;
   }
+  m->on_gpu_ = m->gpu_ != nullptr;
   return m;
 }
 

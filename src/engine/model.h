@@ -13,11 +13,17 @@
 struct llama_model;
 struct llama_vocab;
 
+struct ggml_backend_device;
+
 namespace kvb::engine {
 
 struct ModelOptions {
   std::string path;
   int32_t n_gpu_layers = -1;  // -1: all layers on the GPU when there is one
+  // The device for this copy of the model (data parallel, `--devices`):
+  // "" llama.cpp's default placement, "cpu" the CPU only, "N" the N-th GPU
+  // alone (no split across GPUs).
+  std::string device;
 };
 
 class Model {
@@ -41,6 +47,8 @@ class Model {
   // KV bytes per cell for an f16 cache.
   int64_t KvBytesPerCell() const;
   bool on_gpu() const { return on_gpu_; }
+  // The GPU holding it (its memory sizes the KV cache); null on the CPU.
+  ggml_backend_device* gpu() const { return gpu_; }
 
   llama_model* raw() const { return model_; }
   const llama_vocab* vocab() const { return vocab_; }
@@ -52,6 +60,7 @@ class Model {
   std::string name_;
   std::string template_;
   bool on_gpu_ = false;
+  ggml_backend_device* gpu_ = nullptr;
   struct Jinja;  // llama.cpp's common chat templates, when built with them
   std::unique_ptr<Jinja> jinja_;
 };
