@@ -146,8 +146,12 @@ void BatchKeeper::Unlease(const std::string& id) {
 }
 
 void BatchKeeper::Validate(const store::BatchRecord& rec) {
-  Validation v = ValidateBatchInput(rec, store_->LocalFile(rec.input_file_id, options_.cache_dir),
-                                    options_.max_listed_errors, options_.chunk_rows);
+  auto input = store_->LocalFile(rec.input_file_id, options_.cache_dir);
+  if (!input.ok() && input.status().code() != StatusCode::kNotFound) {
+    // The database away or a full disk: not the file's fault; next tick.
+    return Log(rec.id, "reading the input file (will retry)", input.status());
+  }
+  Validation v = ValidateBatchInput(rec, input, options_.max_listed_errors, options_.chunk_rows);
   Status st = v.errors.empty() ? store_->AddRequests(rec.id, v.rows, Now()) : store_->FailBatch(rec.id, v.errors, Now());
   // FailedPrecondition: cancelled (or validated by another node) meanwhile.
   if (!st.ok() && st.code() != StatusCode::kFailedPrecondition) Log(rec.id, "validation", st);

@@ -36,7 +36,6 @@ struct ChunkRunner::Held {
 
 struct ChunkRunner::Batch {
   store::BatchRecord rec;
-  batch::Endpoint endpoint = batch::Endpoint::kChatCompletions;
   int64_t created = 0;  // `created` of the response bodies
   std::optional<batch::InputReader> reader;
   std::string reader_error;  // why there is no reader
@@ -145,8 +144,14 @@ ChunkRunner::Batch* ChunkRunner::BatchFor(const std::string& id) {
   auto b = std::make_unique<Batch>();
   b->rec = std::move(rec).value();
   b->created = Now();
-  if (auto e = batch::EndpointFromPath(b->rec.endpoint)) b->endpoint = *e;
   auto path = store_->LocalFile(b->rec.input_file_id, options_.cache_dir);
+  // The database away (or a full disk): try again later rather than fail
+  // the rows. Only an input that is gone for good fails them.
+  if (!path.ok() && path.status().code() != StatusCode::kNotFound) {
+    std::fprintf(stderr, "kvbatch: batch %s: input file: %s (will retry)\n", id.c_str(),
+                 path.status().message().c_str());
+    return nullptr;
+  }
   auto reader = path.ok() ? batch::InputReader::Open(*path) : StatusOr<batch::InputReader>(path.status());
   if (reader.ok()) {
     b->reader.emplace(std::move(reader).value());
@@ -173,8 +178,9 @@ bool ChunkRunner::Claim() {
   h->fence = c.fence;
   h->last_renew = Clock::now();
   if (b == nullptr) {
+    // Not now (see BatchFor): given back, and no claim before the next poll.
     (void)store_->ReleaseChunk(c.fence);
-    return true;
+    return false;
   }
   // Poison requests (batch/crash_guard.h): failed after kMaxCrashes (or when
   // the chunk itself keeps losing its holders), else suspects first, alone.
@@ -234,10 +240,12 @@ void ChunkRunner::Feed() {
       continue;
     }
     Batch* b = BatchFor(h->fence.batch_id);
+    if (b == nullptr) break;  // cannot happen while it holds a chunk of the batch; defensive
     const bool suspect = h->next < h->suspects;
     const store::PendingRequest& p = h->rows[h->next++];
     std::optional<batch::RequestFailure> failure;
     std::optional<engine::Request> request;
+    batch::Endpoint endpoint = batch::Endpoint::kChatCompletions;
     if (!b->reader) {
       failure = batch::RequestFailure{500, "server_error", "the batch's input file cannot be read: " + b->reader_error, ""};
     } else {
@@ -252,6 +260,9 @@ void ChunkRunner::Feed() {
         failure = batch::RequestFailure{text.ok() ? 400 : 500, text.ok() ? "invalid_request" : "server_error",
                                         parsed.status().message(), param};
       } else {
+        // Each line is answered for its own url: a stored batch's lines all
+        // match its endpoint (validation), `kvbatch run`'s may be mixed.
+        endpoint = parsed->endpoint;
         auto prepared = engine_->Prepare(std::move(parsed).value(), options_.default_max_tokens);
         if (auto* f = std::get_if<batch::RequestFailure>(&prepared)) {
           failure = *f;
@@ -278,11 +289,12 @@ void ChunkRunner::Feed() {
     RequestCallbacks cb;
     // Its in-flight mark goes with the next admissions' flush (or with the
     // commit of its answer, whichever comes first).
-    cb.on_result = [this, batch_id = h->fence.batch_id, chunk = h->fence.chunk, line = p.line](engine::Result&& r) {
+    cb.on_result = [this, batch_id = h->fence.batch_id, chunk = h->fence.chunk, line = p.line,
+                    endpoint](engine::Result&& r) {
       {
         std::lock_guard<std::mutex> lock(mu_);
         unmarks_.emplace_back(batch_id, line);
-        done_.push_back({batch_id, chunk, line, std::move(r)});
+        done_.push_back({batch_id, chunk, line, endpoint, std::move(r)});
       }
       cv_.notify_all();
     };
@@ -309,7 +321,7 @@ store::RequestOutcome ChunkRunner::OutcomeFor(const Held& h, const Batch& b, Don
     batch::RequestFailure f = batch::FailureFromStatus(r.status);
     return {d.line, false, batch::FailureLine(custom_id, f.http_status, batch::FailureBody(f)), r.prompt_tokens, 0, 0};
   }
-  auto body = batch::ResponseBody(b.endpoint, r, engine_->model_name(), b.created);
+  auto body = batch::ResponseBody(d.endpoint, r, engine_->model_name(), b.created);
   return {d.line, true, batch::SuccessLine(custom_id, body), r.prompt_tokens, r.cached_tokens, r.completion_tokens};
 }
 

@@ -64,6 +64,7 @@ class ChunkRunner {
     std::string batch_id;
     int64_t chunk;
     int64_t line;
+    batch::Endpoint endpoint;  // the line's own url
     engine::Result result;
   };
   using Key = std::pair<std::string, int64_t>;  // batch, chunk
