@@ -3,25 +3,22 @@
 #include <algorithm>
 #include <chrono>
 #include <atomic>
-#include <condition_variable>
 #include <csignal>
-#include <ctime>
-#include <deque>
 #include <filesystem>
 #include <map>
-#include <mutex>
-#include <optional>
+#include <memory>
+#include <thread>
 #include <unordered_map>
-#include <unordered_set>
 
 #include "batch/crash_guard.h"
 #include "batch/input_file.h"
-#include "batch/prefix_order.h"
-#include "batch/prepare.h"
-#include "batch/request.h"
 #include "batch/response.h"
 #include "batch/result_log.h"
 #include "cli/progress.h"
+#include "worker/batch_files.h"
+#include "worker/chunk_runner.h"
+#include "worker/engine_hub.h"
+#include "worker/run_store.h"
 
 namespace kvb::cli {
 
@@ -31,183 +28,21 @@ std::atomic<bool> g_interrupted{false};
 
 void OnSignal(int) { g_interrupted = true; }
 
-// Results cross from the engine thread to the main thread here.
-class ResultQueue {
- public:
-  void Push(engine::Result&& r) {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      q_.push_back(std::move(r));
-    }
-    cv_.notify_one();
-  }
-  std::vector<engine::Result> Wait(std::chrono::milliseconds timeout) {
-    std::unique_lock<std::mutex> lock(mu_);
-    cv_.wait_for(lock, timeout, [&] { return !q_.empty(); });
-    std::vector<engine::Result> out(std::make_move_iterator(q_.begin()), std::make_move_iterator(q_.end()));
-    q_.clear();
-    return out;
-  }
-
- private:
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::deque<engine::Result> q_;
-};
-
 int Fail(const Status& st) {
   std::fprintf(stderr, "kvbatch: %s\n", st.message().c_str());
   return 1;
 }
 
-// Requests sharing a prefix run together: groups by prefix hash in order of
-// first appearance, input order within a group. Answered lines are dropped.
-std::vector<const batch::InputLine*> OrderPending(const batch::InputScan& scan,
-                                                  const std::unordered_set<std::string>& answered) {
-  // Grouped over every line, then filtered: a resumed run keeps the groups'
-  // order of the first run.
-  std::vector<const batch::InputLine*> all;
-  all.reserve(scan.valid.size());
-  for (const auto& l : scan.valid) all.push_back(&l);
-  batch::GroupBySharedPrefix(all, [](const batch::InputLine* l) { return l->prefix_hash; });
-  std::vector<const batch::InputLine*> pending;
-  for (const batch::InputLine* l : all)
-    if (!answered.count(l->custom_id)) pending.push_back(l);
-  return pending;
-}
-
-// One `kvbatch run` after validation: feeds the engine a bounded window of
-// requests, commits results as they finish, shows progress.
-class BatchRun {
- public:
-  // pending_[0, suspects) were in flight during a crash: each runs alone.
-  BatchRun(const RunOptions& o, batch::ResultLog& log, batch::CrashJournal& journal,
-           std::vector<const batch::InputLine*> pending, size_t suspects, std::map<std::string, int64_t>& failures)
-      : o_(o), log_(log), journal_(journal), pending_(std::move(pending)), suspects_(suspects), failures_(failures) {}
-
-  // Returns the exit code (0, 1 on runtime errors, 130 when interrupted).
-  int Execute(Progress& progress, int64_t resumed);
-
-  int64_t done() const { return done_; }
-  // "GPU memory 20.1 of 79.6 GiB in use", or empty on a CPU.
-  std::string DeviceMemoryLine() const;
-  int64_t ok() const { return ok_; }
-  const engine::EngineStats& stats() const { return stats_; }
-
- private:
-  Status Feed();
-  Status Commit(engine::Result& r);
-  Status Failure(const std::string& custom_id, const batch::RequestFailure& f);
-
-  const RunOptions& o_;
-  batch::ResultLog& log_;
-  batch::CrashJournal& journal_;
-  std::vector<const batch::InputLine*> pending_;
-  size_t suspects_ = 0;
-  std::map<std::string, int64_t>& failures_;
-
-  std::unique_ptr<engine::Model> model_;
-  std::unique_ptr<engine::Engine> engine_;
-  std::optional<batch::InputReader> reader_;
-  ResultQueue results_;
-  std::unordered_map<uint64_t, batch::Endpoint> inflight_;  // by index into pending_
-  size_t next_ = 0;
-  size_t window_ = 0;
-  int64_t created_ = 0;
-  int64_t done_ = 0;
-  int64_t ok_ = 0;
-  engine::EngineStats stats_;
+// What the summary reports of the engine's part of a run.
+struct EngineRun {
+  worker::RunTally tally;
+  engine::EngineStats stats;
+  std::string device_memory;  // "GPU memory 20.1 of 79.6 GiB in use", or empty on a CPU
 };
 
-int BatchRun::Execute(Progress& progress, int64_t resumed) {
-  const int64_t total = static_cast<int64_t>(pending_.size());
-  auto model = engine::Model::Load({o_.model, o_.n_gpu_layers});
-  if (!model.ok()) return Fail(model.status());
-  model_ = std::move(model).value();
-  // Each request is journaled as the engine starts and ends it (batch/crash_guard.h);
-  // pending_ does not change while the engine runs.
-  auto eng = engine::Engine::Start(
-      model_.get(), o_.engine,
-      [this](engine::Result&& r) {
-        if (Status st = journal_.MarkDone(pending_[r.id]->line_no); !st.ok())
-          std::fprintf(stderr, "kvbatch: %s\n", st.message().c_str());
-        results_.Push(std::move(r));
-      },
-      nullptr,
-      [this](const std::vector<uint64_t>& ids) {
-        std::vector<int64_t> lines;
-        lines.reserve(ids.size());
-        for (uint64_t id : ids) lines.push_back(pending_[id]->line_no);
-        if (Status st = journal_.MarkInFlight(lines); !st.ok())
-          std::fprintf(stderr, "kvbatch: %s\n", st.message().c_str());
-      });
-  if (!eng.ok()) return Fail(eng.status());
-  engine_ = std::move(eng).value();
-  auto reader = batch::InputReader::Open(o_.input);
-  if (!reader.ok()) return Fail(reader.status());
-  reader_.emplace(std::move(reader).value());
-
-  const engine::ContextInfo& info = engine_->info();
-  if (!o_.quiet) {
-    std::fprintf(stderr,
-                 "kvbatch: %lld requests (%lld already answered) | model %s | %s | KV %d cells (%.0f MiB) | "
-                 "%d parallel sequences | context %d\n",
-                 static_cast<long long>(total), static_cast<long long>(resumed), model_->name().c_str(),
-                 info.device.c_str(), info.kv_cells, static_cast<double>(info.kv_bytes) / (1 << 20), info.max_seqs,
-                 info.n_ctx_seq);
-  }
-  // Keep enough requests queued for the scheduler to see shared prefixes
-  // ahead, but not the whole file: memory stays bounded.
-  window_ = static_cast<size_t>(info.max_seqs) * 2 + static_cast<size_t>(o_.engine.scheduler.lookahead);
-  created_ = static_cast<int64_t>(std::time(nullptr));
-
-  auto prev_int = std::signal(SIGINT, OnSignal);
-  auto prev_term = std::signal(SIGTERM, OnSignal);
-  int exit_code = 0;
-  constexpr auto kSyncInterval = std::chrono::seconds(2);
-  auto last_sync = std::chrono::steady_clock::now();
-  while (done_ < total) {
-    if (g_interrupted) {
-      exit_code = 130;
-      break;
-    }
-    Status st = Feed();
-    for (engine::Result& r : results_.Wait(std::chrono::milliseconds(200)))
-      if (st.ok()) st = Commit(r);
-    if (!st.ok()) {
-      exit_code = Fail(st);
-      break;
-    }
-    // Every line is written to the OS as it finishes (a killed process
-    // loses nothing); a group fdatasync every 2 s bounds what a power loss
-    // can cost to recomputing that long (interleaved A/B runs showed no
-    // throughput cost).
-    if (auto now = std::chrono::steady_clock::now(); now - last_sync >= kSyncInterval) {
-      if (Status sync = log_.Sync(); !sync.ok()) {
-        exit_code = Fail(sync);
-        break;
-      }
-      last_sync = now;
-    }
-    stats_ = engine_->Stats();
-    progress.Update({done_, total, resumed, stats_});
-  }
-  stats_ = engine_->Stats();
-  progress.Update({done_, total, resumed, stats_}, true);
-  progress.Finish();
-  std::signal(SIGINT, prev_int);
-  std::signal(SIGTERM, prev_term);
-  if (Status st = log_.Sync(); !st.ok()) Fail(st);
-  if (exit_code == 130) {
-    std::fprintf(stderr, "kvbatch: interrupted; %lld of %lld answered this run are saved; rerun the same command to resume\n",
-                 static_cast<long long>(done_), static_cast<long long>(total));
-  }
-  return exit_code;
-}
-
-std::string BatchRun::DeviceMemoryLine() const {
+std::string DeviceMemoryLine(const worker::EngineHub& hub) {
   size_t free = 0, total = 0;
-  if (engine_) engine_->DeviceMemory(&free, &total);
+  hub.DeviceMemory(&free, &total);
   if (total == 0) return "";
   char buf[96];
   std::snprintf(buf, sizeof buf, "GPU memory %.1f of %.1f GiB in use", static_cast<double>(total - free) / (1 << 30),
@@ -215,68 +50,124 @@ std::string BatchRun::DeviceMemoryLine() const {
   return buf;
 }
 
-Status BatchRun::Failure(const std::string& custom_id, const batch::RequestFailure& f) {
-  ++failures_[f.code];
-  ++done_;
-  return log_.AppendFailure(custom_id, batch::FailureLine(custom_id, f.http_status, batch::FailureBody(f)));
-}
-
-// Reads, parses and tokenizes lines until the window is full, then hands
-// them to the engine in one go.
-Status BatchRun::Feed() {
-  std::vector<engine::Request> ready;
-  while (next_ < pending_.size() && inflight_.size() < window_) {
-    // A suspect of an earlier crash runs alone (the engine admits nothing
-    // beside it), so a crash while it runs blames it alone.
-    const bool suspect = next_ < suspects_;
-    const batch::InputLine& line = *pending_[next_];
-    const size_t index = next_++;
-    auto text = reader_->ReadLine(line);
-    if (!text.ok()) return text.status();
-    std::string param;
-    auto req = batch::ParseRequest(*text, &param);
-    if (!req.ok()) {
-      if (Status st = Failure(line.custom_id, {400, "invalid_request", req.status().message(), param}); !st.ok())
-        return st;
-      continue;
-    }
-    const batch::Endpoint endpoint = req->endpoint;
-    auto prepared = batch::PrepareRequest(std::move(req).value(), *model_, o_.default_max_tokens, index);
-    if (auto* f = std::get_if<batch::RequestFailure>(&prepared)) {
-      if (Status st = Failure(line.custom_id, *f); !st.ok()) return st;
-      continue;
-    }
-    inflight_.emplace(index, endpoint);
-    engine::Request& er = ready.emplace_back(std::get<engine::Request>(std::move(prepared)));
-    er.isolate = suspect;
-    er.test_abort = batch::TestCrashOn(line.custom_id);
+// The request rows of a run: chunked over every valid line, as `serve`
+// chunks a batch (worker/batch_files.h), then filtered, so a resumed run
+// keeps the prefix groups and chunks of the first. Crash counts come from
+// the journal.
+std::vector<store::PendingRequest> PendingRows(const batch::InputScan& scan, const batch::ResultLog& log,
+                                               const batch::CrashJournal& journal, int32_t chunk_rows) {
+  std::vector<store::PendingRequest> rows;
+  rows.reserve(scan.valid.size());
+  for (const batch::InputLine& l : scan.valid) {
+    store::PendingRequest& p = rows.emplace_back();
+    p.line = l.line_no;
+    p.custom_id = l.custom_id;
+    p.offset = static_cast<int64_t>(l.offset);
+    p.length = static_cast<int64_t>(l.length);
+    p.prefix_hash = l.prefix_hash;
   }
-  engine_->SubmitAll(std::move(ready));
-  return Status::Ok();
+  worker::AssignChunks(rows, chunk_rows);
+  std::erase_if(rows, [&](const store::PendingRequest& p) { return log.answered().count(p.custom_id) > 0; });
+  for (store::PendingRequest& p : rows)
+    if (auto c = journal.crashes().find(p.line); c != journal.crashes().end()) p.crashes = c->second;
+  return rows;
 }
 
-Status BatchRun::Commit(engine::Result& r) {
-  auto it = inflight_.find(r.id);
-  if (it == inflight_.end()) return Status::Internal("result for an unknown request");
-  const std::string& custom_id = pending_[r.id]->custom_id;
-  const batch::Endpoint endpoint = it->second;
-  inflight_.erase(it);
-  if (!r.status.ok()) return Failure(custom_id, batch::FailureFromStatus(r.status));
-  auto body = batch::ResponseBody(endpoint, r, model_->name(), created_);
-  ++ok_;
-  ++done_;
-  return log_.AppendSuccess(custom_id, batch::SuccessLine(custom_id, body));
+// Runs `rows` through the batch driver's chunk runner over a RunStore (the
+// result log and journal are its durable parts), showing progress until
+// every row is answered. Returns the exit code (0, 1 on runtime errors, 130
+// when interrupted).
+int Execute(const RunOptions& o, std::vector<store::PendingRequest> rows, batch::ResultLog& log,
+            batch::CrashJournal& journal, Progress& progress, int64_t resumed, EngineRun* out) {
+  auto model = engine::Model::Load({o.model, o.n_gpu_layers});
+  if (!model.ok()) return Fail(model.status());
+  auto started = worker::EngineHub::Start(model->get(), o.engine);
+  if (!started.ok()) return Fail(started.status());
+  std::unique_ptr<worker::EngineHub> hub = std::move(started).value();
+
+  const int64_t total = static_cast<int64_t>(rows.size());
+  const engine::ContextInfo& info = hub->info();
+  if (!o.quiet) {
+    std::fprintf(stderr,
+                 "kvbatch: %lld requests (%lld already answered) | model %s | %s | KV %d cells (%.0f MiB) | "
+                 "%d parallel sequences | context %d\n",
+                 static_cast<long long>(total), static_cast<long long>(resumed), (*model)->name().c_str(),
+                 info.device.c_str(), info.kv_cells, static_cast<double>(info.kv_bytes) / (1 << 20), info.max_seqs,
+                 info.n_ctx_seq);
+  }
+  worker::RunStore store(o.input, std::move(rows), &log, &journal);
+  worker::DriverOptions d;
+  d.owner = "run";
+  d.cache_dir = std::filesystem::path(o.output).parent_path().string();
+  d.default_max_tokens = o.default_max_tokens;
+  // Enough requests queued for the scheduler to see shared prefixes ahead,
+  // but not the whole file: memory stays bounded.
+  d.window = info.max_seqs * 2 + o.engine.scheduler.lookahead;
+  // Every answer is written to the OS as it finishes (a killed process
+  // loses nothing): an append to the log costs a write(2).
+  d.commit_interval = std::chrono::milliseconds(0);
+  auto runner = std::make_unique<worker::ChunkRunner>(&store, hub.get(), d);
+  runner->Start();
+
+  auto prev_int = std::signal(SIGINT, OnSignal);
+  auto prev_term = std::signal(SIGTERM, OnSignal);
+  int exit_code = 0;
+  // A group fdatasync every 2 s bounds what a power loss can cost to
+  // recomputing that long.
+  constexpr auto kSyncInterval = std::chrono::seconds(2);
+  auto last_sync = std::chrono::steady_clock::now();
+  auto snapshot = [&] {
+    const worker::RunTally t = store.Tally();
+    return ProgressSnapshot{t.ok + t.failed, total, resumed, hub->Stats()};
+  };
+  while (!store.Done()) {
+    if (g_interrupted) {
+      exit_code = 130;
+      break;
+    }
+    if (Status st = store.Fatal(); !st.ok()) {
+      exit_code = Fail(st);
+      break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    if (auto now = std::chrono::steady_clock::now(); now - last_sync >= kSyncInterval) {
+      if (Status sync = store.Sync(); !sync.ok()) {
+        exit_code = Fail(sync);
+        break;
+      }
+      last_sync = now;
+    }
+    progress.Update(snapshot());
+  }
+  // Commits what finished; requests still in the engine are abandoned.
+  runner->Stop();
+  progress.Update(snapshot(), true);
+  progress.Finish();
+  out->tally = store.Tally();
+  out->stats = hub->Stats();
+  out->device_memory = DeviceMemoryLine(*hub);
+  // The engine goes before the runner: its thread may still call back into it.
+  hub.reset();
+  runner.reset();
+  std::signal(SIGINT, prev_int);
+  std::signal(SIGTERM, prev_term);
+  if (Status st = store.Sync(); !st.ok()) Fail(st);
+  if (exit_code == 130) {
+    std::fprintf(stderr, "kvbatch: interrupted; %lld of %lld answered this run are saved; rerun the same command to resume\n",
+                 static_cast<long long>(out->tally.ok + out->tally.failed), static_cast<long long>(total));
+  }
+  return exit_code;
 }
 
-void PrintSummary(const RunOptions& o, const BatchRun* run, const std::map<std::string, int64_t>& failures,
+void PrintSummary(const RunOptions& o, const EngineRun& run, const std::map<std::string, int64_t>& failures,
                   int64_t resumed, double wall) {
-  engine::EngineStats e = run ? run->stats() : engine::EngineStats{};
-  const int64_t done = run ? run->done() : 0;
+  const engine::EngineStats& e = run.stats;
+  const int64_t done = run.tally.ok + run.tally.failed;
   int64_t failed = 0;
   for (auto& [_, n] : failures) failed += n;
   auto pct = [](int64_t a, int64_t b) { return b ? 100.0 * static_cast<double>(a) / static_cast<double>(b) : 0.0; };
   std::fprintf(stderr, "\nkvbatch: done in %s (%.1f s)\n", HumanDuration(wall).c_str(), wall);
-  std::fprintf(stderr, "  requests     %lld ok, %lld failed", static_cast<long long>(run ? run->ok() : 0),
+  std::fprintf(stderr, "  requests     %lld ok, %lld failed", static_cast<long long>(run.tally.ok),
                static_cast<long long>(failed));
   if (resumed > 0) std::fprintf(stderr, ", %lld answered by an earlier run", static_cast<long long>(resumed));
   std::fprintf(stderr, "\n");
@@ -292,7 +183,7 @@ void PrintSummary(const RunOptions& o, const BatchRun* run, const std::map<std::
                static_cast<long long>(e.prompt_tokens - e.prefill_tokens),
                e.prefill_tokens ? static_cast<double>(e.prompt_tokens) / static_cast<double>(e.prefill_tokens) : 0.0);
   std::fprintf(stderr, "  KV cells     peak %d in use of %d\n", e.cells_peak, e.cells_total);
-  if (run && !run->DeviceMemoryLine().empty()) std::fprintf(stderr, "  device       %s\n", run->DeviceMemoryLine().c_str());
+  if (!run.device_memory.empty()) std::fprintf(stderr, "  device       %s\n", run.device_memory.c_str());
   std::fprintf(stderr, "  output       %s%s%s\n", o.output.c_str(), o.errors.empty() ? "" : ", errors in ",
                o.errors.c_str());
 }
@@ -334,46 +225,32 @@ int Run(const RunOptions& o) {
     }
   }
 
-  // 3. Requests in flight during earlier crashes: failed after kMaxCrashes,
-  // else run first, each alone (batch/crash_guard.h).
+  // 3. Requests in flight during earlier crashes run first, each alone, and
+  // fail after kMaxCrashes (batch/crash_guard.h): the journal counts the
+  // crashes, the chunk runner acts on them.
   std::vector<int64_t> answered_lines;
   for (const auto& l : scan->valid)
     if (log->answered().count(l.custom_id)) answered_lines.push_back(l.line_no);
   auto journal = batch::CrashJournal::Open(o.output + ".inflight", answered_lines);
   if (!journal.ok()) return Fail(journal.status());
-  auto pending = OrderPending(*scan, log->answered());
-  std::vector<const batch::InputLine*> suspects, rest;
-  for (const batch::InputLine* l : pending) {
-    auto c = journal->crashes().find(l->line_no);
-    const int32_t crashes = c == journal->crashes().end() ? 0 : c->second;
-    if (crashes >= batch::kMaxCrashes) {
-      const std::string msg = batch::CrashedMessage(crashes);
-      std::fprintf(stderr, "kvbatch: line %lld (custom_id %s): %s\n", static_cast<long long>(l->line_no),
-                   l->custom_id.c_str(), msg.c_str());
-      if (Status st = log->AppendFailure(l->custom_id, batch::RequestErrorLine(l->custom_id, batch::kCrashedEngine, msg));
-          !st.ok())
-        return Fail(st);
-      ++failures[batch::kCrashedEngine];
-    } else {
-      (crashes > 0 ? suspects : rest).push_back(l);
-    }
-  }
-  if (!suspects.empty())
-    std::fprintf(stderr, "kvbatch: %zu request(s) were running when an earlier run crashed; each runs again alone first\n",
-                 suspects.size());
-  const size_t n_suspects = suspects.size();
-  suspects.insert(suspects.end(), rest.begin(), rest.end());
-  pending = std::move(suspects);
+  worker::DriverOptions defaults;
+  auto rows = PendingRows(*scan, *log, *journal, defaults.chunk_rows);
+  const auto suspects = std::count_if(rows.begin(), rows.end(), [](const store::PendingRequest& p) {
+    return p.crashes > 0 && p.crashes < batch::kMaxCrashes;
+  });
+  if (suspects > 0)
+    std::fprintf(stderr, "kvbatch: %lld request(s) were running when an earlier run crashed; each runs again alone first\n",
+                 static_cast<long long>(suspects));
 
   // 4. Run what is left.
   Progress progress(stderr, o.quiet, o.progress_interval);
-  std::unique_ptr<BatchRun> run;
-  if (!pending.empty()) {
-    run = std::make_unique<BatchRun>(o, *log, *journal, std::move(pending), n_suspects, failures);
-    const int rc = run->Execute(progress, resumed);
+  EngineRun run;
+  if (!rows.empty()) {
+    const int rc = Execute(o, std::move(rows), *log, *journal, progress, resumed, &run);
     // Finished, interrupted or stopped by an error: not a crash.
     if (Status st = journal->EndSession(); !st.ok()) return Fail(st);
     if (rc != 0) return rc;
+    for (const auto& [code, n] : run.tally.failures) failures[code] += n;
   }
 
   // 5. Everything is answered: put the files in input order.
@@ -387,7 +264,7 @@ int Run(const RunOptions& o) {
   });
   if (!st.ok()) return Fail(st);
   if (Status rm = journal->Remove(); !rm.ok()) return Fail(rm);
-  if (!o.quiet) PrintSummary(o, run.get(), failures, resumed, progress.elapsed());
+  if (!o.quiet) PrintSummary(o, run, failures, resumed, progress.elapsed());
   return 0;
 }
 

@@ -1,6 +1,9 @@
 // `kvbatch run`: an OpenAI Batch input file in, output and error files out,
 // through the engine in this process. Resumable: rerun with the same
-// arguments after a crash and it answers only what is missing.
+// arguments after a crash and it answers only what is missing. The engine is
+// fed by the batch driver's ChunkRunner, as in `serve`, over a RunStore
+// (worker/run_store.h) whose durable parts are the output, error and
+// journal files.
 #pragma once
 
 #include <cstdint>

@@ -14,16 +14,17 @@ Status NotForRun(const char* what) { return Status::Internal(std::string(what) +
 // never ran carries it in "error", one that ran and failed in the response body.
 std::string FailureCode(const std::string& line) {
   const nlohmann::json j = nlohmann::json::parse(line, nullptr, false);
-  if (!j.is_object()) return "unknown";
-  const nlohmann::json* code = nullptr;
-  if (auto e = j.find("error"); e != j.end() && e->is_object() && e->contains("code")) {
-    code = &(*e)["code"];
-  } else if (auto r = j.find("response"); r != j.end() && r->is_object()) {
-    const nlohmann::json& body = r->value("body", nlohmann::json());
-    if (body.is_object() && body.contains("error") && body["error"].is_object() && body["error"].contains("code"))
-      code = &body["error"]["code"];
-  }
-  return code != nullptr && code->is_string() ? code->get<std::string>() : "unknown";
+  auto code_of = [](const nlohmann::json& holder) -> std::string {
+    if (!holder.is_object()) return "";
+    auto e = holder.find("error");
+    if (e == holder.end() || !e->is_object()) return "";
+    auto c = e->find("code");
+    return c != e->end() && c->is_string() ? c->get<std::string>() : "";
+  };
+  std::string code = code_of(j);
+  if (code.empty() && j.is_object() && j.contains("response") && j["response"].is_object())
+    code = code_of(j["response"].value("body", nlohmann::json()));
+  return code.empty() ? "unknown" : code;
 }
 
 }  // namespace
