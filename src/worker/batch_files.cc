@@ -1,5 +1,6 @@
 #include "worker/batch_files.h"
 
+#include <algorithm>
 #include <filesystem>
 #include <unordered_map>
 
@@ -71,12 +72,17 @@ Validation ValidateBatchInput(const store::BatchRecord& rec, const StatusOr<std:
 void AssignChunks(std::vector<store::PendingRequest>& rows, int32_t chunk_rows) {
   if (chunk_rows < 1) chunk_rows = 1;
   batch::GroupBySharedPrefix(rows, [](const store::PendingRequest& p) { return p.prefix_hash; });
-  const int32_t small = std::max(1, chunk_rows / 4);
+  std::unordered_map<uint64_t, int64_t> group_size;
+  for (const auto& r : rows) ++group_size[r.prefix_hash];
+  // A group of at least a quarter chunk starts a chunk of its own; smaller
+  // ones fill up the chunk they come to (there is little prefix to share).
+  const int64_t small = std::max(1, chunk_rows / 4);
   int64_t chunk = 0;
   int32_t in_chunk = 0;
   for (size_t i = 0; i < rows.size(); ++i) {
     const bool new_group = i > 0 && rows[i].prefix_hash != rows[i - 1].prefix_hash;
-    if (in_chunk == chunk_rows || (new_group && in_chunk >= small)) {
+    const bool own_chunk = new_group && group_size[rows[i].prefix_hash] >= small && in_chunk > 0;
+    if (in_chunk == chunk_rows || own_chunk) {
       ++chunk;
       in_chunk = 0;
     }

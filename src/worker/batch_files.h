@@ -26,9 +26,10 @@ Validation ValidateBatchInput(const store::BatchRecord& rec, const StatusOr<std:
 
 // Chunks for claiming: rows sharing a prefix (prefix_hash) are put together,
 // in their group's order of first appearance, cut into chunks of at most
-// `chunk_rows`; a group too small to fill a quarter of a chunk shares one
-// with the next groups, so a file of all-different prompts does not become
-// one chunk per row. Sets each row's `chunk` (0, 1, ... in that order).
+// `chunk_rows`. A group of at least a quarter chunk starts a chunk of its
+// own; smaller groups fill up the chunk they come to, so a file of
+// all-different prompts becomes full chunks, not one chunk per row. Sets
+// each row's `chunk` (0, 1, ... in that order).
 void AssignChunks(std::vector<store::PendingRequest>& rows, int32_t chunk_rows);
 
 struct ResultFiles {
