@@ -16,12 +16,12 @@
 #include <vector>
 
 #include "batch/input_file.h"
+#include "util/atomic_file.h"
 
 namespace kvb::batch {
 
 namespace {
 
-constexpr size_t kCopyBufferBytes = 4 << 20;
 constexpr char kTempSuffix[] = ".kvb-finalize.tmp";
 
 Status ErrnoStatus(const std::string& what, const std::string& path) {
@@ -235,53 +235,23 @@ Status ResultLog::Rewrite(File& file, const std::function<int64_t(std::string_vi
 
   struct stat st {};
   if (fstat(file.fd, &st) != 0) return ErrnoStatus("cannot stat", file.path);
-  const std::string tmp = file.path + kTempSuffix;
-  int tfd = open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-  if (tfd < 0) return ErrnoStatus("cannot create", tmp);
-  auto fail = [&](Status status) {
-    close(tfd);
-    unlink(tmp.c_str());
-    return status;
-  };
-  if (fchmod(tfd, st.st_mode & 07777) != 0) return fail(ErrnoStatus("cannot chmod", tmp));
-
+  // In input order into a new file that replaces the old one atomically
+  // (util/atomic_file.h), with the old one's permissions.
+  util::AtomicFileWriter out;
+  if (s = out.Open(file.path, st.st_mode & 07777, kTempSuffix); !s.ok()) return s;
   std::string buf;
-  buf.reserve(kCopyBufferBytes);
   for (const Entry& e : entries) {
-    if (!buf.empty() && buf.size() + e.length + 1 > kCopyBufferBytes) {
-      if (s = WriteAll(tfd, buf, tmp); !s.ok()) return fail(s);
-      buf.clear();
-    }
-    size_t at = buf.size();
-    buf.resize(at + e.length);
+    buf.resize(e.length);
     for (uint64_t got = 0; got < e.length;) {
-      ssize_t n = pread(file.fd, buf.data() + at + got, e.length - got, static_cast<off_t>(e.offset + got));
+      ssize_t n = pread(file.fd, buf.data() + got, e.length - got, static_cast<off_t>(e.offset + got));
       if (n < 0 && errno == EINTR) continue;
-      if (n < 0) return fail(ErrnoStatus("cannot read", file.path));
-      if (n == 0) return fail(Status::IoError(file.path + " shrank while being finalized"));
+      if (n < 0) return ErrnoStatus("cannot read", file.path);
+      if (n == 0) return Status::IoError(file.path + " shrank while being finalized");
       got += static_cast<uint64_t>(n);
     }
-    buf += '\n';
+    if (s = out.AppendLine(buf); !s.ok()) return s;
   }
-  if (s = WriteAll(tfd, buf, tmp); !s.ok()) return fail(s);
-  if (fsync(tfd) != 0) return fail(ErrnoStatus("cannot sync", tmp));
-  if (close(tfd) != 0) {
-    unlink(tmp.c_str());
-    return ErrnoStatus("cannot close", tmp);
-  }
-  if (rename(tmp.c_str(), file.path.c_str()) != 0) {
-    Status err = ErrnoStatus("cannot rename onto", file.path);
-    unlink(tmp.c_str());
-    return err;
-  }
-  // The rename is durable only once the directory entry is.
-  std::string dir = std::filesystem::path(file.path).parent_path().string();
-  if (dir.empty()) dir = ".";
-  if (int dfd = open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC); dfd >= 0) {
-    int rc = fsync(dfd);
-    close(dfd);
-    if (rc != 0) return ErrnoStatus("cannot sync directory", dir);
-  }
+  if (s = out.Commit(); !s.ok()) return s;
   // Our descriptor still points at the replaced file: switch to the new one.
   int nfd = open(file.path.c_str(), O_RDWR | O_APPEND | O_CLOEXEC);
   if (nfd < 0) return ErrnoStatus("cannot reopen", file.path);

@@ -1,6 +1,7 @@
 #include "util/atomic_file.h"
 
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -78,15 +79,17 @@ AtomicFileWriter::~AtomicFileWriter() {
   if (!tmp_.empty()) ::unlink(tmp_.c_str());
 }
 
-Status AtomicFileWriter::Open(std::string path) {
+Status AtomicFileWriter::Open(std::string path, unsigned mode, std::string_view tmp_suffix) {
   path_ = std::move(path);
-  tmp_ = path_ + ".tmp";
-  fd_ = ::open(tmp_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  tmp_ = path_ + std::string(tmp_suffix);
+  fd_ = ::open(tmp_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode);
   if (fd_ < 0) {
     Status s = Errno("cannot create", tmp_);
     tmp_.clear();
     return s;
   }
+  // Exactly `mode`, whatever the umask.
+  if (::fchmod(fd_, static_cast<mode_t>(mode)) != 0) return Errno("cannot chmod", tmp_);
   return Status::Ok();
 }
 

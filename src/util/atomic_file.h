@@ -30,8 +30,8 @@ class AtomicFileWriter {
   AtomicFileWriter& operator=(AtomicFileWriter&&) = delete;
   ~AtomicFileWriter();
 
-  // Creates (truncating) the temporary file.
-  Status Open(std::string path);
+  // Creates (truncating) the temporary file "<path><tmp_suffix>" with `mode`.
+  Status Open(std::string path, unsigned mode = 0600, std::string_view tmp_suffix = ".tmp");
   Status Append(std::string_view data);
   Status AppendLine(std::string_view line);  // line + '\n'
   // Syncs and closes the temporary file without renaming it: for handing a
