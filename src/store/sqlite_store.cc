@@ -72,13 +72,6 @@ constexpr const char* kBatchColumns =
     "cancelling_at, cancelled_at, priority, paused, total, completed, failed, input_tokens, cached_tokens, "
     "output_tokens";
 
-// The columns UpdateBatch writes, as ?1..?20 (the batch's id is ?21).
-constexpr const char* kUpdateBatchSql =
-    "UPDATE batches SET endpoint = ?1, input_file_id = ?2, completion_window = ?3, status = ?4, "
-    "output_file_id = ?5, error_file_id = ?6, metadata_json = ?7, errors_json = ?8, created_at = ?9, "
-    "in_progress_at = ?10, expires_at = ?11, finalizing_at = ?12, completed_at = ?13, failed_at = ?14, "
-    "expired_at = ?15, cancelling_at = ?16, cancelled_at = ?17, priority = ?18, paused = ?19, total = ?20 "
-    "WHERE id = ?21";
 constexpr const char* kInsertBatchSql =
     "INSERT INTO batches (endpoint, input_file_id, completion_window, status, output_file_id, error_file_id, "
     "metadata_json, errors_json, created_at, in_progress_at, expires_at, finalizing_at, completed_at, failed_at, "
@@ -121,7 +114,7 @@ StatusOr<std::vector<BatchError>> ErrorsFromJson(const std::string& text) {
   return errors;
 }
 
-// Binds ?1..?20 of kUpdateBatchSql / kInsertBatchSql.
+// Binds ?1..?20 of kInsertBatchSql.
 Status BindBatchFields(Stmt& st, const BatchRecord& b) {
   auto errors = ErrorsToJson(b.errors);
   if (!errors.ok()) return errors.status();

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <ctime>
+#include <utility>
 
 #include "batch/crash_guard.h"
 #include "batch/prepare.h"
@@ -29,6 +30,7 @@ struct ChunkRunner::Held {
   size_t suspects = 0;  // rows[0, suspects) were in flight in a crash: each runs alone
   int64_t in_flight = 0;
   std::vector<store::RequestOutcome> outcomes;  // not committed yet
+  int64_t engine_outcomes = 0;                  // of them, answers from the engine (still "in flight")
   const char* stop_code = nullptr;  // batch cancelled / expired: nothing more is fed
   bool paused = false;
   Clock::time_point last_renew;
@@ -115,7 +117,8 @@ void ChunkRunner::Loop() {
       std::unique_lock<std::mutex> lock(mu_);
       cv_.wait_for(lock, std::chrono::milliseconds(50), [&] { return stop_ || wake_ || !done_.empty(); });
       if (stop_) break;
-      if (wake_) next_claim_ = Clock::time_point{};
+      // Woken (a batch created, cancelled, paused...): look at the store now.
+      if (wake_) next_claim_ = last_refresh_ = Clock::time_point{};
       wake_ = false;
     }
     Collect();
@@ -333,17 +336,28 @@ void ChunkRunner::Collect() {
   }
   for (Done& d : done) {
     inflight_.erase(d.result.id);
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      if (--in_flight_by_batch_[d.batch_id] <= 0) in_flight_by_batch_.erase(d.batch_id);
-    }
     auto it = held_.find({d.batch_id, d.chunk});
-    if (it == held_.end()) continue;  // lost meanwhile: not ours to answer
-    Held& h = *it->second;
-    --h.in_flight;
-    if (h.fence.token < 0) continue;  // lost: nothing of it is committed by this node
-    h.outcomes.push_back(OutcomeFor(h, *batches_.at(d.batch_id), d));
+    Held* h = it == held_.end() ? nullptr : it->second.get();
+    if (h) --h->in_flight;
+    if (h == nullptr || h->fence.token < 0) {
+      // Lost meanwhile: not ours to answer.
+      Settled(d.batch_id, 1);
+      continue;
+    }
+    // Still counted in flight until its commit (InFlight).
+    h->outcomes.push_back(OutcomeFor(*h, *batches_.at(d.batch_id), d));
+    ++h->engine_outcomes;
   }
+}
+
+// `n` requests of the batch are committed or dropped: no longer in flight.
+void ChunkRunner::Settled(const std::string& batch_id, int64_t n) {
+  if (n == 0) return;
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = in_flight_by_batch_.find(batch_id);
+  if (it == in_flight_by_batch_.end()) return;
+  it->second -= n;
+  if (it->second <= 0) in_flight_by_batch_.erase(it);
 }
 
 void ChunkRunner::Commit(bool force) {
@@ -357,10 +371,13 @@ void ChunkRunner::Commit(bool force) {
     if (h.outcomes.empty() || h.fence.token < 0) continue;
     auto recorded = store_->CommitFenced(h.fence, h.outcomes, options_.lease_ms);
     if (recorded.ok()) {
-      std::lock_guard<std::mutex> lock(mu_);
-      stats_.results_committed += *recorded;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        stats_.results_committed += *recorded;
+      }
       h.outcomes.clear();
       h.last_renew = Clock::now();
+      Settled(h.fence.batch_id, std::exchange(h.engine_outcomes, 0));
     } else if (recorded.status().code() == StatusCode::kFailedPrecondition ||
                recorded.status().code() == StatusCode::kNotFound) {
       Drop(h, recorded.status());
@@ -379,6 +396,7 @@ void ChunkRunner::Drop(Held& h, const Status& why) {
                static_cast<long long>(h.fence.chunk), h.fence.batch_id.c_str(), why.message().c_str());
   for (const auto& [id, key] : inflight_)
     if (key.first == h.fence.batch_id && key.second == h.fence.chunk) engine_->Cancel(id);
+  Settled(h.fence.batch_id, std::exchange(h.engine_outcomes, 0));
   std::lock_guard<std::mutex> lock(mu_);
   ++stats_.chunks_lost;
   stats_.results_dropped += static_cast<int64_t>(h.outcomes.size());

@@ -54,6 +54,7 @@ class ChunkRunner {
   void Stop();
   void Wake();  // new work may be claimable
 
+  // The batch's requests in this engine or answered and not committed yet.
   int64_t InFlight(const std::string& batch_id) const;
   RunnerStats Stats() const;
 
@@ -79,6 +80,7 @@ class ChunkRunner {
   bool Claim();
   void Retire();
   void Drop(Held& h, const Status& why);
+  void Settled(const std::string& batch_id, int64_t n);
   Batch* BatchFor(const std::string& id);
   store::RequestOutcome OutcomeFor(const Held& h, const Batch& b, Done& d) const;
 
