@@ -138,22 +138,11 @@ StatusOr<std::optional<ChunkClaim>> PgStore::ClaimChunk(std::string_view owner, 
           chunk_params);
       if (!crashed.ok()) return crashed.status();
     }
-    auto rows = conn.Exec(
-        "SELECT line, custom_id, byte_offset, byte_length, prefix_hash, crashes, chunk FROM requests "
-        "WHERE batch_id = $1 AND chunk = $2 AND state = 0 ORDER BY line",
-        chunk_params);
+    auto rows = conn.Exec(std::string("SELECT ") + pg::kPendingColumns +
+                              " FROM requests WHERE batch_id = $1 AND chunk = $2 AND state = 0 ORDER BY line",
+                          chunk_params);
     if (!rows.ok()) return rows.status();
-    for (int i = 0; i < rows->rows(); ++i) {
-      PendingRequest p;
-      p.line = rows->Int(i, 0);
-      p.custom_id = rows->Str(i, 1);
-      p.offset = rows->Int(i, 2);
-      p.length = rows->Int(i, 3);
-      p.prefix_hash = std::bit_cast<uint64_t>(rows->Int(i, 4));
-      p.crashes = static_cast<int32_t>(rows->Int(i, 5));
-      p.chunk = rows->Int(i, 6);
-      c.rows.push_back(std::move(p));
-    }
+    for (int i = 0; i < rows->rows(); ++i) c.rows.push_back(pg::ReadPending(*rows, i));
     claim = std::move(c);
     return Status::Ok();
   });

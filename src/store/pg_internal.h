@@ -23,6 +23,10 @@ enum RequestStateValue : int64_t { kStatePending = 0, kStateCompleted = 1, kStat
 extern const char* const kBatchColumns;
 StatusOr<BatchRecord> ReadBatch(const Result& r, int row);
 
+// The columns ReadPending reads, in its order (a `requests` row).
+inline constexpr const char* kPendingColumns = "line, custom_id, byte_offset, byte_length, prefix_hash, crashes, chunk";
+PendingRequest ReadPending(const Result& r, int row);
+
 // NotFound when batch `id` does not exist, else FailedPrecondition naming its
 // status: for a conditional UPDATE that matched no row. `wanted` says what
 // the condition asked for ("validating", "not final", ...).

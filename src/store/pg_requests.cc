@@ -57,6 +57,22 @@ Status InsertRows(Conn& conn, std::string_view batch_id, const std::vector<Pendi
 
 }  // namespace
 
+namespace pg {
+
+PendingRequest ReadPending(const Result& r, int row) {
+  PendingRequest p;
+  p.line = r.Int(row, 0);
+  p.custom_id = r.Str(row, 1);
+  p.offset = r.Int(row, 2);
+  p.length = r.Int(row, 3);
+  p.prefix_hash = std::bit_cast<uint64_t>(r.Int(row, 4));
+  p.crashes = static_cast<int32_t>(r.Int(row, 5));
+  p.chunk = r.Int(row, 6);
+  return p;
+}
+
+}  // namespace pg
+
 Status PgStore::AddRequests(std::string_view batch_id, const std::vector<PendingRequest>& rows, int64_t now) {
   if (!pg::IsText(batch_id)) return pg::NoBatch(batch_id);
   {
@@ -97,23 +113,12 @@ StatusOr<std::vector<PendingRequest>> PgStore::PendingRequests(std::string_view 
   Status s = pg::Run(*pool_, "read pending requests", Mode::kSnapshot, [&](Conn& conn, bool) -> Status {
     out.clear();
     if (Status st = CheckBatch(conn, batch_id); !st.ok()) return st;
-    auto r = conn.Exec(
-        "SELECT line, custom_id, byte_offset, byte_length, prefix_hash, crashes, chunk FROM requests "
-        "WHERE batch_id = $1 AND state = 0 ORDER BY line",
-        Params().Text(batch_id));
+    auto r = conn.Exec(std::string("SELECT ") + pg::kPendingColumns +
+                           " FROM requests WHERE batch_id = $1 AND state = 0 ORDER BY line",
+                       Params().Text(batch_id));
     if (!r.ok()) return r.status();
     out.reserve(static_cast<size_t>(r->rows()));
-    for (int i = 0; i < r->rows(); ++i) {
-      PendingRequest p;
-      p.line = r->Int(i, 0);
-      p.custom_id = r->Str(i, 1);
-      p.offset = r->Int(i, 2);
-      p.length = r->Int(i, 3);
-      p.prefix_hash = std::bit_cast<uint64_t>(r->Int(i, 4));
-      p.crashes = static_cast<int32_t>(r->Int(i, 5));
-      p.chunk = r->Int(i, 6);
-      out.push_back(std::move(p));
-    }
+    for (int i = 0; i < r->rows(); ++i) out.push_back(pg::ReadPending(*r, i));
     return Status::Ok();
   });
   if (!s.ok()) return s;

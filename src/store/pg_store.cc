@@ -3,8 +3,7 @@
 
 #include <unistd.h>
 
-#include <nlohmann/json.hpp>
-
+#include "store/batch_errors.h"
 #include "store/pg_internal.h"
 #include "store/pg_schema.h"
 
@@ -23,44 +22,6 @@ const char* const kBatchColumns =
     "cancelling_at, cancelled_at, priority, paused, total, completed, failed, input_tokens, cached_tokens, "
     "output_tokens";
 
-namespace {
-
-StatusOr<std::string> ErrorsToJson(const std::vector<BatchError>& errors) {
-  nlohmann::json arr = nlohmann::json::array();
-  try {
-    for (const BatchError& e : errors) {
-      arr.push_back({{"code", e.code},
-                     {"message", e.message},
-                     {"param", e.param.empty() ? nlohmann::json(nullptr) : nlohmann::json(e.param)},
-                     {"line", e.line == 0 ? nlohmann::json(nullptr) : nlohmann::json(e.line)}});
-    }
-    // Messages may quote client input: invalid UTF-8 is replaced, not an
-    // error (the column is text).
-    return arr.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
-  } catch (const std::exception& e) {
-    return Status::Internal(std::string("encode batch errors: ") + e.what());
-  }
-}
-
-StatusOr<std::vector<BatchError>> ErrorsFromJson(std::string_view text) {
-  std::vector<BatchError> errors;
-  try {
-    for (const nlohmann::json& j : nlohmann::json::parse(text)) {
-      BatchError e;
-      e.code = j.at("code").get<std::string>();
-      e.message = j.at("message").get<std::string>();
-      if (!j.at("param").is_null()) e.param = j["param"].get<std::string>();
-      if (!j.at("line").is_null()) e.line = j["line"].get<int64_t>();
-      errors.push_back(std::move(e));
-    }
-  } catch (const std::exception& e) {
-    return Status::Internal(std::string("stored batch errors are not valid: ") + e.what());
-  }
-  return errors;
-}
-
-}  // namespace
-
 StatusOr<BatchRecord> ReadBatch(const Result& r, int row) {
   BatchRecord b;
   b.id = r.Str(row, 0);
@@ -73,7 +34,7 @@ StatusOr<BatchRecord> ReadBatch(const Result& r, int row) {
   b.output_file_id = r.Str(row, 5);
   b.error_file_id = r.Str(row, 6);
   b.metadata_json = r.Str(row, 7);
-  auto errors = ErrorsFromJson(r.View(row, 8));
+  auto errors = DecodeBatchErrors(r.View(row, 8));
   if (!errors.ok()) return Status::Internal("batch " + b.id + ": " + errors.status().message());
   b.errors = std::move(*errors);
   int64_t* times[] = {&b.created_at, &b.in_progress_at, &b.expires_at,    &b.finalizing_at, &b.completed_at,
@@ -133,10 +94,13 @@ StatusOr<bool> ExecBatch(Conn& conn, const std::string& sql, const Params& param
   return true;
 }
 
-StatusOr<std::vector<BatchRecord>> ReadBatches(const Result& r) {
+// Runs a `SELECT kBatchColumns ...` into every batch it matched.
+StatusOr<std::vector<BatchRecord>> QueryBatches(Conn& conn, const std::string& sql, const Params& params) {
+  auto r = conn.Exec(sql, params);
+  if (!r.ok()) return r.status();
   std::vector<BatchRecord> out;
-  for (int i = 0; i < r.rows(); ++i) {
-    auto b = pg::ReadBatch(r, i);
+  for (int i = 0; i < r->rows(); ++i) {
+    auto b = pg::ReadBatch(*r, i);
     if (!b.ok()) return b.status();
     out.push_back(std::move(*b));
   }
@@ -187,7 +151,7 @@ Status PgStore::PutBatch(const BatchRecord& b) {
                                 std::string_view(b.output_file_id), std::string_view(b.error_file_id)}) {
     if (!pg::IsText(text)) return Status::InvalidArgument("batch " + b.id + ": a field is not valid UTF-8 text");
   }
-  auto errors = pg::ErrorsToJson(b.errors);
+  auto errors = EncodeBatchErrors(b.errors);
   if (!errors.ok()) return errors.status();
   Params p;
   p.Text(b.id).Text(b.endpoint).Text(b.input_file_id).Text(b.completion_window).Text(ToString(b.status));
@@ -242,9 +206,7 @@ StatusOr<std::vector<BatchRecord>> PgStore::ListBatches(std::string_view after, 
   }
   sql += " ORDER BY created_at DESC, seq DESC LIMIT $1";
   Status s = pg::Run(*pool_, "list batches", Mode::kStatements, [&](Conn& conn, bool) -> Status {
-    auto r = conn.Exec(sql, p);
-    if (!r.ok()) return r.status();
-    auto batches = ReadBatches(*r);
+    auto batches = QueryBatches(conn, sql, p);
     if (!batches.ok()) return batches.status();
     out = std::move(*batches);
     return Status::Ok();
@@ -259,9 +221,7 @@ StatusOr<std::vector<BatchRecord>> PgStore::BatchesWithStatus(const std::vector<
   const std::string sql = std::string("SELECT ") + pg::kBatchColumns +
                           " FROM batches WHERE status = ANY($1::text[]) ORDER BY created_at, seq";
   Status s = pg::Run(*pool_, "list batches by status", Mode::kStatements, [&](Conn& conn, bool) -> Status {
-    auto r = conn.Exec(sql, Params().TextArray(StatusTexts(statuses)));
-    if (!r.ok()) return r.status();
-    auto batches = ReadBatches(*r);
+    auto batches = QueryBatches(conn, sql, Params().TextArray(StatusTexts(statuses)));
     if (!batches.ok()) return batches.status();
     out = std::move(*batches);
     return Status::Ok();
@@ -346,7 +306,7 @@ StatusOr<bool> PgStore::LeaseBatch(std::string_view id, std::string_view owner, 
 
 Status PgStore::FailBatch(std::string_view id, const std::vector<BatchError>& errors, int64_t now) {
   if (!pg::IsText(id)) return pg::NoBatch(id);
-  auto json = pg::ErrorsToJson(errors);
+  auto json = EncodeBatchErrors(errors);
   if (!json.ok()) return json.status();
   return pg::Run(*pool_, "fail batch", Mode::kStatements, [&](Conn& conn, bool) -> Status {
     auto r = conn.Exec(

@@ -4,9 +4,9 @@
 
 #include <filesystem>
 #include <limits>
-#include <nlohmann/json.hpp>
 #include <utility>
 
+#include "store/batch_errors.h"
 #include "store/sqlite_schema.h"
 #include "store/sqlite_util.h"
 
@@ -73,44 +73,9 @@ constexpr const char* kInsertBatchSql =
     "cached_tokens, output_tokens) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, "
     "?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26)";
 
-StatusOr<std::string> ErrorsToJson(const std::vector<BatchError>& errors) {
-  if (errors.empty()) return std::string();
-  try {
-    nlohmann::json arr = nlohmann::json::array();
-    for (const BatchError& e : errors) {
-      arr.push_back({{"code", e.code},
-                     {"message", e.message},
-                     {"param", e.param.empty() ? nlohmann::json(nullptr) : nlohmann::json(e.param)},
-                     {"line", e.line == 0 ? nlohmann::json(nullptr) : nlohmann::json(e.line)}});
-    }
-    // Messages may quote user input: replace invalid UTF-8 instead of throwing.
-    return arr.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
-  } catch (const std::exception& e) {
-    return Status::Internal(std::string("encode batch errors: ") + e.what());
-  }
-}
-
-StatusOr<std::vector<BatchError>> ErrorsFromJson(const std::string& text) {
-  std::vector<BatchError> errors;
-  if (text.empty()) return errors;
-  try {
-    for (const nlohmann::json& j : nlohmann::json::parse(text)) {
-      BatchError e;
-      e.code = j.at("code").get<std::string>();
-      e.message = j.at("message").get<std::string>();
-      if (j.contains("param") && !j["param"].is_null()) e.param = j["param"].get<std::string>();
-      if (j.contains("line") && !j["line"].is_null()) e.line = j["line"].get<int64_t>();
-      errors.push_back(std::move(e));
-    }
-  } catch (const std::exception& e) {
-    return Status::Internal(std::string("stored batch errors are not valid: ") + e.what());
-  }
-  return errors;
-}
-
 // Binds ?1..?20 of kInsertBatchSql.
 Status BindBatchFields(Stmt& st, const BatchRecord& b) {
-  auto errors = ErrorsToJson(b.errors);
+  auto errors = EncodeBatchErrors(b.errors);
   if (!errors.ok()) return errors.status();
   st.Text(1, b.endpoint);
   st.Text(2, b.input_file_id);
@@ -119,7 +84,7 @@ Status BindBatchFields(Stmt& st, const BatchRecord& b) {
   st.OptText(5, b.output_file_id);
   st.OptText(6, b.error_file_id);
   st.OptText(7, b.metadata_json);
-  st.OptText(8, *errors);
+  st.OptText(8, b.errors.empty() ? std::string_view() : std::string_view(*errors));  // none: NULL
   const int64_t times[] = {b.created_at, b.in_progress_at, b.expires_at,    b.finalizing_at, b.completed_at,
                            b.failed_at,  b.expired_at,     b.cancelling_at, b.cancelled_at};
   for (int i = 0; i < 9; ++i) st.Int(9 + i, times[i]);
@@ -141,7 +106,7 @@ StatusOr<BatchRecord> ReadBatch(const Stmt& st) {
   b.output_file_id = st.ColText(5);
   b.error_file_id = st.ColText(6);
   b.metadata_json = st.ColText(7);
-  auto errors = ErrorsFromJson(st.ColText(8));
+  auto errors = DecodeBatchErrors(st.ColText(8));
   if (!errors.ok()) return Status::Internal("batch " + b.id + ": " + errors.status().message());
   b.errors = std::move(*errors);
   int64_t* times[] = {&b.created_at, &b.in_progress_at, &b.expires_at,    &b.finalizing_at, &b.completed_at,
@@ -458,7 +423,7 @@ StatusOr<bool> SqliteStore::LeaseBatch(std::string_view id, std::string_view own
 }
 
 Status SqliteStore::FailBatch(std::string_view id, const std::vector<BatchError>& errors, int64_t now) {
-  auto json = ErrorsToJson(errors);
+  auto json = EncodeBatchErrors(errors);
   if (!json.ok()) return json.status();
   std::lock_guard lock(mu_);
   return Transaction(db_, [&]() -> Status {
@@ -468,7 +433,7 @@ Status SqliteStore::FailBatch(std::string_view id, const std::vector<BatchError>
     auto st = Prepare(db_, "UPDATE batches SET status = 'failed', failed_at = ?1, errors_json = ?2 WHERE id = ?3");
     if (!st.ok()) return st.status();
     st->Int(1, now);
-    st->OptText(2, *json);
+    st->OptText(2, errors.empty() ? std::string_view() : std::string_view(*json));  // none: NULL
     st->Text(3, id);
     return StepDone(db_, *st, "fail batch");
   });
