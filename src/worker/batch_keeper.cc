@@ -108,23 +108,20 @@ void BatchKeeper::Tick() {
   for (const store::BatchRecord& rec : *recs) {
     seen[rec.id] = true;
     switch (rec.status) {
-      case BatchStatus::kValidating:
-        if (Lease(rec.id)) {
-          Validate(rec);
-          Unlease(rec.id);
-        }
-        break;
+      case BatchStatus::kValidating: Leased(rec.id, [&] { Validate(rec); }); break;
       case BatchStatus::kInProgress:
         Sample(rec);
         if (rec.counts.completed + rec.counts.failed >= rec.counts.total) {
           auto moved = store_->TransitionBatch(rec.id, {BatchStatus::kInProgress}, BatchStatus::kFinalizing, now);
-          if (moved.ok()) Finish(*moved);
+          if (moved.ok()) Leased(rec.id, [&] { End(*moved, BatchStatus::kCompleted); });
         } else if (rec.expires_at > 0 && now >= rec.expires_at) {
-          Stop(rec, "batch_expired", BatchStatus::kExpired);
+          Leased(rec.id, [&] { Stop(rec, "batch_expired", BatchStatus::kExpired); });
         }
         break;
-      case BatchStatus::kFinalizing: Finish(rec); break;
-      case BatchStatus::kCancelling: Stop(rec, "batch_cancelled", BatchStatus::kCancelled); break;
+      case BatchStatus::kFinalizing: Leased(rec.id, [&] { End(rec, BatchStatus::kCompleted); }); break;
+      case BatchStatus::kCancelling:
+        Leased(rec.id, [&] { Stop(rec, "batch_cancelled", BatchStatus::kCancelled); });
+        break;
       default: break;
     }
   }
@@ -139,9 +136,12 @@ void BatchKeeper::Tick() {
   }
 }
 
-// Gives a task lease back once the task is done (or waits), so another node
-// can take the next step at once instead of waiting for the lease to lapse.
-void BatchKeeper::Unlease(const std::string& id) {
+// Runs `task` under the batch's task lease (so one node does it) and gives
+// the lease back after, done or waiting, so another node can take the next
+// step at once instead of waiting for the lease to lapse.
+void BatchKeeper::Leased(const std::string& id, const std::function<void()>& task) {
+  if (!Lease(id)) return;
+  task();
   if (auto r = store_->LeaseBatch(id, options_.owner, 0); !r.ok()) Log(id, "lease", r.status());
 }
 
@@ -157,17 +157,12 @@ void BatchKeeper::Validate(const store::BatchRecord& rec) {
   if (!st.ok() && st.code() != StatusCode::kFailedPrecondition) Log(rec.id, "validation", st);
 }
 
-void BatchKeeper::Finish(const store::BatchRecord& rec) {
-  if (!Lease(rec.id)) return;
-  struct Release {
-    BatchKeeper* k;
-    const std::string& id;
-    ~Release() { k->Unlease(id); }
-  } release{this, rec.id};
+// Writes the output and error files and moves the batch from its status to
+// `to` with them; another node having ended it first is not an error.
+void BatchKeeper::End(const store::BatchRecord& rec, BatchStatus to) {
   auto files = WriteResultFiles(store_, rec, options_.cache_dir, Now());
   if (!files.ok()) return Log(rec.id, "writing result files", files.status());
-  auto done = store_->FinalizeBatch(rec.id, BatchStatus::kFinalizing, BatchStatus::kCompleted, Now(), files->output,
-                                    files->error);
+  auto done = store_->FinalizeBatch(rec.id, rec.status, to, Now(), files->output, files->error);
   if (!done.ok()) {
     DiscardResultFiles(*files);
     if (done.status().code() != StatusCode::kFailedPrecondition) Log(rec.id, "finalizing", done.status());
@@ -175,12 +170,6 @@ void BatchKeeper::Finish(const store::BatchRecord& rec) {
 }
 
 void BatchKeeper::Stop(const store::BatchRecord& rec, const char* code, BatchStatus to) {
-  if (!Lease(rec.id)) return;
-  struct Release {
-    BatchKeeper* k;
-    const std::string& id;
-    ~Release() { k->Unlease(id); }
-  } release{this, rec.id};
   // Holders of its chunks answer what they are running and let go first.
   auto leased = store_->LeasedChunks(rec.id);
   if (!leased.ok()) return Log(rec.id, "leases", leased.status());
@@ -194,13 +183,7 @@ void BatchKeeper::Stop(const store::BatchRecord& rec, const char* code, BatchSta
   if (!outs.empty()) {
     if (auto n = store_->CommitResults(rec.id, outs); !n.ok()) return Log(rec.id, "stopping", n.status());
   }
-  auto files = WriteResultFiles(store_, rec, options_.cache_dir, Now());
-  if (!files.ok()) return Log(rec.id, "writing result files", files.status());
-  auto done = store_->FinalizeBatch(rec.id, rec.status, to, Now(), files->output, files->error);
-  if (!done.ok()) {
-    DiscardResultFiles(*files);
-    if (done.status().code() != StatusCode::kFailedPrecondition) Log(rec.id, "finalizing", done.status());
-  }
+  End(rec, to);
 }
 
 void BatchKeeper::Sample(const store::BatchRecord& rec) {

@@ -15,6 +15,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <deque>
+#include <functional>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -42,12 +43,13 @@ class BatchKeeper {
 
  private:
   void Loop();
+  // Each of these runs under the batch's task lease (Leased).
   void Validate(const store::BatchRecord& rec);
-  void Finish(const store::BatchRecord& rec);  // finalizing -> completed
+  void End(const store::BatchRecord& rec, store::BatchStatus to);  // files, then the final status
   void Stop(const store::BatchRecord& rec, const char* code, store::BatchStatus to);
   void Sample(const store::BatchRecord& rec);
   bool Lease(const std::string& id);
-  void Unlease(const std::string& id);
+  void Leased(const std::string& id, const std::function<void()>& task);
 
   store::Store* store_;
   DriverOptions options_;
