@@ -159,6 +159,25 @@ void AddBatchRoutes(httplib::Server& http, Context& ctx) {
     ctx.driver->Wake();
     SendJson(res, 200, Object(ctx, *b));
   });
+
+  // Extension: {"priority": N}, N from -1000 to 1000; higher runs first.
+  http.Post(R"(/v1/batches/([^/]+)/priority)", [&ctx](const httplib::Request& req, httplib::Response& res) {
+    const std::string id = req.matches[1].str();
+    json body;
+    if (!ParseObjectBody(req, res, &body)) return;
+    auto p = body.find("priority");
+    if (p == body.end() || !p->is_number_integer() || p->get<int64_t>() < -1000 || p->get<int64_t>() > 1000)
+      return SendError(res, 400, "Invalid 'priority': expected an integer from -1000 to 1000.", "invalid_value",
+                       "priority");
+    auto b = ctx.store->SetBatchControl(id, std::nullopt, static_cast<int32_t>(p->get<int64_t>()));
+    if (!b.ok() && b.status().code() == StatusCode::kFailedPrecondition)
+      if (auto cur = ctx.store->GetBatch(id); cur.ok())
+        b = Status::FailedPrecondition("Cannot change the priority of a batch with status '" +
+                                       std::string(ToString(cur->status)) + "'.");
+    if (!b.ok()) return SendBatchStatus(res, id, b.status());
+    ctx.driver->Wake();
+    SendJson(res, 200, Object(ctx, *b));
+  });
 }
 
 }  // namespace kvb::api

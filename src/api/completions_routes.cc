@@ -48,28 +48,13 @@ struct Channel {
 
 std::string Event(const json& j) { return "data: " + batch::DumpJson(j) + "\n\n"; }
 
-// Holds one of the max_online_requests places while a completion runs
-// (streams included: released when the stream ends).
-class OnlineSlot {
- public:
-  explicit OnlineSlot(std::shared_ptr<std::atomic<int>> count, int max) : count_(std::move(count)) {
-    ok_ = count_->fetch_add(1) < max;
-  }
-  ~OnlineSlot() { count_->fetch_sub(1); }
-  bool ok() const { return ok_; }
-
- private:
-  std::shared_ptr<std::atomic<int>> count_;
-  bool ok_ = false;
-};
-
 void Complete(Context& ctx, batch::Endpoint endpoint, const httplib::Request& req, httplib::Response& res) {
   if (ctx.hub == nullptr)
     return SendError(res, 503,
                      "This node has no model: it keeps batches only. Send online requests to a node started with "
                      "-m (kvbatch serve -m MODEL --store ...).",
                      "no_model_loaded");
-  auto slot = std::make_shared<OnlineSlot>(ctx.online_requests, ctx.options.max_online_requests);
+  auto slot = std::make_shared<CountedSlot>(ctx.online_requests, ctx.options.max_online_requests);
   if (!slot->ok())
     return SendError(res, 429,
                      "Too many online requests at once (this server runs at most " +

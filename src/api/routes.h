@@ -23,8 +23,30 @@ bool LimitParam(const httplib::Request& req, httplib::Response& res, int def, in
 // Parses a JSON object body; on failure sends a 400 and returns false.
 bool ParseObjectBody(const httplib::Request& req, httplib::Response& res, nlohmann::json* out);
 
+// Holds one of `max` places while a long request runs (online completions,
+// event streams; a stream releases it when it ends).
+class CountedSlot {
+ public:
+  CountedSlot(std::shared_ptr<std::atomic<int>> count, int max) : count_(std::move(count)) {
+    ok_ = count_->fetch_add(1) < max;
+  }
+  ~CountedSlot() { count_->fetch_sub(1); }
+  CountedSlot(const CountedSlot&) = delete;
+  CountedSlot& operator=(const CountedSlot&) = delete;
+  bool ok() const { return ok_; }
+
+ private:
+  std::shared_ptr<std::atomic<int>> count_;
+  bool ok_ = false;
+};
+
 void AddFileRoutes(httplib::Server& http, Context& ctx);
 void AddBatchRoutes(httplib::Server& http, Context& ctx);
 void AddCompletionRoutes(httplib::Server& http, Context& ctx);
+// /metrics, /v1/engines and /v1/batches/{id}/events (monitor_routes.cc).
+void AddMonitorRoutes(httplib::Server& http, Context& ctx);
+// The dashboard: `/` and its assets (web_routes.cc). Registered last: its
+// pattern must not shadow the API's routes.
+void AddWebRoutes(httplib::Server& http, Context& ctx);
 
 }  // namespace kvb::api

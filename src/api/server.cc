@@ -164,7 +164,10 @@ Server::Server(Context context) : ctx_(std::move(context)), http_(std::make_uniq
   const int64_t max_body = batch::GetLimits().max_body_bytes;
   http.set_pre_routing_handler([key, max_body](const httplib::Request& req, httplib::Response& res) {
     if (!CheckBodyHeaders(req, res, max_body)) return httplib::Server::HandlerResponse::Handled;
-    if (key.empty() || req.path.rfind("/v1/", 0) != 0) return httplib::Server::HandlerResponse::Unhandled;
+    // The API and the metrics need the key; the dashboard's page and assets
+    // do not (they hold no data: the page asks for the key, see web/).
+    const bool guarded = req.path.rfind("/v1/", 0) == 0 || req.path == "/metrics";
+    if (key.empty() || !guarded) return httplib::Server::HandlerResponse::Unhandled;
     const std::string auth = req.get_header_value("Authorization");
     if (auth == "Bearer " + key) return httplib::Server::HandlerResponse::Unhandled;
     SendError(res, 401,
@@ -216,6 +219,12 @@ Server::Server(Context context) : ctx_(std::move(context)), http_(std::make_uniq
   AddFileRoutes(http, ctx_);
   AddBatchRoutes(http, ctx_);
   AddCompletionRoutes(http, ctx_);
+  AddMonitorRoutes(http, ctx_);
+  AddWebRoutes(http, ctx_);
+  if (ctx_.metrics != nullptr)
+    http.set_logger([m = ctx_.metrics](const httplib::Request&, const httplib::Response& res) {
+      m->ObserveHttp(res.status);
+    });
 }
 
 Server::~Server() = default;
@@ -238,6 +247,27 @@ Status Server::Run() {
   return Status::Ok();
 }
 
-void Server::Stop() { http_->stop(); }
+void Server::Stop() {
+  {
+    std::lock_guard<std::mutex> lock(ctx_.stop->mu);
+    ctx_.stop->stopping = true;
+  }
+  ctx_.stop->cv.notify_all();
+  http_->stop();
+}
+
+metrics::EngineSnapshot Snapshot(const worker::EngineHub& hub) {
+  metrics::EngineSnapshot s;
+  s.model = hub.model_name();
+  s.device = hub.info().device;
+  s.stats = hub.Stats();
+  s.max_seqs = hub.max_seqs();
+  s.kv_bytes = hub.info().kv_bytes;
+  size_t free = 0, total = 0;
+  hub.DeviceMemory(&free, &total);
+  s.memory_free = free;
+  s.memory_total = total;
+  return s;
+}
 
 }  // namespace kvb::api

@@ -5,11 +5,13 @@
 #pragma once
 
 #include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <memory>
 #include <string>
 
 #include "engine/model.h"
+#include "metrics/metrics.h"
 #include "store/store.h"
 #include "util/status.h"
 #include "worker/batch_driver.h"
@@ -35,6 +37,14 @@ struct ServerOptions {
   int write_timeout_s = 60;
   int max_online_requests = 64;
   int http_threads = 256;  // connections served at once (slow ones included)
+  int max_event_streams = 64;  // GET /v1/batches/{id}/events at once (each holds a thread)
+};
+
+// Wakes long-lived responses (event streams) when the server stops.
+struct StopSignal {
+  std::mutex mu;
+  std::condition_variable cv;
+  bool stopping = false;
 };
 
 // The shared parts every route handler uses.
@@ -47,7 +57,14 @@ struct Context {
   int64_t started_at = 0;
   // Online completions running now (bounded by options.max_online_requests).
   std::shared_ptr<std::atomic<int>> online_requests = std::make_shared<std::atomic<int>>(0);
+  std::shared_ptr<std::atomic<int>> event_streams = std::make_shared<std::atomic<int>>(0);
+  std::shared_ptr<StopSignal> stop = std::make_shared<StopSignal>();
+  std::vector<worker::EngineHub*> engines;  // every engine of the node (hub is the first)
+  metrics::Metrics* metrics = nullptr;      // null: no /metrics
 };
+
+// What an engine looks like now, for /metrics and /v1/engines.
+metrics::EngineSnapshot Snapshot(const worker::EngineHub& hub);
 
 class Server {
  public:

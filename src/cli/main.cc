@@ -132,6 +132,8 @@ int main(int argc, char** argv) {
   run_cmd->add_flag("-q,--quiet", run.quiet, "No progress or summary");
   run_cmd->add_option("--progress-interval", run.progress_interval, "Seconds between progress lines when not on a terminal")
       ->capture_default_str();
+  run_cmd->add_option("--metrics-port", run.metrics_port, "Serve Prometheus metrics at http://HOST:PORT/metrics while running (0: any free port)");
+  run_cmd->add_option("--metrics-host", run.metrics_host, "Address of the metrics server")->capture_default_str();
 
   kvb::cli::ServeOptions serve;
   auto* serve_cmd = app.add_subcommand("serve", "Serve the OpenAI Files + Batches API and online completions over HTTP");
@@ -170,6 +172,8 @@ int main(int argc, char** argv) {
                          "max_tokens for requests without one (0: until the context is full)")
       ->capture_default_str();
   AddNodeFlags(worker_cmd, work);
+  worker_cmd->add_option("--metrics-port", work.metrics_port, "Serve Prometheus metrics at http://HOST:PORT/metrics (0: any free port)");
+  worker_cmd->add_option("--metrics-host", work.metrics_host, "Address of the metrics server")->capture_default_str();
   AddEngineFlags(worker_cmd, work.engine, work.n_gpu_layers);
   AddLimitFlags(worker_cmd, limits);
 

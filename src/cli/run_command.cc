@@ -10,11 +10,14 @@
 #include <thread>
 #include <unordered_map>
 
+#include "api/metrics_server.h"
+#include "api/server.h"
 #include "batch/crash_guard.h"
 #include "batch/input_file.h"
 #include "batch/response.h"
 #include "batch/result_log.h"
 #include "cli/progress.h"
+#include "metrics/metrics.h"
 #include "worker/batch_files.h"
 #include "worker/chunk_runner.h"
 #include "worker/engine_hub.h"
@@ -43,7 +46,7 @@ struct EngineRun {
 std::string DeviceMemoryLine(const worker::EngineHub& hub) {
   size_t free = 0, total = 0;
   hub.DeviceMemory(&free, &total);
-  if (total == 0) return "";
+  if (total == 0 || hub.info().device == "CPU") return "";  // host RAM: not worth a line
   char buf[96];
   std::snprintf(buf, sizeof buf, "GPU memory %.1f of %.1f GiB in use", static_cast<double>(total - free) / (1 << 30),
                 static_cast<double>(total) / (1 << 30));
@@ -81,7 +84,12 @@ int Execute(const RunOptions& o, std::vector<store::PendingRequest> rows, batch:
             batch::CrashJournal& journal, Progress& progress, int64_t resumed, EngineRun* out) {
   auto model = engine::Model::Load({o.model, o.n_gpu_layers});
   if (!model.ok()) return Fail(model.status());
-  auto started = worker::EngineHub::Start(model->get(), o.engine);
+  // Declared before the engine: its thread reports to the metrics until it stops.
+  metrics::Metrics metrics;
+  engine::EngineOptions eo = o.engine;
+  eo.on_step = [&metrics](const engine::StepInfo& step) { metrics.ObserveStep(0, step); };
+  auto started = worker::EngineHub::Start(model->get(), eo,
+                                          [&metrics](const engine::Result& r) { metrics.ObserveResult(0, r); });
   if (!started.ok()) return Fail(started.status());
   std::unique_ptr<worker::EngineHub> hub = std::move(started).value();
 
@@ -108,6 +116,36 @@ int Execute(const RunOptions& o, std::vector<store::PendingRequest> rows, batch:
   d.commit_interval = std::chrono::milliseconds(0);
   auto runner = std::make_unique<worker::ChunkRunner>(&store, hub.get(), d);
   runner->Start();
+
+  // --metrics-port: the same series as serve's /metrics, the run as batch "run".
+  std::unique_ptr<api::MetricsServer> metrics_server;
+  if (o.metrics_port >= 0) {
+    metrics::Sources src;
+    src.engines.push_back([h = hub.get()] { return api::Snapshot(*h); });
+    src.batches = [&store, &progress, total] {
+      const worker::RunTally t = store.Tally();
+      metrics::BatchSample b{"run", "in_progress", total, t.ok, t.failed};
+      const double elapsed = progress.elapsed();
+      if (elapsed > 0 && t.ok + t.failed > 0) {
+        b.requests_per_second = static_cast<double>(t.ok + t.failed) / elapsed;
+        b.eta_seconds = static_cast<double>(total - t.ok - t.failed) / b.requests_per_second;
+      }
+      return std::vector<metrics::BatchSample>{b};
+    };
+    src.driver = [r = runner.get()] {
+      const worker::RunnerStats s = r->Stats();
+      return metrics::DriverSample{s.chunks_claimed, s.chunks_lost, s.results_committed, s.results_dropped,
+                                   s.errors_by_code};
+    };
+    metrics.SetSources(std::move(src));
+    metrics_server = std::make_unique<api::MetricsServer>(&metrics, o.metrics_host, o.metrics_port);
+    if (Status st = metrics_server->Start(); !st.ok()) {
+      runner->Stop();
+      hub.reset();
+      return Fail(st);
+    }
+    std::fprintf(stderr, "kvbatch: metrics on http://%s:%d/metrics\n", o.metrics_host.c_str(), metrics_server->port());
+  }
 
   auto prev_int = std::signal(SIGINT, OnSignal);
   auto prev_term = std::signal(SIGTERM, OnSignal);
@@ -140,6 +178,7 @@ int Execute(const RunOptions& o, std::vector<store::PendingRequest> rows, batch:
     progress.Update(snapshot());
   }
   // Commits what finished; requests still in the engine are abandoned.
+  if (metrics_server) metrics_server->Stop();
   runner->Stop();
   progress.Update(snapshot(), true);
   progress.Finish();

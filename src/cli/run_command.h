@@ -27,6 +27,9 @@ struct RunOptions {
   // it a request may hold a whole context's worth of KV cells.
   int32_t default_max_tokens = 0;
   engine::EngineOptions engine;
+  // >= 0: serve GET /metrics on this port during the run (0: any free port).
+  int metrics_port = -1;
+  std::string metrics_host = "127.0.0.1";
 };
 
 // Returns the process exit code: 0 all answered (some may have failed

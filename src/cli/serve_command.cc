@@ -11,7 +11,10 @@
 #include <filesystem>
 #include <thread>
 
+#include "api/metrics_server.h"
+#include "api/server.h"
 #include "batch/crash_guard.h"
+#include "metrics/metrics.h"
 #include "store/open_store.h"
 #include "worker/batch_driver.h"
 #include "worker/engine_hub.h"
@@ -42,6 +45,8 @@ sigset_t BlockStopSignals() {
 // What serve and worker share: the store, the model and engine (when there
 // is one) and the batch driver, torn down in the right order.
 struct Node {
+  // First: the engines' threads report to it until they stop.
+  std::unique_ptr<metrics::Metrics> metrics = std::make_unique<metrics::Metrics>();
   std::unique_ptr<store::Store> store;
   std::vector<std::unique_ptr<engine::Model>> models;  // one per device
   std::vector<std::unique_ptr<worker::EngineHub>> hubs;
@@ -68,6 +73,38 @@ struct Node {
              " KV cells";
     }
     return out;
+  }
+
+  metrics::Sources MetricSources() const {
+    metrics::Sources src;
+    for (const auto& h : hubs) src.engines.push_back([hub = h.get()] { return api::Snapshot(*hub); });
+    src.batches = [this] {
+      std::vector<metrics::BatchSample> out;
+      using BS = store::BatchStatus;
+      auto active = store->BatchesWithStatus({BS::kValidating, BS::kInProgress, BS::kFinalizing, BS::kCancelling});
+      if (!active.ok()) return out;
+      for (const auto& b : *active) {
+        metrics::BatchSample s{b.id, std::string(store::ToString(b.status)), b.counts.total, b.counts.completed, b.counts.failed};
+        if (auto p = driver->Progress(b.id)) {
+          s.requests_per_second = p->requests_per_second;
+          s.eta_seconds = p->eta_seconds;
+        }
+        out.push_back(std::move(s));
+      }
+      return out;
+    };
+    src.driver = [this] {
+      metrics::DriverSample d;
+      if (auto s = driver->Stats()) {
+        d.chunks_claimed = s->chunks_claimed;
+        d.chunks_lost = s->chunks_lost;
+        d.results_committed = s->results_committed;
+        d.results_dropped = s->results_dropped;
+        d.errors_by_code = s->errors_by_code;
+      }
+      return d;
+    };
+    return src;
   }
 
   void PrintStats(const char* who) const {
@@ -131,7 +168,12 @@ int Open(const char* who, const ServeOptions& o, Node& node, bool need_model) {
       auto model = engine::Model::Load({o.model, o.n_gpu_layers, device});
       if (!model.ok()) return Fail(who, model.status().message());
       node.models.push_back(std::move(model).value());
-      auto hub = worker::EngineHub::Start(node.models.back().get(), o.engine);
+      const int index = static_cast<int>(node.hubs.size());
+      metrics::Metrics* m = node.metrics.get();
+      engine::EngineOptions eo = o.engine;
+      eo.on_step = [m, index](const engine::StepInfo& step) { m->ObserveStep(index, step); };
+      auto hub = worker::EngineHub::Start(node.models.back().get(), eo,
+                                          [m, index](const engine::Result& r) { m->ObserveResult(index, r); });
       if (!hub.ok()) return Fail(who, hub.status().message());
       node.hubs.push_back(std::move(hub).value());
     }
@@ -142,6 +184,7 @@ int Open(const char* who, const ServeOptions& o, Node& node, bool need_model) {
   std::vector<worker::EngineClient*> engines;
   for (const auto& h : node.hubs) engines.push_back(h.get());
   node.driver = std::make_unique<worker::BatchDriver>(node.store.get(), engines, d);
+  node.metrics->SetSources(node.MetricSources());
   return 0;
 }
 
@@ -160,8 +203,13 @@ int Serve(const ServeOptions& o) {
   ctx.hub = node.hub();
   ctx.driver = node.driver.get();
   ctx.model = node.model();
+  for (const auto& h : node.hubs) ctx.engines.push_back(h.get());
+  ctx.metrics = node.metrics.get();
   ctx.options = o.server;
   ctx.options.files_dir = (fs::path(o.data_dir) / "files").string();
+  metrics::Sources sources = node.MetricSources();
+  sources.online_requests = [count = ctx.online_requests] { return static_cast<int64_t>(count->load()); };
+  node.metrics->SetSources(std::move(sources));
   api::Server server(ctx);
   if (Status st = server.Bind(); !st.ok()) return Fail("serve", st.message());
 
@@ -199,6 +247,12 @@ int Worker(const ServeOptions& o) {
                           "store belongs to one `kvbatch serve`)");
   Node node;
   if (int rc = Open("worker", o, node, true); rc != 0) return rc;
+  std::unique_ptr<api::MetricsServer> metrics_server;
+  if (o.metrics_port >= 0) {
+    metrics_server = std::make_unique<api::MetricsServer>(node.metrics.get(), o.metrics_host, o.metrics_port);
+    if (Status st = metrics_server->Start(); !st.ok()) return Fail("worker", st.message());
+    std::printf("kvbatch worker: metrics on http://%s:%d/metrics\n", o.metrics_host.c_str(), metrics_server->port());
+  }
   node.driver->Start();
   std::printf("kvbatch worker: running batches from PostgreSQL (model %s, %s)\n", node.model()->name().c_str(),
               node.Describe().c_str());
@@ -206,6 +260,7 @@ int Worker(const ServeOptions& o) {
   int sig = 0;
   sigwait(&signals, &sig);
   std::fprintf(stderr, "kvbatch worker: stopping\n");
+  if (metrics_server) metrics_server->Stop();
   node.driver->Stop();
   node.PrintStats("worker");
   return 0;

@@ -26,11 +26,15 @@ struct ServeOptions {
   api::ServerOptions server;
   engine::EngineOptions engine;
   worker::DriverOptions driver;
+  // worker: >= 0 serves GET /metrics on this port (serve has it on its API port).
+  int metrics_port = -1;
+  std::string metrics_host = "127.0.0.1";
 };
 
 // Returns the process exit code (0 after SIGINT/SIGTERM, 1 on errors).
 int Serve(const ServeOptions& options);
-// `kvbatch worker`: the same without HTTP; needs a PostgreSQL store.
+// `kvbatch worker`: the same without the API (only --metrics-port); needs a
+// PostgreSQL store.
 int Worker(const ServeOptions& options);
 
 }  // namespace kvb::cli

@@ -12,10 +12,12 @@ StatusOr<std::unique_ptr<Engine>> Engine::Start(const Model* model, const Engine
   std::unique_ptr<Engine> e(new Engine);
   e->backend_ = std::move(backend).value();
   e->info_ = e->backend_->info();
+  e->on_step_ = options.on_step;
   SchedulerOptions so = options.scheduler;
   so.max_anchors = options.context.anchors;
   e->scheduler_ = std::make_unique<Scheduler>(e->backend_.get(), so, std::move(on_result), std::move(on_delta),
                                               std::move(on_admit));
+  e->stats_ = e->scheduler_->stats();  // cells_total from the start
   e->thread_ = std::thread([raw = e.get()] { raw->Loop(); });
   return e;
 }
@@ -32,6 +34,7 @@ Engine::~Engine() {
 void Engine::Submit(Request request, bool urgent) {
   {
     std::lock_guard<std::mutex> lock(mu_);
+    if (request.submitted_ns == 0) request.submitted_ns = SteadyNowNs();
     inbox_.emplace_back(std::move(request), urgent);
   }
   cv_.notify_all();
@@ -41,7 +44,11 @@ void Engine::SubmitAll(std::vector<Request> requests) {
   if (requests.empty()) return;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    for (auto& r : requests) inbox_.emplace_back(std::move(r), false);
+    const int64_t now = SteadyNowNs();
+    for (auto& r : requests) {
+      if (r.submitted_ns == 0) r.submitted_ns = now;
+      inbox_.emplace_back(std::move(r), false);
+    }
   }
   cv_.notify_all();
 }
@@ -74,10 +81,17 @@ void Engine::Loop() {
     incoming.clear();
     for (uint64_t id : cancels) scheduler_->Cancel(id);
     cancels.clear();
+    const int64_t steps = scheduler_->stats().steps;
+    const int64_t start = SteadyNowNs();
     try {
       scheduler_->Step();
     } catch (const std::exception& e) {
       scheduler_->RecoverFromException(e.what());
+    }
+    if (on_step_ && scheduler_->stats().steps != steps) {
+      StepInfo step = scheduler_->last_step();
+      step.seconds = static_cast<double>(SteadyNowNs() - start) * 1e-9;
+      on_step_(step);
     }
     std::lock_guard<std::mutex> lock(mu_);
     stats_ = scheduler_->stats();

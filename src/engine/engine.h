@@ -19,6 +19,8 @@ namespace kvb::engine {
 struct EngineOptions {
   ContextOptions context;
   SchedulerOptions scheduler;
+  // After each step that decoded a batch, on the engine thread (metrics).
+  std::function<void(const StepInfo&)> on_step;
 };
 
 class Engine {
@@ -50,6 +52,7 @@ class Engine {
   std::unique_ptr<LlamaBackend> backend_;
   std::unique_ptr<Scheduler> scheduler_;
   ContextInfo info_;
+  std::function<void(const StepInfo&)> on_step_;
 
   mutable std::mutex mu_;
   std::condition_variable cv_;

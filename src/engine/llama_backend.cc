@@ -1,5 +1,7 @@
 #include "engine/llama_backend.h"
 
+#include <cstdio>
+
 #include "engine/llama_sampler.h"
 #include "engine/vocab_trie.h"
 
@@ -156,7 +158,23 @@ bool LlamaBackend::IsEndOfGeneration(Token t) const { return llama_vocab_is_eog(
 
 void LlamaBackend::DeviceMemory(size_t* free, size_t* total) const {
   *free = *total = 0;
-  if (ggml_backend_dev_t gpu = model_->gpu()) ggml_backend_dev_memory(gpu, free, total);
+  // The model's GPU, else the CPU device (host RAM).
+  ggml_backend_dev_t dev = model_->gpu();
+  if (dev == nullptr) dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+  if (dev != nullptr) ggml_backend_dev_memory(dev, free, total);
+  if (dev != nullptr && model_->gpu() == nullptr) {
+    // The CPU device reports all RAM as free: what the kernel can still give is MemAvailable.
+    if (FILE* f = std::fopen("/proc/meminfo", "r")) {
+      char line[128];
+      unsigned long long kb = 0;
+      while (std::fgets(line, sizeof line, f))
+        if (std::sscanf(line, "MemAvailable: %llu kB", &kb) == 1) {
+          *free = std::min<size_t>(*total, static_cast<size_t>(kb) * 1024);
+          break;
+        }
+      std::fclose(f);
+    }
+  }
 }
 
 }  // namespace kvb::engine

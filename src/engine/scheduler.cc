@@ -139,6 +139,7 @@ void Scheduler::Fail(Request& r, Status status) {
   res.id = r.id;
   res.status = std::move(status);
   res.prompt_tokens = static_cast<int32_t>(r.prompt.size());
+  res.timing = TimingOf(r, 0, 0);
   ++stats_.requests_failed;
   on_result_(std::move(res));
 }
@@ -252,6 +253,7 @@ bool Scheduler::TryAdmit(Request& r) {
     abort_admitted_ = true;
   }
   auto g = std::make_shared<Group>();
+  g->admitted_ns = SteadyNowNs();
   auto c = credit_.find(r.id);
   g->cached = c != credit_.end() ? std::min(c->second, m.length) : m.length;
   if (c != credit_.end()) credit_.erase(c);
@@ -469,7 +471,12 @@ bool Scheduler::Step() {
     return false;
   }
 
+  const int64_t decode_start = SteadyNowNs();
   Status st = backend_->Decode(batch);
+  last_step_ = {};
+  last_step_.decode_seconds = static_cast<double>(SteadyNowNs() - decode_start) * 1e-9;
+  last_step_.tokens = static_cast<int32_t>(batch.size());
+  last_step_.ok = st.ok();
   ++stats_.steps;
   if (!st.ok()) {
     // Admission should prevent this; if the cache is full anyway, push the
@@ -508,6 +515,7 @@ bool Scheduler::Step() {
       s.n_past += 1;  // the decoded token is now resident
     }
     if (s.batch_index < 0) continue;
+    ++last_step_.sequences;
     const float* logits = backend_->Logits(s.batch_index);
     const bool first = s.out.empty() && s.chunk > 0;  // logits after the prompt
     if (first && s.req().capture_top_logits > 0) {

@@ -90,6 +90,8 @@ class Scheduler {
   // of times, instead of the engine stopping.
   void RecoverFromException(const std::string& what);
   const EngineStats& stats() const { return stats_; }
+  // The last decode of Step (StepInfo::seconds is the caller's to fill).
+  const StepInfo& last_step() const { return last_step_; }
   // Max sequences that may run at once (excluding anchors).
   int32_t max_running() const { return max_running_; }
 
@@ -149,6 +151,7 @@ class Scheduler {
   bool anchors_disabled_ = false;
   int64_t admit_order_ = 0;
   EngineStats stats_;
+  StepInfo last_step_;
 };
 
 }  // namespace kvb::engine

@@ -35,6 +35,7 @@ void Scheduler::FinishChoice(Seq& s) {
   res.text = res.choices[0].text;
   res.tokens = res.choices[0].tokens;
   res.finish = res.choices[0].finish;
+  res.timing = TimingOf(g.req, g.admitted_ns, g.first_token_ns);
   ++stats_.requests_done;
   failures_.erase(res.id);
   stats_.prompt_tokens += res.prompt_tokens;
@@ -79,6 +80,7 @@ bool Scheduler::Accept(Seq& s, Token t) {
     return true;
   }
   s.out.push_back(t);
+  if (s.group->first_token_ns == 0) s.group->first_token_ns = SteadyNowNs();
   const size_t before = s.text.size();
   s.text += backend_->Piece(t);
   // The earliest match of any stop string, not the first string listed

@@ -26,6 +26,8 @@ struct Scheduler::Group {
   int32_t live = 0;             // choices still generating
   int32_t cached = 0;           // prompt tokens credited as served from a shared prefix
   std::vector<std::pair<Token, float>> top_logits;
+  int64_t admitted_ns = 0;     // steady clock (Result::timing)
+  int64_t first_token_ns = 0;  // 0: no token generated yet
 };
 
 struct Scheduler::Seq {
@@ -63,5 +65,16 @@ struct Scheduler::Anchor {
   int32_t chunk = 0;
   bool ready = false;
 };
+
+// A Result's timings from its request's submission (0 = not recorded).
+inline Result::Timing TimingOf(const Request& r, int64_t admitted_ns, int64_t first_token_ns) {
+  Result::Timing t;
+  if (r.submitted_ns == 0) return t;
+  auto since = [&](int64_t ns) { return static_cast<double>(ns - r.submitted_ns) * 1e-9; };
+  if (admitted_ns != 0) t.queued = since(admitted_ns);
+  if (first_token_ns != 0) t.first_token = since(first_token_ns);
+  t.total = since(SteadyNowNs());
+  return t;
+}
 
 }  // namespace kvb::engine

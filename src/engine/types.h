@@ -1,6 +1,7 @@
 // Native types the engine speaks. No JSON, no HTTP: callers translate.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <string>
 #include <utility>
@@ -83,6 +84,9 @@ struct Request {
   // penalties, bias or grammar, as OpenAI reports them). Costs nothing when off.
   bool logprobs = false;
   int32_t top_logprobs = 0;
+  // When the engine received it (steady clock, ns; set by Engine::Submit):
+  // the start of the Result's timings.
+  int64_t submitted_ns = 0;
 };
 
 struct TokenProb {
@@ -116,6 +120,28 @@ struct Result {
   int32_t cached_tokens = 0;  // prompt tokens served from a shared prefix
   int32_t completion_tokens = 0;  // over all choices
   std::vector<std::pair<Token, float>> top_logits;  // when capture_top_logits > 0, best first
+  // Seconds from submission (Request::submitted_ns) to admission, to the
+  // first generated token and to the Result; -1 where it did not happen.
+  struct Timing {
+    double queued = -1;
+    double first_token = -1;
+    double total = -1;
+  } timing;
 };
+
+// One decode step, as the engine reports it (EngineOptions::on_step).
+struct StepInfo {
+  double seconds = 0;         // the whole step: admission, decode, sampling
+  double decode_seconds = 0;  // llama_decode alone
+  int32_t tokens = 0;         // tokens in the batch
+  int32_t sequences = 0;      // sequences that got a token sampled
+  bool ok = true;             // the decode succeeded
+};
+
+// Steady-clock nanoseconds (the engine's timestamps).
+inline int64_t SteadyNowNs() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
 
 }  // namespace kvb::engine

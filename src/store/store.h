@@ -115,6 +115,7 @@ struct RequestOutcome {
   int64_t input_tokens = 0;
   int64_t cached_tokens = 0;
   int64_t output_tokens = 0;
+  std::string error_code;  // failed: the error's code (metrics; not stored apart from result_line)
 };
 
 // A worker's hold on one chunk: valid while `token` is still the chunk's

@@ -69,6 +69,7 @@ class BatchDriver {
       sum.results_committed += s.results_committed;
       sum.results_dropped += s.results_dropped;
       sum.distinct_prefixes += s.distinct_prefixes;
+      for (const auto& [code, n] : s.errors_by_code) sum.errors_by_code[code] += n;
     }
     return sum;
   }

@@ -196,7 +196,8 @@ bool ChunkRunner::Claim() {
                                         std::to_string(c.reclaims) + " times; it was not run again.";
       std::fprintf(stderr, "kvbatch: batch %s line %lld (custom_id %s): %s\n", c.fence.batch_id.c_str(),
                    static_cast<long long>(p.line), p.custom_id.c_str(), msg.c_str());
-      h->outcomes.push_back({p.line, false, batch::RequestErrorLine(p.custom_id, batch::kCrashedEngine, msg), 0, 0, 0});
+      h->outcomes.push_back({p.line, false, batch::RequestErrorLine(p.custom_id, batch::kCrashedEngine, msg), 0, 0, 0,
+                             batch::kCrashedEngine});
     } else {
       (p.crashes > 0 ? suspects : rest).push_back(std::move(p));
     }
@@ -276,7 +277,8 @@ void ChunkRunner::Feed() {
     }
     if (failure) {
       h->outcomes.push_back(
-          {p.line, false, batch::FailureLine(p.custom_id, failure->http_status, batch::FailureBody(*failure)), 0, 0, 0});
+          {p.line, false, batch::FailureLine(p.custom_id, failure->http_status, batch::FailureBody(*failure)), 0, 0, 0,
+           failure->code});
       continue;
     }
     const uint64_t id = request->id;
@@ -319,10 +321,11 @@ store::RequestOutcome ChunkRunner::OutcomeFor(const Held& h, const Batch& b, Don
   const std::string custom_id = row ? row->custom_id : std::string();
   if (r.status.code() == StatusCode::kCancelled && h.stop_code != nullptr)
     return {d.line, false, batch::RequestErrorLine(custom_id, h.stop_code, StoppedMessage(h.stop_code, true)), 0, 0,
-            0};
+            0, h.stop_code};
   if (!r.status.ok()) {
     batch::RequestFailure f = batch::FailureFromStatus(r.status);
-    return {d.line, false, batch::FailureLine(custom_id, f.http_status, batch::FailureBody(f)), r.prompt_tokens, 0, 0};
+    return {d.line, false, batch::FailureLine(custom_id, f.http_status, batch::FailureBody(f)), r.prompt_tokens, 0, 0,
+            f.code};
   }
   auto body = batch::ResponseBody(d.endpoint, r, engine_->model_name(), b.created);
   return {d.line, true, batch::SuccessLine(custom_id, body), r.prompt_tokens, r.cached_tokens, r.completion_tokens};
@@ -374,6 +377,8 @@ void ChunkRunner::Commit(bool force) {
       {
         std::lock_guard<std::mutex> lock(mu_);
         stats_.results_committed += *recorded;
+        for (const auto& o : h.outcomes)
+          if (!o.ok) ++stats_.errors_by_code[o.error_code.empty() ? "unknown" : o.error_code];
       }
       h.outcomes.clear();
       h.last_renew = Clock::now();

@@ -40,6 +40,7 @@ struct RunnerStats {
   int64_t results_committed = 0;
   int64_t results_dropped = 0;  // computed, but the lease was lost first
   int64_t distinct_prefixes = 0;  // prefix groups of the chunks it claimed
+  std::map<std::string, int64_t> errors_by_code;  // failed lines committed, by error code
 };
 
 class ChunkRunner {

@@ -3,10 +3,12 @@
 namespace kvb::worker {
 
 StatusOr<std::unique_ptr<EngineHub>> EngineHub::Start(const engine::Model* model,
-                                                      const engine::EngineOptions& options) {
+                                                      const engine::EngineOptions& options,
+                                                      std::function<void(const engine::Result&)> observe) {
   std::unique_ptr<EngineHub> hub(new EngineHub());
   EngineHub* h = hub.get();
   h->model_ = model;
+  h->observe_ = std::move(observe);
   auto engine = engine::Engine::Start(
       model, options, [h](engine::Result&& r) { h->OnResult(std::move(r)); },
       [h](uint64_t id, int32_t choice, std::string_view text) { h->OnDelta(id, choice, text); },
@@ -67,6 +69,7 @@ void EngineHub::OnAdmit(const std::vector<uint64_t>& ids) {
 }
 
 void EngineHub::OnResult(engine::Result&& r) {
+  if (observe_) observe_(r);
   RequestCallbacks cb;
   {
     std::lock_guard<std::mutex> lock(mu_);

@@ -21,7 +21,9 @@ namespace kvb::worker {
 
 class EngineHub : public EngineClient {
  public:
-  static StatusOr<std::unique_ptr<EngineHub>> Start(const engine::Model* model, const engine::EngineOptions& options);
+  // `observe` sees every Result first, on the engine thread (metrics).
+  static StatusOr<std::unique_ptr<EngineHub>> Start(const engine::Model* model, const engine::EngineOptions& options,
+                                                    std::function<void(const engine::Result&)> observe = nullptr);
 
   // A fresh engine::Request::id.
   uint64_t NextId() { return next_id_.fetch_add(1); }
@@ -58,6 +60,7 @@ class EngineHub : public EngineClient {
   std::mutex mu_;
   std::unordered_map<uint64_t, RequestCallbacks> pending_;
   std::function<void()> admit_flush_;
+  std::function<void(const engine::Result&)> observe_;
   std::unique_ptr<engine::Engine> engine_;  // last: stopped before the map goes
 };
 
