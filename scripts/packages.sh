@@ -2,9 +2,13 @@
 # builds with, and one way to install what is missing.
 
 # libpq-dev builds the PostgreSQL store; postgresql gives the tests their
-# private server (scripts/pg_test_server.sh).
+# private server (scripts/pg_test_server.sh). prometheus-cpp-dev: /metrics.
 KVBATCH_BUILD_PKGS=(build-essential cmake git pkg-config ccache nlohmann-json3-dev libcli11-dev libgtest-dev
-                    libgmock-dev libcpp-httplib-dev libsqlite3-dev libpq-dev postgresql)
+                    libgmock-dev libcpp-httplib-dev libsqlite3-dev libpq-dev postgresql prometheus-cpp-dev)
+# Only the tests need these: promtool (in Debian's prometheus package)
+# checks /metrics; chromium runs the dashboard's browser test (driven by
+# the npm playwright-core; no browser download).
+KVBATCH_TEST_PKGS=(prometheus chromium)
 
 # ensure_packages PKG... [-- CMD...]: installs each Debian package not yet
 # installed, and each CMD (a package of that name) not on PATH: tools that

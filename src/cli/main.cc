@@ -5,6 +5,7 @@
 #include <filesystem>
 
 #include "batch/limits.h"
+#include "cli/estimate_command.h"
 #include "cli/run_command.h"
 #include "cli/serve_command.h"
 #include "store/open_store.h"
@@ -177,6 +178,22 @@ int main(int argc, char** argv) {
   AddEngineFlags(worker_cmd, work.engine, work.n_gpu_layers);
   AddLimitFlags(worker_cmd, limits);
 
+  kvb::cli::EstimateOptions est;
+  auto* est_cmd = app.add_subcommand("estimate", "Project a batch's tokens, KV memory, time and cost before running it");
+  est_cmd->add_option("input", est.input, "Input JSONL, as for run")->required()->check(CLI::ExistingFile);
+  est_cmd->add_option("-m,--model", est.model, "GGUF model (default: the generated demo model)");
+  est_cmd->add_flag("--json", est.json, "Print one JSON object (projected_seconds, ...)");
+  est_cmd->add_option("--watts", est.watts, "Power draw while running, for the energy in kWh")->check(CLI::PositiveNumber);
+  est_cmd->add_option("--cost-per-hour", est.cost_per_hour, "Price of an hour of this machine, for the cost")
+      ->check(CLI::PositiveNumber);
+  est_cmd->add_option("--sample", est.sample, "Calibration requests (default: 2 x the parallel sequences)")
+      ->check(CLI::Range(1, 100000));
+  est_cmd->add_option("--default-max-tokens", est.default_max_tokens,
+                      "max_tokens for requests without one, as given to run (0: until the context is full)")
+      ->capture_default_str();
+  AddEngineFlags(est_cmd, est.engine, est.n_gpu_layers);
+  AddLimitFlags(est_cmd, limits);
+
   std::string preset = "tiny", out, vocab, type;
   uint64_t seed = 42;
   auto* gen_cmd = app.add_subcommand("gen-model", "Write a llama-architecture GGUF with random weights and a real tokenizer");
@@ -201,7 +218,7 @@ int main(int argc, char** argv) {
   if (*worker_cmd && work.data_dir.empty()) work.data_dir = (DataHome() / "worker").string();
   // An API node on PostgreSQL may run without a model.
   const bool serve_needs_model = *serve_cmd && serve.model.empty() && !kvb::store::IsPostgresUri(serve.store);
-  if (*path_cmd || (*run_cmd && run.model.empty()) || serve_needs_model || (*worker_cmd && work.model.empty())) {
+  if (*path_cmd || (*run_cmd && run.model.empty()) || (*est_cmd && est.model.empty()) || serve_needs_model || (*worker_cmd && work.model.empty())) {
     fs::path demo = DemoModelPath();
     if (!fs::exists(demo)) {
       if (int rc = GenModel("bench", demo.string(), "", 42, "", false); rc != 0) return rc;
@@ -211,10 +228,12 @@ int main(int argc, char** argv) {
       return 0;
     }
     run.model = demo.string();
+    if (est.model.empty()) est.model = demo.string();
     if (serve_needs_model) serve.model = demo.string();
     if (work.model.empty()) work.model = demo.string();
   }
   if (*worker_cmd) return kvb::cli::Worker(work);
+  if (*est_cmd) return kvb::cli::Estimate(est);
   if (*serve_cmd) return kvb::cli::Serve(serve);
   return kvb::cli::Run(run);
 }
