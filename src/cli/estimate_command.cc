@@ -72,9 +72,10 @@ StatusOr<Census> Tokenize(const std::string& path, const batch::InputScan& scan,
   };
 
   Census c;
+  for (const batch::InputLine& line : scan.valid) ++c.groups[line.prefix_hash].members;
   for (const batch::InputLine& line : scan.valid) {
     Group& g = c.groups[line.prefix_hash];
-    if (g.members++ > 0 || !g.reference.empty()) continue;
+    if (g.members < 2 || !g.reference.empty()) continue;  // a group of one shares nothing
     if (auto r = prepare(line)) g.reference = std::move(r->prompt);
   }
   const size_t n = scan.valid.size();

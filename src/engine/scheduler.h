@@ -37,7 +37,8 @@ struct EngineStats {
   int64_t prompt_tokens = 0;        // over finished requests
   int64_t cached_tokens = 0;        // of those, served from a shared prefix
   int64_t prefill_tokens = 0;       // prompt tokens actually decoded (anchors included)
-  int64_t completion_tokens = 0;
+  int64_t completion_tokens = 0;   // over finished requests
+  int64_t generated_tokens = 0;    // every token sampled, as it is (cancelled and requeued work included)
   int64_t steps = 0;
   int64_t requeued = 0;             // sequences pushed back after a failed decode
   int64_t failed_steps = 0;         // steps whose decode failed (not for lack of cells)

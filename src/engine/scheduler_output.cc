@@ -80,6 +80,7 @@ bool Scheduler::Accept(Seq& s, Token t) {
     return true;
   }
   s.out.push_back(t);
+  ++stats_.generated_tokens;
   if (s.group->first_token_ns == 0) s.group->first_token_ns = SteadyNowNs();
   const size_t before = s.text.size();
   s.text += backend_->Piece(t);

@@ -87,7 +87,8 @@ Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()), starte
                                   "Prompt tokens of finished requests served from a shared prefix.");
   prefill_tokens_ = Build<Counter>(r, "kvbatch_prefill_tokens_total",
                                    "Prompt tokens actually computed (shared prefixes once, requeues again).");
-  generation_tokens_ = Build<Counter>(r, "kvbatch_generation_tokens_total", "Tokens generated.");
+  generation_tokens_ = Build<Counter>(r, "kvbatch_generation_tokens_total",
+                                      "Tokens generated, counted as they are sampled.");
   engine_requests_ = Build<Counter>(r, "kvbatch_engine_requests_total", "Requests the engine finished, by result.");
   steps_ = Build<Counter>(r, "kvbatch_decode_steps_total", "Decode steps run.");
   failed_steps_ = Build<Counter>(r, "kvbatch_decode_steps_failed_total", "Decode steps that failed.");
@@ -120,6 +121,13 @@ Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()), starte
   gpu_temp_ = Build<Gauge>(r, "kvbatch_gpu_temperature_celsius", "GPU temperature (NVML).");
   gpu_power_ = Build<Gauge>(r, "kvbatch_gpu_power_watts", "GPU power draw (NVML).");
   gpu_mem_used_ = Build<Gauge>(r, "kvbatch_gpu_memory_used_bytes", "GPU memory in use, all processes (NVML).");
+  // Known codes exist from the start at 0: Prometheus ignores a series'
+  // first sample, so one born at 1 would hide its first error from rate().
+  for (const char* code : {"invalid_request", "unsupported", "context_length_exceeded", "server_error",
+                           "request_crashed_engine", "batch_cancelled", "batch_expired"})
+    errors_->Add({{"code", code}});
+  for (int status : {200, 400, 401, 404, 409, 413, 429, 500, 503})
+    http_by_status_[status] = &http_->Add({{"code", std::to_string(status)}});
 }
 
 Metrics::~Metrics() = default;
@@ -215,7 +223,7 @@ void Metrics::Refresh() {
     Advance(*e.prompt, static_cast<double>(s.prompt_tokens));
     Advance(*e.cached, static_cast<double>(s.cached_tokens));
     Advance(*e.prefill, static_cast<double>(s.prefill_tokens));
-    Advance(*e.generated, static_cast<double>(s.completion_tokens));
+    Advance(*e.generated, static_cast<double>(s.generated_tokens));
     Advance(*e.done, static_cast<double>(s.requests_done));
     Advance(*e.failed, static_cast<double>(s.requests_failed));
     Advance(*e.steps, static_cast<double>(s.steps));

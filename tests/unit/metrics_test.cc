@@ -43,7 +43,7 @@ TEST(Metrics, ScrapeShowsTheEngineAsItIsNow) {
   f.engine.stats.cells_total = 4096;
   f.engine.stats.prompt_tokens = 1000;
   f.engine.stats.cached_tokens = 800;
-  f.engine.stats.completion_tokens = 50;
+  f.engine.stats.generated_tokens = 50;
   f.engine.memory_total = 1000;
   f.engine.memory_free = 250;
   f.online = 2;
