@@ -671,7 +671,9 @@ test('batches: create, retrieve, cancel, list', async (t) => {
 
 test('routes, methods and content types', async (t) => {
   const routes = [
-    ['GET', '/v1/nope'], ['GET', '/nope'], ['GET', '/'], ['GET', '/v1'], ['GET', '/v2/files'], ['POST', '/v1/embeddings'],
+    // `/` is the dashboard; its file route serves only plain names it holds.
+    ['GET', '/v1/nope'], ['GET', '/nope'], ['GET', '/nope.js'], ['GET', '/.env'], ['GET', '/%2e%2e%2fkvbatch.db'],
+    ['GET', '/..%2Fdata%2Fkvbatch.db'], ['GET', '/js/../../etc/passwd.js'], ['GET', '/v1'], ['GET', '/v2/files'], ['POST', '/v1/embeddings'],
     ['GET', '/v1/chat/completions'], ['GET', '/v1/completions'], ['PUT', '/v1/files'], ['DELETE', '/v1/batches'],
     ['PATCH', '/v1/files'], ['PATCH', '/v1/batches/batch_x'], ['PUT', '/v1/chat/completions'], ['DELETE', '/v1/models'],
     ['POST', '/health'], ['POST', '/v1/models'], ['GET', '/v1/batches/batch_x/cancel'], ['PUT', '/v1/files/file-x/content'],
