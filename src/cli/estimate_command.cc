@@ -15,6 +15,7 @@
 #include "batch/prepare.h"
 #include "batch/response.h"
 #include "cli/progress.h"
+#include "models/model_store.h"
 #include "worker/engine_hub.h"
 
 namespace kvb::cli {
@@ -201,8 +202,9 @@ int Estimate(const EstimateOptions& o) {
     return 2;
   }
   if (std::error_code ec; !std::filesystem::is_regular_file(o.model, ec)) return Fail("model not found: " + o.model);
-  auto model = engine::Model::Load({o.model, o.n_gpu_layers});
-  if (!model.ok()) return Fail(model.status().message());
+  auto model = engine::Model::Load({o.model, o.n_gpu_layers, "", o.model_name});
+  if (!model.ok())
+    return Fail(models::ExplainLoadFailure({o.model_name, o.model, o.model_source}, model.status().message()));
   auto started = worker::EngineHub::Start(model->get(), o.engine);
   if (!started.ok()) return Fail(started.status().message());
   std::unique_ptr<worker::EngineHub> hub = std::move(started).value();

@@ -14,6 +14,9 @@ namespace kvb::cli {
 struct EstimateOptions {
   std::string input;
   std::string model;
+  // From -m as resolved (models/model_store.h): its name and where it came from.
+  std::string model_name;
+  std::string model_source = "path";
   bool json = false;
   double watts = 0;          // > 0: energy in kWh
   double cost_per_hour = 0;  // > 0: cost, in the user's currency

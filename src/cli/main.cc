@@ -3,9 +3,12 @@
 
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
+#include <sstream>
 
 #include "batch/limits.h"
 #include "cli/estimate_command.h"
+#include "cli/models_command.h"
 #include "cli/run_command.h"
 #include "cli/serve_command.h"
 #include "store/open_store.h"
@@ -14,6 +17,10 @@
 namespace fs = std::filesystem;
 
 namespace {
+
+constexpr const char* kModelHelp =
+    "A GGUF path, or a model by name: ollama:NAME[:TAG], hf:ORG/REPO[:FILE|QUANT], "
+    "lmstudio:PUBLISHER/MODEL[:FILE|QUANT] (see `kvbatch models`; default: the generated demo model)";
 
 fs::path DataHome() {
   if (const char* d = std::getenv("KVBATCH_HOME")) return d;
@@ -32,7 +39,7 @@ fs::path VocabDir() {
 fs::path DemoModelPath() { return DataHome() / "models" / "kvbatch-demo.gguf"; }
 
 int GenModel(const std::string& preset, const std::string& out, const std::string& vocab, uint64_t seed,
-             const std::string& type, bool quiet) {
+             const std::string& type, const std::string& chat_template, bool quiet) {
   auto opts = kvb::tools::ModelPreset(preset);
   if (!opts.ok()) {
     std::fprintf(stderr, "kvbatch: %s\n", opts.status().message().c_str());
@@ -41,6 +48,16 @@ int GenModel(const std::string& preset, const std::string& out, const std::strin
   opts->out_path = out;
   opts->vocab_path = vocab.empty() ? (VocabDir() / "ggml-vocab-llama-spm.gguf").string() : vocab;
   opts->seed = seed;
+  if (!chat_template.empty()) {
+    std::ifstream in(chat_template, std::ios::binary);
+    std::ostringstream text;
+    text << in.rdbuf();
+    if (!in || text.str().empty()) {
+      std::fprintf(stderr, "kvbatch: cannot read the chat template %s\n", chat_template.c_str());
+      return 2;
+    }
+    opts->chat_template = text.str();
+  }
   if (type == "f16") opts->weight_type = GGML_TYPE_F16;
   else if (type == "f32") opts->weight_type = GGML_TYPE_F32;
   else if (type == "q8_0") opts->weight_type = GGML_TYPE_Q8_0;
@@ -123,7 +140,7 @@ int main(int argc, char** argv) {
       ->check(CLI::ExistingFile);
   run_cmd->add_option("-o,--output", run.output, "Output JSONL (appended as results finish; resumable)")->required();
   run_cmd->add_option("-e,--errors", run.errors, "Error JSONL for failed requests (default: the output file)");
-  run_cmd->add_option("-m,--model", run.model, "GGUF model (default: the generated demo model)");
+  run_cmd->add_option("-m,--model", run.model, kModelHelp);
   run_cmd->add_flag("--skip-invalid", run.skip_invalid, "Run the valid lines; write invalid ones to the error file");
   run_cmd->add_option("--default-max-tokens", run.default_max_tokens,
                       "max_tokens for requests without one (0: until the context is full)")
@@ -138,7 +155,7 @@ int main(int argc, char** argv) {
 
   kvb::cli::ServeOptions serve;
   auto* serve_cmd = app.add_subcommand("serve", "Serve the OpenAI Files + Batches API and online completions over HTTP");
-  serve_cmd->add_option("-m,--model", serve.model, "GGUF model (default: the generated demo model)");
+  serve_cmd->add_option("-m,--model", serve.model, kModelHelp);
   serve_cmd->add_option("--host", serve.server.host, "Address to listen on")->capture_default_str();
   serve_cmd->add_option("--port", serve.server.port, "Port (0: any free port, printed on start)")->capture_default_str();
   serve_cmd->add_option("--data-dir", serve.data_dir, "Store and files (default: <data home>/serve)");
@@ -167,7 +184,7 @@ int main(int argc, char** argv) {
   kvb::cli::ServeOptions work;
   auto* worker_cmd = app.add_subcommand("worker", "Run batches from a PostgreSQL store shared with `kvbatch serve` nodes");
   worker_cmd->add_option("--store", work.store, "postgresql://... (the API nodes' store)")->required();
-  worker_cmd->add_option("-m,--model", work.model, "GGUF model (default: the generated demo model)");
+  worker_cmd->add_option("-m,--model", work.model, kModelHelp);
   worker_cmd->add_option("--data-dir", work.data_dir, "Local cache of input files (default: <data home>/worker)");
   worker_cmd->add_option("--default-max-tokens", work.server.default_max_tokens,
                          "max_tokens for requests without one (0: until the context is full)")
@@ -181,7 +198,7 @@ int main(int argc, char** argv) {
   kvb::cli::EstimateOptions est;
   auto* est_cmd = app.add_subcommand("estimate", "Project a batch's tokens, KV memory, time and cost before running it");
   est_cmd->add_option("input", est.input, "Input JSONL, as for run")->required()->check(CLI::ExistingFile);
-  est_cmd->add_option("-m,--model", est.model, "GGUF model (default: the generated demo model)");
+  est_cmd->add_option("-m,--model", est.model, kModelHelp);
   est_cmd->add_flag("--json", est.json, "Print one JSON object (projected_seconds, ...)");
   est_cmd->add_option("--watts", est.watts, "Power draw while running, for the energy in kWh")->check(CLI::PositiveNumber);
   est_cmd->add_option("--cost-per-hour", est.cost_per_hour, "Price of an hour of this machine, for the cost")
@@ -194,7 +211,7 @@ int main(int argc, char** argv) {
   AddEngineFlags(est_cmd, est.engine, est.n_gpu_layers);
   AddLimitFlags(est_cmd, limits);
 
-  std::string preset = "tiny", out, vocab, type;
+  std::string preset = "tiny", out, vocab, type, chat_template;
   uint64_t seed = 42;
   auto* gen_cmd = app.add_subcommand("gen-model", "Write a llama-architecture GGUF with random weights and a real tokenizer");
   gen_cmd->add_option("--preset", preset, "tiny (~5 MB, tests) or bench (~60 MB)")->capture_default_str();
@@ -202,13 +219,20 @@ int main(int argc, char** argv) {
   gen_cmd->add_option("--vocab", vocab, "Tokenizer vocabulary GGUF (default: llama.cpp's ggml-vocab-llama-spm.gguf)");
   gen_cmd->add_option("--seed", seed, "Weight seed")->capture_default_str();
   gen_cmd->add_option("--type", type, "Matrix type: q8_0, f16 or f32 (default: the preset's)");
+  gen_cmd->add_option("--chat-template", chat_template,
+                      "A Jinja chat template file to store as tokenizer.chat_template (default: ChatML)")
+      ->check(CLI::ExistingFile);
 
   auto* path_cmd = app.add_subcommand("demo-model-path", "Print the demo model's path (generating it if missing)");
+  bool models_json = false;
+  auto* models_cmd = app.add_subcommand("models", "List the models on this machine (Ollama, Hugging Face cache, LM Studio)");
+  models_cmd->add_flag("--json", models_json, "Print a JSON array");
 
   CLI11_PARSE(app, argc, argv);
   kvb::batch::SetLimits(limits);
 
-  if (*gen_cmd) return GenModel(preset, out, vocab, seed, type, false);
+  if (*gen_cmd) return GenModel(preset, out, vocab, seed, type, chat_template, false);
+  if (*models_cmd) return kvb::cli::ListModels(models_json);
   if (*serve_cmd) {
     if (serve.data_dir.empty()) serve.data_dir = (DataHome() / "serve").string();
     if (serve.server.api_key.empty()) {
@@ -221,7 +245,7 @@ int main(int argc, char** argv) {
   if (*path_cmd || (*run_cmd && run.model.empty()) || (*est_cmd && est.model.empty()) || serve_needs_model || (*worker_cmd && work.model.empty())) {
     fs::path demo = DemoModelPath();
     if (!fs::exists(demo)) {
-      if (int rc = GenModel("bench", demo.string(), "", 42, "", false); rc != 0) return rc;
+      if (int rc = GenModel("bench", demo.string(), "", 42, "", "", false); rc != 0) return rc;
     }
     if (*path_cmd) {
       std::printf("%s\n", demo.c_str());
@@ -232,6 +256,15 @@ int main(int argc, char** argv) {
     if (serve_needs_model) serve.model = demo.string();
     if (work.model.empty()) work.model = demo.string();
   }
+  // -m: a path, or a model by name in another tool's store.
+  auto resolve = [](std::string& model, std::string& name, std::string& source) {
+    return model.empty() || kvb::cli::ResolveModelFlag(&model, &name, &source);
+  };
+  if ((*run_cmd && !resolve(run.model, run.model_name, run.model_source)) ||
+      (*serve_cmd && !resolve(serve.model, serve.model_name, serve.model_source)) ||
+      (*worker_cmd && !resolve(work.model, work.model_name, work.model_source)) ||
+      (*est_cmd && !resolve(est.model, est.model_name, est.model_source)))
+    return 1;
   if (*worker_cmd) return kvb::cli::Worker(work);
   if (*est_cmd) return kvb::cli::Estimate(est);
   if (*serve_cmd) return kvb::cli::Serve(serve);

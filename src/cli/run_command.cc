@@ -18,6 +18,7 @@
 #include "batch/result_log.h"
 #include "cli/progress.h"
 #include "metrics/metrics.h"
+#include "models/model_store.h"
 #include "worker/batch_files.h"
 #include "worker/chunk_runner.h"
 #include "worker/engine_hub.h"
@@ -82,8 +83,10 @@ std::vector<store::PendingRequest> PendingRows(const batch::InputScan& scan, con
 // when interrupted).
 int Execute(const RunOptions& o, std::vector<store::PendingRequest> rows, batch::ResultLog& log,
             batch::CrashJournal& journal, Progress& progress, int64_t resumed, EngineRun* out) {
-  auto model = engine::Model::Load({o.model, o.n_gpu_layers});
-  if (!model.ok()) return Fail(model.status());
+  auto model = engine::Model::Load({o.model, o.n_gpu_layers, "", o.model_name});
+  if (!model.ok())
+    return Fail(Status::InvalidArgument(
+        models::ExplainLoadFailure({o.model_name, o.model, o.model_source}, model.status().message())));
   // Declared before the engine: its thread reports to the metrics until it stops.
   metrics::Metrics metrics;
   engine::EngineOptions eo = o.engine;

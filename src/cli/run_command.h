@@ -18,6 +18,9 @@ struct RunOptions {
   std::string output;
   std::string errors;  // empty: failures go to the output file
   std::string model;
+  // From -m as resolved (models/model_store.h): its name and where it came from.
+  std::string model_name;
+  std::string model_source = "path";
   bool skip_invalid = false;
   bool quiet = false;
   double progress_interval = 10.0;  // seconds between lines when not on a terminal

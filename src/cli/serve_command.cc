@@ -15,6 +15,7 @@
 #include "api/server.h"
 #include "batch/crash_guard.h"
 #include "metrics/metrics.h"
+#include "models/model_store.h"
 #include "store/open_store.h"
 #include "worker/batch_driver.h"
 #include "worker/engine_hub.h"
@@ -165,8 +166,9 @@ int Open(const char* who, const ServeOptions& o, Node& node, bool need_model) {
     // Data parallel: a copy of the model and an engine per device.
     const std::vector<std::string> devices = o.devices.empty() ? std::vector<std::string>{""} : o.devices;
     for (const std::string& device : devices) {
-      auto model = engine::Model::Load({o.model, o.n_gpu_layers, device});
-      if (!model.ok()) return Fail(who, model.status().message());
+      auto model = engine::Model::Load({o.model, o.n_gpu_layers, device, o.model_name});
+      if (!model.ok())
+        return Fail(who, models::ExplainLoadFailure({o.model_name, o.model, o.model_source}, model.status().message()));
       node.models.push_back(std::move(model).value());
       const int index = static_cast<int>(node.hubs.size());
       metrics::Metrics* m = node.metrics.get();

@@ -17,6 +17,9 @@ namespace kvb::cli {
 
 struct ServeOptions {
   std::string model;     // empty with a PostgreSQL store: an API node without a model
+  // From -m as resolved (models/model_store.h): its name and where it came from.
+  std::string model_name;
+  std::string model_source = "path";
   std::string data_dir;  // kvbatch.db and files/ (SQLite); a local cache (PostgreSQL)
   std::string store;     // empty: SQLite in data_dir; postgresql://...: PostgreSQL
   int32_t n_gpu_layers = -1;

@@ -78,7 +78,7 @@ StatusOr<std::unique_ptr<Model>> Model::Load(const ModelOptions& options) {
   std::unique_ptr<Model> m(new Model);
   m->model_ = raw;
   m->vocab_ = llama_model_get_vocab(raw);
-  m->name_ = std::filesystem::path(options.path).stem().string();
+  m->name_ = options.name.empty() ? std::filesystem::path(options.path).stem().string() : options.name;
   if (const char* t = llama_model_chat_template(raw, nullptr)) m->template_ = t;
 #ifdef KVBATCH_HAVE_LLAMA_COMMON
   if (!m->template_.empty()) {

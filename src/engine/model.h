@@ -24,6 +24,8 @@ struct ModelOptions {
   // "" llama.cpp's default placement, "cpu" the CPU only, "N" the N-th GPU
   // alone (no split across GPUs).
   std::string device;
+  // The name requests and /v1/models know it by; empty: the file's stem.
+  std::string name;
 };
 
 class Model {
@@ -41,7 +43,7 @@ class Model {
   std::vector<Token> Tokenize(std::string_view text) const;
   std::string Piece(Token t) const;
 
-  const std::string& name() const { return name_; }  // file name without .gguf
+  const std::string& name() const { return name_; }  // ModelOptions::name, or the file name without .gguf
   int32_t n_ctx_train() const;
   int32_t n_vocab() const;
   // KV bytes per cell for an f16 cache.

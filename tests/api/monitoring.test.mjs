@@ -21,7 +21,12 @@ let client;
 
 before(async () => {
   work = await makeWorkDir('kvbatch-monitor-');
-  server = await startServer({ model: work.model, dataDir: path.join(work.dir, 'data'), extraArgs: ['--api-key', KEY] });
+  // A small window and chunks: a pause stops a batch mid-run instead of
+  // after everything already handed to the engine.
+  server = await startServer({
+    model: work.model, dataDir: path.join(work.dir, 'data'),
+    extraArgs: ['--api-key', KEY, '--window', '4', '--chunk-rows', '4'],
+  });
   client = server.client(KEY);
 });
 
