@@ -37,13 +37,21 @@ key="${src_tag}-$([ "$cuda" = 1 ] && echo cuda || echo cpu)-${cpukey}"
 RECIPE=r2
 prefix="$cache/llama-$key-$RECIPE"
 
+work="$cache/work-$key"
+# llama.cpp's chat templates (models/templates/*.jinja): tests render each.
+copy_templates() {
+  if [ -d "$work/src/models/templates" ] && [ ! -d "$prefix/share/templates" ]; then
+    mkdir -p "$prefix/share/templates" && cp "$work/src/models/templates/"*.jinja "$prefix/share/templates/"
+  fi
+}
+
 if [ -f "$prefix/.complete" ]; then
+  copy_templates
   log "reusing $prefix"
   echo "$prefix"
   exit 0
 fi
 
-work="$cache/work-$key"
 mkdir -p "$work"
 if [ -n "${KVBATCH_LLAMA_SRC:-}" ]; then
   rm -rf "$work/src"
@@ -101,6 +109,7 @@ cp "$work/build/bin/test-llama-archs" "$prefix/bin/"
 find "$work/build" -name 'libllama-common*' -exec cp -a {} "$prefix/lib/" \;
 mkdir -p "$prefix/share" && rm -rf "$prefix/share/vocab" && mkdir "$prefix/share/vocab" &&
   { cp "$work/src/models/"ggml-vocab-*.gguf "$prefix/share/vocab/" 2>/dev/null || true; }
+copy_templates
 git -C "$work/src" rev-parse HEAD >"$prefix/COMMIT" 2>/dev/null || echo "$src_tag" >"$prefix/COMMIT"
 touch "$prefix/.complete"
 log "installed into $prefix"
