@@ -82,7 +82,7 @@ void CreateBatch(Context& ctx, const httplib::Request& req, httplib::Response& r
   if (!batch::EndpointFromPath(b.endpoint))
     return SendError(res, 400,
                      "Invalid value for 'endpoint': '" + batch::ToValidUtf8(b.endpoint) +
-                         "'. Supported values are '/v1/chat/completions' and '/v1/completions'.",
+                         "'. Supported values are '/v1/chat/completions', '/v1/completions' and '/v1/embeddings'.",
                      "invalid_value", "endpoint");
   const int64_t window = WindowSeconds(b.completion_window);
   if (window == 0)

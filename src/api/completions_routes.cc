@@ -79,6 +79,9 @@ void Complete(Context& ctx, batch::Endpoint endpoint, const httplib::Request& re
                        "invalid_type", "stream_options.include_usage");
     include_usage = u != it->end() && u->is_boolean() && u->get<bool>();
   }
+  if (stream && endpoint == batch::Endpoint::kEmbeddings)
+    return SendError(res, 400, "Embeddings are not streamed: 'stream' must be false or absent.", "invalid_value",
+                     "stream");
   // The same parser and checks as a batch line, so both give the same answer.
   const std::string request_id = batch::NewId("req_");
   // The body's own text, not a re-serialized copy: nlohmann::json sorts keys,
@@ -206,6 +209,9 @@ void AddCompletionRoutes(httplib::Server& http, Context& ctx) {
   });
   http.Post("/v1/completions", [&ctx](const httplib::Request& req, httplib::Response& res) {
     Complete(ctx, batch::Endpoint::kCompletions, req, res);
+  });
+  http.Post("/v1/embeddings", [&ctx](const httplib::Request& req, httplib::Response& res) {
+    Complete(ctx, batch::Endpoint::kEmbeddings, req, res);
   });
 }
 

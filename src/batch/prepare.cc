@@ -1,5 +1,7 @@
 #include "batch/prepare.h"
 
+#include "batch/embeddings.h"
+
 #include <utility>
 
 #include "batch/response.h"
@@ -14,6 +16,23 @@ nlohmann::json FailureBody(const RequestFailure& f) {
 
 std::variant<engine::Request, RequestFailure> PrepareRequest(ParsedRequest&& req, const engine::Model& model,
                                                              int32_t default_max_tokens, uint64_t id) {
+  if (req.endpoint == Endpoint::kEmbeddings) {
+    engine::Request er;
+    er.id = id;
+    er.embed_base64 = req.base64;
+    const int32_t n_vocab = model.n_vocab();
+    for (auto& tokens : req.input_tokens) {
+      for (engine::Token t : tokens)
+        if (t >= n_vocab)
+          return RequestFailure{400, "invalid_request",
+                                "token id " + std::to_string(t) + " is not in the model's vocabulary of " +
+                                    std::to_string(n_vocab),
+                                "input"};
+      er.embed.push_back(std::move(tokens));
+    }
+    for (const std::string& text : req.inputs) er.embed.push_back(model.Tokenize(text));
+    return er;
+  }
   std::string prompt = std::move(req.prompt);
   if (req.endpoint == Endpoint::kChatCompletions) {
     auto formatted = model.FormatChat(req.messages);
@@ -55,6 +74,7 @@ RequestFailure FailureFromStatus(const Status& s) {
 }
 
 nlohmann::json ResponseBody(Endpoint endpoint, const engine::Result& r, std::string_view model_name, int64_t created) {
+  if (endpoint == Endpoint::kEmbeddings) return EmbeddingsBody(r, r.embed_base64, model_name);
   return endpoint == Endpoint::kChatCompletions ? ChatCompletionBody(r, model_name, created, NewId("chatcmpl-"))
                                                 : TextCompletionBody(r, model_name, created, NewId("cmpl-"));
 }

@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 #include <utility>
 
+#include "batch/embeddings.h"
 #include "batch/limits.h"
 #include "batch/response.h"
 
@@ -18,6 +19,7 @@ using nlohmann::json;
 
 constexpr std::string_view kChatPath = "/v1/chat/completions";
 constexpr std::string_view kCompletionsPath = "/v1/completions";
+constexpr std::string_view kEmbeddingsPath = "/v1/embeddings";
 constexpr size_t kCompletionPrefixBytes = 256;  // how much of a prompt groups completions
 constexpr size_t kMaxErrorDetailBytes = 200;    // parser messages can quote long input
 
@@ -53,6 +55,8 @@ struct Structure {
   Endpoint endpoint = Endpoint::kChatCompletions;
   std::vector<engine::ChatMessage> messages;
   std::string prompt;
+  std::vector<std::string> inputs;                  // embeddings
+  std::vector<std::vector<engine::Token>> input_tokens;
 };
 
 LineError Error(int64_t line, const char* code, std::string message, std::string param, std::string custom_id = {}) {
@@ -165,7 +169,8 @@ std::variant<Structure, LineError> ParseStructure(std::string_view text, int64_t
   std::optional<Endpoint> endpoint;
   if (url != doc.end() && url->is_string()) endpoint = EndpointFromPath(url->get_ref<const std::string&>());
   if (!endpoint) {
-    return Error(line, kInvalidUrl, "url must be \"/v1/chat/completions\" or \"/v1/completions\"", "url", s.custom_id);
+    return Error(line, kInvalidUrl, "url must be \"/v1/chat/completions\", \"/v1/completions\" or \"/v1/embeddings\"",
+                 "url", s.custom_id);
   }
   s.endpoint = *endpoint;
 
@@ -175,7 +180,11 @@ std::variant<Structure, LineError> ParseStructure(std::string_view text, int64_t
     return Error(line, kInvalidBody, "body " + what, "body", s.custom_id);
   }
 
-  if (s.endpoint == Endpoint::kChatCompletions) {
+  if (s.endpoint == Endpoint::kEmbeddings) {
+    std::string param;
+    if (Status st = ParseEmbeddingInput(*body, &s.inputs, &s.input_tokens, &param); !st.ok())
+      return Error(line, kInvalidInput, st.message(), param, s.custom_id);
+  } else if (s.endpoint == Endpoint::kChatCompletions) {
     auto msgs = body->find("messages");
     if (msgs == body->end() || !msgs->is_array() || msgs->empty()) {
       std::string what = msgs == body->end() ? "is missing"
@@ -555,12 +564,17 @@ Status CheckMetadataValue(const nlohmann::json& m, std::string* param) {
 }
 
 std::string_view EndpointPath(Endpoint endpoint) {
-  return endpoint == Endpoint::kChatCompletions ? kChatPath : kCompletionsPath;
+  switch (endpoint) {
+    case Endpoint::kChatCompletions: return kChatPath;
+    case Endpoint::kCompletions: return kCompletionsPath;
+    default: return kEmbeddingsPath;
+  }
 }
 
 std::optional<Endpoint> EndpointFromPath(std::string_view path) {
   if (path == kChatPath) return Endpoint::kChatCompletions;
   if (path == kCompletionsPath) return Endpoint::kCompletions;
+  if (path == kEmbeddingsPath) return Endpoint::kEmbeddings;
   return std::nullopt;
 }
 
@@ -593,6 +607,8 @@ StatusOr<ParsedRequest> ParseRequest(std::string_view text, std::string* error_p
   r.endpoint = s.endpoint;
   r.messages = std::move(s.messages);
   r.prompt = std::move(s.prompt);
+  r.inputs = std::move(s.inputs);
+  r.input_tokens = std::move(s.input_tokens);
 
   Params p(body);
   if (const json* model = p.Get("model")) {
@@ -601,6 +617,19 @@ StatusOr<ParsedRequest> ParseRequest(std::string_view text, std::string* error_p
     } else {
       p.TypeError("model", "a string", *model);
     }
+  }
+  if (r.endpoint == Endpoint::kEmbeddings) {
+    if (const json* f = p.Get("encoding_format"); f != nullptr && p.ok()) {
+      if (*f == "base64") r.base64 = true;
+      else if (*f != "float") p.Fail("encoding_format", "Invalid 'encoding_format': expected 'float' or 'base64'.");
+    }
+    if (p.Get("dimensions") != nullptr && p.ok())
+      p.Fail("dimensions", "'dimensions' is not supported by kvbatch: embeddings have the model's width.");
+    if (!p.ok()) {
+      if (error_param != nullptr) *error_param = p.param();
+      return Status::InvalidArgument(p.message());
+    }
+    return r;
   }
   RejectUnsupported(p, r.endpoint);
   CheckMetadata(p);

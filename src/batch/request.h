@@ -2,7 +2,7 @@
 // every line before anything runs) and the full parse used to run it.
 //
 // An input line is `{"custom_id","method":"POST","url","body"}` where url is
-// "/v1/chat/completions" or "/v1/completions". JSON stays in batch/: what
+// "/v1/chat/completions", "/v1/completions" or "/v1/embeddings". JSON stays in batch/: what
 // leaves this module is engine::ChatMessage / engine::SamplingParams.
 #pragma once
 
@@ -20,11 +20,11 @@
 
 namespace kvb::batch {
 
-enum class Endpoint { kChatCompletions, kCompletions };
+enum class Endpoint { kChatCompletions, kCompletions, kEmbeddings };
 
-// "/v1/chat/completions" or "/v1/completions".
+// "/v1/chat/completions", "/v1/completions" or "/v1/embeddings".
 std::string_view EndpointPath(Endpoint endpoint);
-// Exact match on the two supported paths; anything else is nullopt.
+// Exact match on the supported paths; anything else is nullopt.
 std::optional<Endpoint> EndpointFromPath(std::string_view path);
 
 // LineError codes. They follow OpenAI's batch validation codes where one
@@ -36,6 +36,7 @@ inline constexpr char kInvalidUrl[] = "invalid_url";                 // not one 
 inline constexpr char kInvalidBody[] = "invalid_body";               // body absent or not an object
 inline constexpr char kInvalidMessages[] = "invalid_messages";       // chat: messages malformed
 inline constexpr char kInvalidPrompt[] = "invalid_prompt";           // completions: prompt malformed
+inline constexpr char kInvalidInput[] = "invalid_input";             // embeddings: input malformed
 inline constexpr char kDuplicateCustomId[] = "duplicate_custom_id";  // set by ScanInputFile
 inline constexpr char kLineTooLong[] = "line_too_long";              // set by ScanInputFile
 inline constexpr char kJsonTooDeep[] = "json_too_deep";              // nesting over Limits::max_json_depth
@@ -93,6 +94,11 @@ struct ParsedRequest {
   int32_t top_logprobs = 0;                   // alternatives per token (0..kMaxTopLogprobs)
   ResponseFormat response_format = ResponseFormat::kText;
   std::string json_schema;                    // kJsonSchema: the schema as JSON text, keys in input order
+  // Embeddings: the inputs, as texts or as token ids (one of the two), and
+  // encoding_format "base64" (little-endian float32) instead of "float".
+  std::vector<std::string> inputs;
+  std::vector<std::vector<engine::Token>> input_tokens;
+  bool base64 = false;
 };
 
 // Full parse for running one line. Structural problems give the same message

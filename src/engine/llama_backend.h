@@ -25,6 +25,9 @@ struct ContextOptions {
   int32_t n_threads = 0;  // 0: all cores
   bool flash_attn = true;
   std::string kv_type = "f16";  // K/V cache type: f16, f32 (less rounding noise), q8_0 (half the memory)
+  // Embeddings' pooling: "" the model's own (last for a decoder that
+  // declares none), or mean, last, cls.
+  std::string pooling;
 };
 
 struct ContextInfo {

@@ -87,6 +87,10 @@ struct Request {
   // When the engine received it (steady clock, ns; set by Engine::Submit):
   // the start of the Result's timings.
   int64_t submitted_ns = 0;
+  // An embeddings request (prompt unused): one vector per input, pooled as
+  // the model says (or --pooling). embed_base64 is echoed in the Result.
+  std::vector<std::vector<Token>> embed;
+  bool embed_base64 = false;
 };
 
 struct TokenProb {
@@ -120,6 +124,8 @@ struct Result {
   int32_t cached_tokens = 0;  // prompt tokens served from a shared prefix
   int32_t completion_tokens = 0;  // over all choices
   std::vector<std::pair<Token, float>> top_logits;  // when capture_top_logits > 0, best first
+  std::vector<std::vector<float>> embeddings;       // an embeddings request: one unit vector per input
+  bool embed_base64 = false;
   // Seconds from submission (Request::submitted_ns) to admission, to the
   // first generated token and to the Result; -1 where it did not happen.
   struct Timing {

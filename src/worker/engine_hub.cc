@@ -9,6 +9,7 @@ StatusOr<std::unique_ptr<EngineHub>> EngineHub::Start(const engine::Model* model
   EngineHub* h = hub.get();
   h->model_ = model;
   h->observe_ = std::move(observe);
+  h->context_options_ = options.context;
   auto engine = engine::Engine::Start(
       model, options, [h](engine::Result&& r) { h->OnResult(std::move(r)); },
       [h](uint64_t id, int32_t choice, std::string_view text) { h->OnDelta(id, choice, text); },
@@ -25,7 +26,35 @@ void EngineHub::Submit(engine::Request request, RequestCallbacks callbacks, bool
     std::lock_guard<std::mutex> lock(mu_);
     pending_[request.id] = std::move(callbacks);
   }
+  if (RouteEmbedding(request)) return;
   engine_->Submit(std::move(request), urgent);
+}
+
+void EngineHub::Cancel(uint64_t id) {
+  engine_->Cancel(id);
+  std::lock_guard<std::mutex> lock(embedder_mu_);
+  if (embedder_) embedder_->Cancel(id);
+}
+
+bool EngineHub::RouteEmbedding(engine::Request& request) {
+  if (request.embed.empty()) return false;
+  std::unique_lock<std::mutex> lock(embedder_mu_);
+  if (!embedder_) {
+    auto e = engine::Embedder::Start(
+        model_, context_options_, [this](engine::Result&& r) { OnResult(std::move(r)); },
+        [this](const std::vector<uint64_t>& ids) { OnAdmit(ids); });
+    if (!e.ok()) {
+      lock.unlock();
+      engine::Result r;
+      r.id = request.id;
+      r.status = e.status();
+      OnResult(std::move(r));
+      return true;
+    }
+    embedder_ = std::move(e).value();
+  }
+  embedder_->Submit(std::move(request));
+  return true;
 }
 
 void EngineHub::SubmitAll(std::vector<std::pair<engine::Request, RequestCallbacks>> requests) {
@@ -33,11 +62,10 @@ void EngineHub::SubmitAll(std::vector<std::pair<engine::Request, RequestCallback
   batch.reserve(requests.size());
   {
     std::lock_guard<std::mutex> lock(mu_);
-    for (auto& [r, cb] : requests) {
-      pending_[r.id] = std::move(cb);
-      batch.push_back(std::move(r));
-    }
+    for (auto& [r, cb] : requests) pending_[r.id] = std::move(cb);
   }
+  for (auto& [r, cb] : requests)
+    if (!RouteEmbedding(r)) batch.push_back(std::move(r));
   engine_->SubmitAll(std::move(batch));
 }
 

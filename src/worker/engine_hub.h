@@ -13,6 +13,7 @@
 #include <utility>
 #include <vector>
 
+#include "engine/embedder.h"
 #include "engine/engine.h"
 #include "engine/model.h"
 #include "worker/engine_client.h"
@@ -32,7 +33,7 @@ class EngineHub : public EngineClient {
   // Queued together, so their shared prefixes are found (Engine::SubmitAll).
   void SubmitAll(std::vector<std::pair<engine::Request, RequestCallbacks>> requests) override;
   // The request's on_result still comes (status Cancelled, unless it finished first).
-  void Cancel(uint64_t id) override { engine_->Cancel(id); }
+  void Cancel(uint64_t id) override;
   std::variant<engine::Request, batch::RequestFailure> Prepare(batch::ParsedRequest&& request,
                                                                int32_t default_max_tokens) override {
     return batch::PrepareRequest(std::move(request), *model_, default_max_tokens, NextId());
@@ -54,6 +55,9 @@ class EngineHub : public EngineClient {
   void OnDelta(uint64_t id, int32_t choice, std::string_view text);
   void OnResult(engine::Result&& r);
   void OnAdmit(const std::vector<uint64_t>& ids);
+  // Embeddings requests go to the embedder, made on the first one.
+  bool RouteEmbedding(engine::Request& request);
+
 
   const engine::Model* model_ = nullptr;
   std::atomic<uint64_t> next_id_{1};
@@ -61,7 +65,10 @@ class EngineHub : public EngineClient {
   std::unordered_map<uint64_t, RequestCallbacks> pending_;
   std::function<void()> admit_flush_;
   std::function<void(const engine::Result&)> observe_;
-  std::unique_ptr<engine::Engine> engine_;  // last: stopped before the map goes
+  engine::ContextOptions context_options_;
+  std::mutex embedder_mu_;
+  std::unique_ptr<engine::Embedder> embedder_;  // stopped before the map goes
+  std::unique_ptr<engine::Engine> engine_;      // last: stopped before the map goes
 };
 
 }  // namespace kvb::worker

@@ -31,6 +31,13 @@ test('a disconnected non-streaming request is cancelled and frees its place', as
   const started = Date.now();
   const ctl = new AbortController();
   const first = post(long, ctl.signal).catch((e) => e);
+  // Wait until the server counts it (a probe sent earlier could take the
+  // place first and leave the long request a 429).
+  for (const deadline = Date.now() + 5000; Date.now() < deadline;) {
+    const engines = await (await fetch(`http://127.0.0.1:${srv.port}/v1/engines`)).json();
+    if (engines.node.online_requests >= 1) break;
+    await h.sleep(20);
+  }
   // While it runs, the only online place is taken.
   let busy;
   for (const deadline = Date.now() + 5000; Date.now() < deadline;) {

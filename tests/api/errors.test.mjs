@@ -84,7 +84,7 @@ test('unknown ids and routes are 404', async () => {
   const u = await call(main, 'GET', '/v1/no/such/route');
   assertError(u, 404, { code: 'unknown_url' });
   assert.match(u.headers.get('content-type'), /application\/json/);
-  assertError(await call(main, 'POST', '/v1/embeddings', { json: { input: 'x' } }), 404, { code: 'unknown_url' });
+  assertError(await call(main, 'POST', '/v1/moderations', { json: { input: 'x' } }), 404, { code: 'unknown_url' });
   // The SDK maps them to NotFoundError.
   await assert.rejects(client.batches.retrieve('batch_nope'), (err) => err instanceof APIError && err.status === 404);
 });
@@ -141,7 +141,7 @@ test('batches.create parameter errors are 400 with the param named', async () =>
   const f = await uploadRows(h.chatRows(2, { prefix: 'ok-', body: { max_tokens: 2 } }), 'ok.jsonl');
   const good = { input_file_id: f.id, endpoint: '/v1/chat/completions', completion_window: '24h' };
   const cases = [
-    [{ ...good, endpoint: '/v1/embeddings' }, 'endpoint'],
+    [{ ...good, endpoint: '/v1/moderations' }, 'endpoint'],
     [{ ...good, endpoint: undefined }, 'endpoint'],
     [{ ...good, completion_window: '1 day' }, 'completion_window'],
     [{ ...good, completion_window: '0h' }, 'completion_window'],
@@ -174,7 +174,7 @@ test('batch-file validation failures: failed with line numbers and codes', async
     { method: 'POST', url: '/v1/chat/completions', body: { messages: [{ role: 'user', content: 'x' }] } }, // 3
     ok('v-1'), // 4: duplicate of line 1
     ok('v-5', { method: 'GET' }), // 5
-    ok('v-6', { url: '/v1/embeddings' }), // 6
+    ok('v-6', { url: '/v1/moderations' }), // 6
     { custom_id: 'v-7', method: 'POST', url: '/v1/completions', body: { prompt: 'x', max_tokens: 2 } }, // 7: valid, other endpoint
     ok('v-8'), // 8
   ];

@@ -607,7 +607,7 @@ test('batches: create, retrieve, cancel, list', async (t) => {
     ['input_file_id of 100 KB', { ...good, input_file_id: `file-${'x'.repeat(100 << 10)}` }, { status: [400, 404], param: 'input_file_id' }],
     ['endpoint missing', without('endpoint'), E400('endpoint')],
     ['endpoint 5', { ...good, endpoint: 5 }, E400('endpoint')],
-    ['endpoint /v1/embeddings', { ...good, endpoint: '/v1/embeddings' }, E400('endpoint')],
+    ['endpoint /v1/moderations', { ...good, endpoint: '/v1/moderations' }, E400('endpoint')],
     ['endpoint ""', { ...good, endpoint: '' }, E400('endpoint')],
     ['endpoint /v1/chat/completions/../files', { ...good, endpoint: '/v1/chat/completions/../files' }, E400('endpoint')],
     ['completion_window "never"', { ...good, completion_window: 'never' }, E400('completion_window')],
@@ -673,7 +673,7 @@ test('routes, methods and content types', async (t) => {
   const routes = [
     // `/` is the dashboard; its file route serves only plain names it holds.
     ['GET', '/v1/nope'], ['GET', '/nope'], ['GET', '/nope.js'], ['GET', '/.env'], ['GET', '/%2e%2e%2fkvbatch.db'],
-    ['GET', '/..%2Fdata%2Fkvbatch.db'], ['GET', '/js/../../etc/passwd.js'], ['GET', '/v1'], ['GET', '/v2/files'], ['POST', '/v1/embeddings'],
+    ['GET', '/..%2Fdata%2Fkvbatch.db'], ['GET', '/js/../../etc/passwd.js'], ['GET', '/v1'], ['GET', '/v2/files'], ['GET', '/v1/embeddings'],
     ['GET', '/v1/chat/completions'], ['GET', '/v1/completions'], ['PUT', '/v1/files'], ['DELETE', '/v1/batches'],
     ['PATCH', '/v1/files'], ['PATCH', '/v1/batches/batch_x'], ['PUT', '/v1/chat/completions'], ['DELETE', '/v1/models'],
     ['POST', '/health'], ['POST', '/v1/models'], ['GET', '/v1/batches/batch_x/cancel'], ['PUT', '/v1/files/file-x/content'],

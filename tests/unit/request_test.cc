@@ -111,8 +111,10 @@ TEST(ValidateLine, RejectsWrongMethodAndKeepsCustomId) {
 
 TEST(ValidateLine, RejectsUnknownUrl) {
   json line = ChatLine();
-  line["url"] = "/v1/embeddings";
+  line["url"] = "/v1/moderations";
   EXPECT_EQ(ExpectError(line.dump()).code, kInvalidUrl);
+  line["url"] = "/v1/embeddings";  // a supported url: a chat body is no embeddings input
+  EXPECT_EQ(ExpectError(line.dump()).code, kInvalidInput);
   line["url"] = 3;
   EXPECT_EQ(ExpectError(line.dump()).code, kInvalidUrl);
   line.erase("url");
