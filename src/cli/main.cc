@@ -46,7 +46,7 @@ int GenModel(const std::string& preset, const std::string& out, const std::strin
     return 2;
   }
   opts->out_path = out;
-  opts->vocab_path = vocab.empty() ? (VocabDir() / "ggml-vocab-llama-spm.gguf").string() : vocab;
+  opts->vocab_path = vocab.empty() ? (VocabDir() / opts->vocab_file).string() : vocab;
   opts->seed = seed;
   if (!chat_template.empty()) {
     std::ifstream in(chat_template, std::ios::binary);
@@ -217,9 +217,9 @@ int main(int argc, char** argv) {
   std::string preset = "tiny", out, vocab, type, chat_template;
   uint64_t seed = 42;
   auto* gen_cmd = app.add_subcommand("gen-model", "Write a llama-architecture GGUF with random weights and a real tokenizer");
-  gen_cmd->add_option("--preset", preset, "tiny (~5 MB, tests) or bench (~60 MB)")->capture_default_str();
+  gen_cmd->add_option("--preset", preset, "tiny (~5 MB, tests), bench (~60 MB) or bert (an embedding model)")->capture_default_str();
   gen_cmd->add_option("-o,--output", out, "Output .gguf")->required();
-  gen_cmd->add_option("--vocab", vocab, "Tokenizer vocabulary GGUF (default: llama.cpp's ggml-vocab-llama-spm.gguf)");
+  gen_cmd->add_option("--vocab", vocab, "Tokenizer vocabulary GGUF (default: the preset's, from llama.cpp's models/)");
   gen_cmd->add_option("--seed", seed, "Weight seed")->capture_default_str();
   gen_cmd->add_option("--type", type, "Matrix type: q8_0, f16 or f32 (default: the preset's)");
   gen_cmd->add_option("--chat-template", chat_template,

@@ -121,6 +121,7 @@ Status ValidateOptions(const GenModelOptions& o) {
   if ((o.n_embd / o.n_head) % 2 != 0) {
     return Status::InvalidArgument("gen_model: head size n_embd/n_head must be even (RoPE)");
   }
+  if (o.arch != "llama" && o.arch != "bert") return Status::InvalidArgument("gen_model: arch must be llama or bert");
   if (o.n_head % o.n_head_kv != 0) {
     return Status::InvalidArgument("gen_model: n_head must be a multiple of n_head_kv");
   }
@@ -173,7 +174,24 @@ Status CopyTokenizer(const std::string& vocab_path, gguf_context* out, int64_t* 
   return Status::Ok();
 }
 
+void SetBertHyperparameters(const GenModelOptions& o, gguf_context* g) {
+  gguf_set_val_str(g, "general.architecture", "bert");
+  gguf_set_val_str(g, "general.name", o.name.c_str());
+  gguf_set_val_u32(g, "general.file_type", static_cast<uint32_t>(FileType(o.weight_type)));
+  gguf_set_val_u32(g, "bert.context_length", static_cast<uint32_t>(o.n_ctx_train));
+  gguf_set_val_u32(g, "bert.embedding_length", static_cast<uint32_t>(o.n_embd));
+  gguf_set_val_u32(g, "bert.block_count", static_cast<uint32_t>(o.n_layer));
+  gguf_set_val_u32(g, "bert.feed_forward_length", static_cast<uint32_t>(o.n_ff));
+  gguf_set_val_u32(g, "bert.attention.head_count", static_cast<uint32_t>(o.n_head));
+  gguf_set_val_f32(g, "bert.attention.layer_norm_epsilon", 1e-12f);
+  gguf_set_val_bool(g, "bert.attention.causal", false);
+  gguf_set_val_u32(g, "bert.pooling_type", 1);  // mean, as bge and MiniLM
+  if (gguf_find_key(g, "tokenizer.ggml.token_type_count") < 0)
+    gguf_set_val_u32(g, "tokenizer.ggml.token_type_count", 2);
+}
+
 void SetHyperparameters(const GenModelOptions& o, int64_t n_vocab, gguf_context* g) {
+  if (o.arch == "bert") return SetBertHyperparameters(o, g);
   gguf_set_val_str(g, "general.architecture", "llama");
   gguf_set_val_str(g, "general.name", o.name.c_str());
   gguf_set_val_u32(g, "general.file_type", static_cast<uint32_t>(FileType(o.weight_type)));
@@ -214,6 +232,40 @@ std::vector<TensorSpec> DeclareTensors(const GenModelOptions& o, int64_t n_vocab
     specs.push_back({t, 0.0f});
   };
 
+  const auto vec = [&](const std::string& name, int64_t n, float std_dev) {
+    ggml_tensor* t = ggml_new_tensor_1d(ctx, GGML_TYPE_F32, n);
+    ggml_set_name(t, name.c_str());
+    specs.push_back({t, std_dev});
+  };
+  if (o.arch == "bert") {
+    // llama.cpp's BERT layout (src/models/bert.cpp): post-norm blocks with biases.
+    constexpr float kBias = 0.02f;
+    matrix("token_embd.weight", n_embd, n_vocab, kEmbdStd);
+    ggml_tensor* types = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, n_embd, 2);
+    ggml_set_name(types, "token_types.weight");
+    specs.push_back({types, kBias});
+    ggml_tensor* pos = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, n_embd, o.n_ctx_train);
+    ggml_set_name(pos, "position_embd.weight");
+    specs.push_back({pos, kEmbdStd});
+    norm("token_embd_norm.weight");
+    vec("token_embd_norm.bias", n_embd, kBias);
+    for (int il = 0; il < o.n_layer; ++il) {
+      const std::string p = "blk." + std::to_string(il) + ".";
+      for (const char* w : {"attn_q", "attn_k", "attn_v", "attn_output"}) {
+        matrix(p + w + ".weight", n_embd, n_embd, gain(n_embd, kMatrixGain));
+        vec(p + w + ".bias", n_embd, kBias);
+      }
+      norm(p + "attn_output_norm.weight");
+      vec(p + "attn_output_norm.bias", n_embd, kBias);
+      matrix(p + "ffn_up.weight", n_embd, n_ff, gain(n_embd, kMatrixGain));
+      vec(p + "ffn_up.bias", n_ff, kBias);
+      matrix(p + "ffn_down.weight", n_ff, n_embd, gain(n_ff, kMatrixGain));
+      vec(p + "ffn_down.bias", n_embd, kBias);
+      norm(p + "layer_output_norm.weight");
+      vec(p + "layer_output_norm.bias", n_embd, kBias);
+    }
+    return specs;
+  }
   matrix("token_embd.weight", n_embd, n_vocab, kEmbdStd);
   for (int il = 0; il < o.n_layer; ++il) {
     const std::string p = "blk." + std::to_string(il) + ".";
@@ -289,9 +341,20 @@ StatusOr<GenModelOptions> ModelPreset(std::string_view name) {
     o.n_head_kv = 8;
     o.n_ff = 1376;
     o.n_ctx_train = 8192;
+  } else if (name == "bert") {
+    o.name = "kvbatch-bert";
+    o.arch = "bert";
+    o.vocab_file = "ggml-vocab-bert-bge.gguf";
+    o.n_embd = 128;
+    o.n_layer = 2;
+    o.n_head = 4;
+    o.n_head_kv = 4;
+    o.n_ff = 256;
+    o.n_ctx_train = 512;
+    o.chat_template.clear();
   } else {
     return Status::InvalidArgument("unknown model preset '" + std::string(name) +
-                                   "' (expected tiny or bench)");
+                                   "' (expected tiny, bench or bert)");
   }
   o.weight_type = GGML_TYPE_Q8_0;
   return o;
@@ -307,7 +370,7 @@ Status GenerateModel(const GenModelOptions& opts) {
 
   // Metadata only: tensor data is generated while writing, so memory stays
   // at one chunk no matter how large the model is.
-  const size_t n_tensors = 3 + 9 * static_cast<size_t>(opts.n_layer);
+  const size_t n_tensors = 8 + 20 * static_cast<size_t>(opts.n_layer);
   ggml_init_params params = {/*mem_size=*/n_tensors * ggml_tensor_overhead(),
                              /*mem_buffer=*/nullptr, /*no_alloc=*/true};
   GgmlPtr ctx(ggml_init(params));

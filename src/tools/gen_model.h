@@ -29,6 +29,11 @@ struct GenModelOptions {
   std::string vocab_path;
   std::string out_path;
   std::string name = "kvbatch-test";  // general.name
+  // "llama" (a decoder) or "bert" (an encoder for embeddings: mean pooling,
+  // learned positions, biases, no chat use).
+  std::string arch = "llama";
+  // The vocabulary a preset is meant for, in llama.cpp's models/ folder.
+  std::string vocab_file = "ggml-vocab-llama-spm.gguf";
 
   int n_embd = 64;
   int n_layer = 2;
@@ -48,8 +53,8 @@ struct GenModelOptions {
   std::string chat_template = std::string(kChatMlTemplate);  // tokenizer.chat_template
 };
 
-// "tiny" (~5 MB, for unit and integration tests) or "bench" (~60 MB, for
-// benchmarks). vocab_path and out_path are left empty for the caller.
+// "tiny" (~5 MB, for unit and integration tests), "bench" (~60 MB, for
+// benchmarks) or "bert" (a small BERT embedding model, WordPiece vocabulary). vocab_path and out_path are left empty for the caller.
 StatusOr<GenModelOptions> ModelPreset(std::string_view name);
 
 // Writes the model to opts.out_path. The file appears atomically (written to
