@@ -85,7 +85,7 @@ def run_clients(url, bodies, clients):
             try:
                 r = post(url, body)
                 with lock:
-                    tokens[0] += r["usage"]["completion_tokens"]
+                    tokens[0] += r["usage"].get("completion_tokens", 0)
             except Exception as e:  # keep going; report at the end
                 errors.append(str(e))
 

@@ -217,7 +217,7 @@ int main(int argc, char** argv) {
   std::string preset = "tiny", out, vocab, type, chat_template;
   uint64_t seed = 42;
   auto* gen_cmd = app.add_subcommand("gen-model", "Write a llama-architecture GGUF with random weights and a real tokenizer");
-  gen_cmd->add_option("--preset", preset, "tiny (~5 MB, tests), bench (~60 MB) or bert (an embedding model)")->capture_default_str();
+  gen_cmd->add_option("--preset", preset, "tiny (~5 MB, tests), bench (~60 MB), bert (a small embedding model) or bert-small (bge-small's shape)")->capture_default_str();
   gen_cmd->add_option("-o,--output", out, "Output .gguf")->required();
   gen_cmd->add_option("--vocab", vocab, "Tokenizer vocabulary GGUF (default: the preset's, from llama.cpp's models/)");
   gen_cmd->add_option("--seed", seed, "Weight seed")->capture_default_str();

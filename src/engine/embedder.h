@@ -42,7 +42,8 @@ class Embedder {
   const Model* model_ = nullptr;
   llama_context* ctx_ = nullptr;
   int32_t n_embd_ = 0;
-  int32_t n_batch_ = 0;
+  int32_t n_batch_ = 0;  // the longest input (one micro-batch)
+  int32_t n_call_ = 0;   // tokens per call
   int32_t n_seq_max_ = 0;
   bool encoder_only_ = false;
   const char* pooling_name_ = "";

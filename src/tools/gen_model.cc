@@ -341,20 +341,22 @@ StatusOr<GenModelOptions> ModelPreset(std::string_view name) {
     o.n_head_kv = 8;
     o.n_ff = 1376;
     o.n_ctx_train = 8192;
-  } else if (name == "bert") {
-    o.name = "kvbatch-bert";
+  } else if (name == "bert" || name == "bert-small") {
+    // bert: tests. bert-small: bge-small's shape (33M parameters), benchmarks.
+    const bool small = name == "bert-small";
+    o.name = small ? "kvbatch-bert-small" : "kvbatch-bert";
     o.arch = "bert";
     o.vocab_file = "ggml-vocab-bert-bge.gguf";
-    o.n_embd = 128;
-    o.n_layer = 2;
-    o.n_head = 4;
-    o.n_head_kv = 4;
-    o.n_ff = 256;
+    o.n_embd = small ? 384 : 128;
+    o.n_layer = small ? 12 : 2;
+    o.n_head = small ? 12 : 4;
+    o.n_head_kv = o.n_head;
+    o.n_ff = small ? 1536 : 256;
     o.n_ctx_train = 512;
     o.chat_template.clear();
   } else {
     return Status::InvalidArgument("unknown model preset '" + std::string(name) +
-                                   "' (expected tiny, bench or bert)");
+                                   "' (expected tiny, bench, bert or bert-small)");
   }
   o.weight_type = GGML_TYPE_Q8_0;
   return o;
