@@ -256,6 +256,10 @@ void Server::Stop() {
   http_->stop();
 }
 
+metrics::DriverSample DriverSampleOf(const worker::RunnerStats& s) {
+  return {s.chunks_claimed, s.chunks_lost, s.results_committed, s.results_dropped, s.errors_by_code};
+}
+
 metrics::EngineSnapshot Snapshot(const worker::EngineHub& hub) {
   metrics::EngineSnapshot s;
   s.model = hub.model_name();

@@ -65,6 +65,8 @@ struct Context {
 
 // What an engine looks like now, for /metrics and /v1/engines.
 metrics::EngineSnapshot Snapshot(const worker::EngineHub& hub);
+// A batch driver's counters as /metrics reads them (serve, worker and run).
+metrics::DriverSample DriverSampleOf(const worker::RunnerStats& s);
 
 class Server {
  public:

@@ -135,11 +135,7 @@ int Execute(const RunOptions& o, std::vector<store::PendingRequest> rows, batch:
       }
       return std::vector<metrics::BatchSample>{b};
     };
-    src.driver = [r = runner.get()] {
-      const worker::RunnerStats s = r->Stats();
-      return metrics::DriverSample{s.chunks_claimed, s.chunks_lost, s.results_committed, s.results_dropped,
-                                   s.errors_by_code};
-    };
+    src.driver = [r = runner.get()] { return api::DriverSampleOf(r->Stats()); };
     metrics.SetSources(std::move(src));
     metrics_server = std::make_unique<api::MetricsServer>(&metrics, o.metrics_host, o.metrics_port);
     if (Status st = metrics_server->Start(); !st.ok()) {

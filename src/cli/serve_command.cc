@@ -95,15 +95,8 @@ struct Node {
       return out;
     };
     src.driver = [this] {
-      metrics::DriverSample d;
-      if (auto s = driver->Stats()) {
-        d.chunks_claimed = s->chunks_claimed;
-        d.chunks_lost = s->chunks_lost;
-        d.results_committed = s->results_committed;
-        d.results_dropped = s->results_dropped;
-        d.errors_by_code = s->errors_by_code;
-      }
-      return d;
+      auto s = driver->Stats();
+      return s ? api::DriverSampleOf(*s) : metrics::DriverSample{};
     };
     return src;
   }
