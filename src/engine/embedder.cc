@@ -131,7 +131,7 @@ void Embedder::Loop() {
     for (const auto& r : take) ids.push_back(r.id);
     if (on_start_) on_start_(ids);
     std::vector<Result> results(take.size());
-    std::vector<std::pair<Request*, size_t>> pending;  // (request, input) not yet embedded
+    std::vector<Slot> pending;  // inputs not yet embedded
     for (size_t i = 0; i < take.size(); ++i) {
       results[i].id = take[i].id;
       results[i].embed_base64 = take[i].embed_base64;
@@ -144,23 +144,22 @@ void Embedder::Loop() {
               "input " + std::to_string(k) + " has " + std::to_string(len) + " tokens; this model embeds 1 to " +
               std::to_string(n_batch_));
         else
-          pending.emplace_back(&take[i], k);
+          pending.push_back({i, k});
       }
     }
-    // In calls of at most n_seq_max inputs and n_batch tokens.
-    std::vector<std::pair<Request*, size_t>> call;
+    // In calls of at most n_seq_max_ inputs and n_call_ tokens (a longer input alone).
+    std::vector<Slot> call;
     int32_t tokens = 0;
     auto flush = [&] {
       if (call.empty()) return;
-      if (Status st = Decode(call, results); !st.ok())
-        for (const auto& [req, k] : call)
-          for (size_t i = 0; i < take.size(); ++i)
-            if (&take[i] == req && results[i].status.ok()) results[i].status = st;
+      if (Status st = Decode(call, take, results); !st.ok())
+        for (const Slot& slot : call)
+          if (results[slot.request].status.ok()) results[slot.request].status = st;
       call.clear();
       tokens = 0;
     };
-    for (const auto& p : pending) {
-      const int32_t len = static_cast<int32_t>(p.first->embed[p.second].size());
+    for (const Slot& p : pending) {
+      const int32_t len = static_cast<int32_t>(take[p.request].embed[p.input].size());
       if (!call.empty() && (static_cast<int32_t>(call.size()) == n_seq_max_ || tokens + len > n_call_)) flush();
       call.push_back(p);
       tokens += len;
@@ -175,12 +174,13 @@ void Embedder::Loop() {
   }
 }
 
-Status Embedder::Decode(std::vector<std::pair<Request*, size_t>>& inputs, std::vector<Result>& results) {
+Status Embedder::Decode(const std::vector<Slot>& inputs, const std::vector<Request>& requests,
+                        std::vector<Result>& results) {
   int32_t n_tokens = 0;
-  for (const auto& [req, k] : inputs) n_tokens += static_cast<int32_t>(req->embed[k].size());
+  for (const Slot& in : inputs) n_tokens += static_cast<int32_t>(requests[in.request].embed[in.input].size());
   llama_batch batch = llama_batch_init(n_tokens, 0, 1);
   for (size_t s = 0; s < inputs.size(); ++s) {
-    const std::vector<Token>& in = inputs[s].first->embed[inputs[s].second];
+    const std::vector<Token>& in = requests[inputs[s].request].embed[inputs[s].input];
     for (size_t p = 0; p < in.size(); ++p) {
       const int32_t i = batch.n_tokens++;
       batch.token[i] = in[p];
@@ -202,9 +202,7 @@ Status Embedder::Decode(std::vector<std::pair<Request*, size_t>>& inputs, std::v
     const float scale = norm > 0 ? static_cast<float>(1.0 / std::sqrt(norm)) : 0.0f;
     std::vector<float> out(v, v + n_embd_);
     for (float& x : out) x *= scale;  // unit length, as OpenAI's
-    Request* req = inputs[s].first;
-    for (Result& r : results)
-      if (r.id == req->id) r.embeddings[inputs[s].second] = std::move(out);
+    results[inputs[s].request].embeddings[inputs[s].input] = std::move(out);
   }
   return Status::Ok();
 }

@@ -36,8 +36,13 @@ class Embedder {
  private:
   Embedder() = default;
   void Loop();
-  // Runs the inputs of `batch` (fits one decode); fills their embeddings.
-  Status Decode(std::vector<std::pair<Request*, size_t>>& inputs, std::vector<Result>& results);
+  // One input: requests[request].embed[input].
+  struct Slot {
+    size_t request;
+    size_t input;
+  };
+  // Embeds `inputs` (one call's worth) into results[request].embeddings[input].
+  Status Decode(const std::vector<Slot>& inputs, const std::vector<Request>& requests, std::vector<Result>& results);
 
   const Model* model_ = nullptr;
   llama_context* ctx_ = nullptr;

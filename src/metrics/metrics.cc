@@ -237,18 +237,20 @@ void Metrics::Refresh() {
     for (const BatchSample& b : sources_.batches()) {
       ++by_status[b.status];
       live.insert(b.id);
-      auto& series = batch_series_[b.id];
-      if (series.empty()) {
-        for (const char* state : {"completed", "failed", "pending"})
-          series.push_back(&batch_requests_->Add({{"batch_id", b.id}, {"state", state}}));
-        series.push_back(&batch_rps_->Add({{"batch_id", b.id}}));
-        series.push_back(&batch_eta_->Add({{"batch_id", b.id}}));
+      auto [it, fresh] = batch_series_.try_emplace(b.id);
+      BatchSeries& series = it->second;
+      if (fresh) {
+        series.completed = &batch_requests_->Add({{"batch_id", b.id}, {"state", "completed"}});
+        series.failed = &batch_requests_->Add({{"batch_id", b.id}, {"state", "failed"}});
+        series.pending = &batch_requests_->Add({{"batch_id", b.id}, {"state", "pending"}});
+        series.rate = &batch_rps_->Add({{"batch_id", b.id}});
+        series.eta = &batch_eta_->Add({{"batch_id", b.id}});
       }
-      series[0]->Set(static_cast<double>(b.completed));
-      series[1]->Set(static_cast<double>(b.failed));
-      series[2]->Set(static_cast<double>(std::max<int64_t>(0, b.total - b.completed - b.failed)));
-      series[3]->Set(b.requests_per_second);
-      series[4]->Set(b.eta_seconds);
+      series.completed->Set(static_cast<double>(b.completed));
+      series.failed->Set(static_cast<double>(b.failed));
+      series.pending->Set(static_cast<double>(std::max<int64_t>(0, b.total - b.completed - b.failed)));
+      series.rate->Set(b.requests_per_second);
+      series.eta->Set(b.eta_seconds);
     }
     // Ended batches leave: the series set stays bounded by the active batches.
     for (auto it = batch_series_.begin(); it != batch_series_.end();) {
@@ -256,9 +258,10 @@ void Metrics::Refresh() {
         ++it;
         continue;
       }
-      for (int i = 0; i < 3; ++i) batch_requests_->Remove(it->second[static_cast<size_t>(i)]);
-      batch_rps_->Remove(it->second[3]);
-      batch_eta_->Remove(it->second[4]);
+      const BatchSeries& series = it->second;
+      for (prometheus::Gauge* g : {series.completed, series.failed, series.pending}) batch_requests_->Remove(g);
+      batch_rps_->Remove(series.rate);
+      batch_eta_->Remove(series.eta);
       it = batch_series_.erase(it);
     }
     for (const char* status : {"validating", "in_progress", "finalizing", "cancelling"})

@@ -95,7 +95,11 @@ class Metrics {
   std::mutex mu_;
   Sources sources_;
   std::vector<std::unique_ptr<EngineSeries>> engines_;
-  std::map<std::string, std::vector<prometheus::Gauge*>> batch_series_;  // batch id -> its series
+  // One active batch's series (removed from their families when it ends).
+  struct BatchSeries {
+    prometheus::Gauge *completed, *failed, *pending, *rate, *eta;
+  };
+  std::map<std::string, BatchSeries> batch_series_;  // by batch id
   std::map<int, prometheus::Counter*> http_by_status_;
   int64_t started_ns_ = 0;
 
