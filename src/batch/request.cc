@@ -1,14 +1,13 @@
 #include "batch/request.h"
 
 #include <algorithm>
-#include <cmath>
-#include <cstring>
 #include <limits>
 #include <nlohmann/json.hpp>
 #include <utility>
 
 #include "batch/embeddings.h"
 #include "batch/limits.h"
+#include "batch/request_params.h"
 #include "batch/response.h"
 
 namespace kvb::batch {
@@ -16,6 +15,7 @@ namespace kvb::batch {
 namespace {
 
 using nlohmann::json;
+using namespace params;  // TypeName, Show, Params and the parameter parsers (request_params.h)
 
 constexpr std::string_view kChatPath = "/v1/chat/completions";
 constexpr std::string_view kCompletionsPath = "/v1/completions";
@@ -23,29 +23,6 @@ constexpr std::string_view kEmbeddingsPath = "/v1/embeddings";
 constexpr size_t kCompletionPrefixBytes = 256;  // how much of a prompt groups completions
 constexpr size_t kMaxErrorDetailBytes = 200;    // parser messages can quote long input
 
-const char* TypeName(const json& v) {
-  switch (v.type()) {
-    case json::value_t::null:
-      return "null";
-    case json::value_t::object:
-      return "an object";
-    case json::value_t::array:
-      return "an array";
-    case json::value_t::string:
-      return "a string";
-    case json::value_t::boolean:
-      return "a boolean";
-    case json::value_t::number_integer:
-    case json::value_t::number_unsigned:
-    case json::value_t::number_float:
-      return "a number";
-    default:
-      return "an unsupported value";
-  }
-}
-
-// Numbers are dumped for messages; nothing else from the input is echoed raw.
-std::string Show(const json& v) { return v.dump(-1, ' ', false, json::error_handler_t::replace); }
 
 // The line as far as structural validation goes. Messages/prompt are
 // materialised because both ValidateLine (prefix hash) and ParseRequest need them.
@@ -277,264 +254,6 @@ uint64_t PrefixHash(const Structure& s) {
     h = HashFramed(h, std::string_view(s.prompt).substr(0, kCompletionPrefixBytes));
   }
   return h;
-}
-
-// ---- parameter values ------------------------------------------------------
-
-// Records the first bad parameter; every check below is a no-op for absent or
-// null fields, which mean "the default".
-class Params {
- public:
-  explicit Params(const json& body) : body_(body) {}
-
-  bool ok() const { return param_.empty(); }
-  const std::string& param() const { return param_; }
-  const std::string& message() const { return message_; }
-
-  const json* Get(const char* name) const {
-    auto it = body_.find(name);
-    return (it == body_.end() || it->is_null()) ? nullptr : &*it;
-  }
-
-  void Fail(std::string param, std::string message) {
-    if (!ok()) return;
-    param_ = std::move(param);
-    message_ = std::move(message);
-  }
-
-  // A number in [lo, hi] (or (lo, hi] when lo_open) into *out.
-  void Number(const char* name, double lo, double hi, bool lo_open, float* out) {
-    const json* v = Get(name);
-    if (v == nullptr || !ok()) return;
-    if (!v->is_number()) return TypeError(name, "a number", *v);
-    double d = v->get<double>();
-    bool in = (lo_open ? d > lo : d >= lo) && d <= hi;  // false for NaN too
-    if (!in) {
-      Fail(name, std::string("Invalid '") + name + "': expected a number " + (lo_open ? "greater than " : "between ") +
-                     Fmt(lo) + (lo_open ? " and at most " : " and ") + Fmt(hi) + ", but got " + Show(*v) + " instead.");
-      return;
-    }
-    *out = static_cast<float>(d);
-  }
-
-  // An integer in [lo, hi]; nullopt when absent or bad (then Fail was called).
-  std::optional<int64_t> Integer(const char* name, int64_t lo, int64_t hi) {
-    const json* v = Get(name);
-    if (v == nullptr || !ok()) return std::nullopt;
-    auto i = IntegerValue(*v);
-    if (!i) {
-      TypeError(name, "an integer", *v);
-      return std::nullopt;
-    }
-    if (*i < lo || *i > hi) {
-      Fail(name, std::string("Invalid '") + name + "': expected an integer between " + std::to_string(lo) + " and " +
-                     std::to_string(hi) + ", but got " + Show(*v) + " instead.");
-      return std::nullopt;
-    }
-    return i;
-  }
-
-  void TypeError(const std::string& name, const char* expected, const json& v) {
-    Fail(name, "Invalid type for '" + name + "': expected " + expected + ", but got " + TypeName(v) + " instead.");
-  }
-
-  // Integral value (integral floats accepted), saturated to int64.
-  static std::optional<int64_t> IntegerValue(const json& v) {
-    if (v.is_number_unsigned()) {
-      auto u = v.get<uint64_t>();
-      return u > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()) ? std::numeric_limits<int64_t>::max()
-                                                                            : static_cast<int64_t>(u);
-    }
-    if (v.is_number_integer()) return v.get<int64_t>();
-    if (v.is_number_float()) {
-      double d = v.get<double>();
-      if (!std::isfinite(d) || d != std::floor(d)) return std::nullopt;
-      if (d >= 9.2e18) return std::numeric_limits<int64_t>::max();
-      if (d <= -9.2e18) return std::numeric_limits<int64_t>::min();
-      return static_cast<int64_t>(d);
-    }
-    return std::nullopt;
-  }
-
- private:
-  static std::string Fmt(double d) { return Show(json(d == std::floor(d) ? json(static_cast<int64_t>(d)) : json(d))); }
-
-  const json& body_;
-  std::string param_;
-  std::string message_;
-};
-
-void ParseStop(Params& p, std::vector<std::string>* out) {
-  const json* v = p.Get("stop");
-  if (v == nullptr) return;
-  auto bad = [&] {
-    p.Fail("stop", "Invalid 'stop': expected a string or an array of at most " +
-                       std::to_string(GetLimits().max_stop_strings) + " strings.");
-  };
-  std::vector<std::string> stop;
-  if (v->is_string()) {
-    stop.push_back(v->get<std::string>());
-  } else if (v->is_array() && v->size() <= static_cast<size_t>(GetLimits().max_stop_strings)) {
-    for (const json& s : *v) {
-      if (!s.is_string()) return bad();
-      stop.push_back(s.get<std::string>());
-    }
-  } else {
-    return bad();
-  }
-  for (const std::string& s : stop) {
-    if (s.size() > static_cast<size_t>(GetLimits().max_stop_bytes))
-      return p.Fail("stop", "Invalid 'stop': a stop string has " + std::to_string(s.size()) +
-                                " bytes, over the limit of " + std::to_string(GetLimits().max_stop_bytes) + ".");
-  }
-  // An empty stop string would match everywhere; it carries no intent.
-  std::erase_if(stop, [](const std::string& s) { return s.empty(); });
-  *out = std::move(stop);
-}
-
-void ParseLogitBias(Params& p, std::vector<std::pair<engine::Token, float>>* out) {
-  const json* v = p.Get("logit_bias");
-  if (v == nullptr) return;
-  if (!v->is_object()) return p.TypeError("logit_bias", "an object mapping token ids to numbers", *v);
-  if (v->size() > static_cast<size_t>(GetLimits().max_logit_bias))
-    return p.Fail("logit_bias", "Invalid 'logit_bias': " + std::to_string(v->size()) + " entries, over the limit of " +
-                                    std::to_string(GetLimits().max_logit_bias) + ".");
-  std::vector<std::pair<engine::Token, float>> bias;
-  for (auto it = v->begin(); it != v->end(); ++it) {
-    const std::string& key = it.key();
-    int64_t id = 0;
-    bool digits = !key.empty() && key.size() <= 10 &&
-                  std::all_of(key.begin(), key.end(), [](char c) { return c >= '0' && c <= '9'; });
-    if (digits) id = std::stoll(key);
-    if (!digits || id > std::numeric_limits<engine::Token>::max()) {
-      return p.Fail("logit_bias", "Invalid 'logit_bias': key \"" + ToValidUtf8(key.substr(0, 40)) +
-                                      "\" is not a token id (a non-negative integer).");
-    }
-    const json& b = it.value();
-    if (!b.is_number()) {
-      return p.Fail("logit_bias", "Invalid 'logit_bias': the bias for token " + key + " must be a number, but got " +
-                                      TypeName(b) + " instead.");
-    }
-    double d = b.get<double>();
-    if (!(d >= -100.0 && d <= 100.0)) {
-      return p.Fail("logit_bias", "Invalid 'logit_bias': the bias for token " + key +
-                                      " must be between -100 and 100, but got " + Show(b) + " instead.");
-    }
-    bias.emplace_back(static_cast<engine::Token>(id), static_cast<float>(d));
-  }
-  std::sort(bias.begin(), bias.end());
-  *out = std::move(bias);
-}
-
-// The schema exactly as written: nlohmann::json sorts object keys, and the
-// grammar generates properties in the schema's order, so the line is read
-// again with key order kept (only for lines that carry a schema).
-std::string OrderedSchema(std::string_view line, bool nested) {
-  auto doc = nlohmann::ordered_json::parse(line.begin(), line.end(), nullptr, false);
-  const auto& rf = doc["body"]["response_format"];
-  const auto& schema = nested ? rf["json_schema"]["schema"] : rf["schema"];
-  return schema.dump(-1, ' ', false, nlohmann::ordered_json::error_handler_t::replace);
-}
-
-void ParseResponseFormat(Params& p, std::string_view line, ParsedRequest* r) {
-  const json* v = p.Get("response_format");
-  if (v == nullptr) return;
-  const char* kParam = "response_format";
-  if (!v->is_object()) return p.TypeError(kParam, "an object", *v);
-  auto type = v->find("type");
-  if (type == v->end() || !type->is_string()) {
-    return p.Fail(kParam, "Invalid 'response_format': expected a \"type\" of \"text\", \"json_object\" or \"json_schema\".");
-  }
-  const std::string& t = type->get_ref<const std::string&>();
-  if (t == "text") return;
-  if (t == "json_object") {
-    auto schema = v->find("schema");
-    if (schema == v->end() || schema->is_null()) {
-      r->response_format = ResponseFormat::kJsonObject;
-      return;
-    }
-    if (!schema->is_object()) return p.TypeError("response_format.schema", "an object", *schema);
-    if (Status st = CheckSchemaLimits(*schema); !st.ok())
-      return p.Fail("response_format.schema", "Invalid 'response_format.schema': " + st.message() + ".");
-    r->response_format = ResponseFormat::kJsonSchema;
-    r->json_schema = OrderedSchema(line, false);
-    return;
-  }
-  if (t != "json_schema") {
-    return p.Fail(kParam, "Invalid 'response_format': expected a type of \"text\", \"json_object\" or \"json_schema\", but got \"" +
-                              ToValidUtf8(t.substr(0, 40)) + "\" instead.");
-  }
-  auto js = v->find("json_schema");
-  if (js == v->end() || !js->is_object()) {
-    return p.Fail("response_format.json_schema",
-                  "Invalid 'response_format.json_schema': type \"json_schema\" needs a \"json_schema\" object "
-                  "({\"name\", \"schema\", \"strict\"}).");
-  }
-  if (auto name = js->find("name"); name != js->end() && !name->is_null() && !name->is_string())
-    return p.TypeError("response_format.json_schema.name", "a string", *name);
-  if (auto strict = js->find("strict"); strict != js->end() && !strict->is_null() && !strict->is_boolean())
-    return p.TypeError("response_format.json_schema.strict", "a boolean", *strict);
-  auto schema = js->find("schema");
-  if (schema == js->end() || schema->is_null()) {
-    r->response_format = ResponseFormat::kJsonObject;
-    return;
-  }
-  if (!schema->is_object()) return p.TypeError("response_format.json_schema.schema", "an object", *schema);
-  if (Status st = CheckSchemaLimits(*schema); !st.ok())
-    return p.Fail("response_format.json_schema.schema", "Invalid 'response_format.json_schema.schema': " +
-                                                            st.message() + ".");
-  r->response_format = ResponseFormat::kJsonSchema;
-  r->json_schema = OrderedSchema(line, true);
-}
-
-// Fields that would change the answer and that kvbatch cannot honour yet:
-// a 400 naming the field, never silently ignored.
-void RejectUnsupported(Params& p, Endpoint endpoint) {
-  for (const char* name : {"tools", "tool_choice", "functions", "function_call", "audio", "prediction",
-                           "web_search_options"}) {
-    if (p.Get(name) != nullptr)
-      return p.Fail(name, std::string("'") + name + "' is not supported by kvbatch yet (tool calling, audio, "
-                                                    "predicted outputs and web search are not available).");
-  }
-  if (const json* m = p.Get("modalities")) {
-    const bool text_only = m->is_array() && std::all_of(m->begin(), m->end(), [](const json& x) { return x == "text"; });
-    if (!text_only) return p.Fail("modalities", "'modalities' other than [\"text\"] are not supported by kvbatch.");
-  }
-  if (endpoint != Endpoint::kCompletions) return;
-  if (const json* echo = p.Get("echo"); echo != nullptr && !(echo->is_boolean() && !echo->get<bool>()))
-    return p.Fail("echo", "'echo' is not supported by kvbatch.");
-  if (const json* suffix = p.Get("suffix"); suffix != nullptr && !(suffix->is_string() && suffix->get_ref<const std::string&>().empty()))
-    return p.Fail("suffix", "'suffix' is not supported by kvbatch.");
-  if (const json* best_of = p.Get("best_of"); best_of != nullptr && Params::IntegerValue(*best_of) != int64_t{1})
-    p.Fail("best_of", "'best_of' other than 1 is not supported by kvbatch; use 'n'.");
-}
-
-// metadata: at most Limits::max_metadata_keys string values (OpenAI's shape).
-void CheckMetadata(Params& p) {
-  const json* m = p.Get("metadata");
-  if (m == nullptr) return;
-  std::string param;
-  if (Status st = CheckMetadataValue(*m, &param); !st.ok()) p.Fail(param, st.message());
-}
-
-void ParseLogprobs(Params& p, Endpoint endpoint, ParsedRequest* r) {
-  if (endpoint == Endpoint::kCompletions) {
-    // The legacy API's logprobs is the number of alternatives per token.
-    if (auto k = p.Integer("logprobs", 0, kMaxTopLogprobs)) {
-      r->logprobs = true;
-      r->top_logprobs = static_cast<int32_t>(*k);
-    }
-    return;
-  }
-  if (const json* v = p.Get("logprobs")) {
-    if (!v->is_boolean()) return p.TypeError("logprobs", "a boolean", *v);
-    r->logprobs = v->get<bool>();
-  }
-  if (auto k = p.Integer("top_logprobs", 0, kMaxTopLogprobs)) {
-    if (*k > 0 && !r->logprobs)
-      return p.Fail("top_logprobs", "Invalid 'top_logprobs': 'logprobs' must be true to use 'top_logprobs'.");
-    r->top_logprobs = static_cast<int32_t>(*k);
-  }
 }
 
 }  // namespace
