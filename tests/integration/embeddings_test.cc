@@ -21,15 +21,23 @@ using engine::Model;
 using engine::Request;
 using engine::Result;
 
+// The BERT model, generated once per test process in a folder of its own
+// (ctest runs this file's tests as parallel processes), removed at exit.
 const std::string& BertModel() {
-  static const std::string path = [] {
-    auto opts = tools::ModelPreset("bert");
-    opts->vocab_path = std::string(KVBATCH_VOCAB_DIR) + "/" + opts->vocab_file;
-    opts->out_path = (TestDir("bert-model") / "bert.gguf").string();
-    EXPECT_TRUE(tools::GenerateModel(*opts).ok());
-    return opts->out_path;
-  }();
-  return path;
+  static const struct Holder {
+    fs::path dir;
+    std::string path;
+    Holder() {
+      dir = TestDir("bert-model-" + std::to_string(::getpid()));
+      auto opts = tools::ModelPreset("bert");
+      opts->vocab_path = std::string(KVBATCH_VOCAB_DIR) + "/" + opts->vocab_file;
+      opts->out_path = (dir / "bert.gguf").string();
+      EXPECT_TRUE(tools::GenerateModel(*opts).ok());
+      path = opts->out_path;
+    }
+    ~Holder() { fs::remove_all(dir); }
+  } holder;
+  return holder.path;
 }
 
 // Submits requests and waits for all their results.
