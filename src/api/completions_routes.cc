@@ -12,6 +12,7 @@
 #include "batch/prepare.h"
 #include "batch/request.h"
 #include "batch/response.h"
+#include "batch/tool_stream.h"
 
 namespace kvb::api {
 
@@ -101,6 +102,10 @@ void Complete(Context& ctx, batch::Endpoint endpoint, const httplib::Request& re
   engine::Request er = std::get<engine::Request>(std::move(prepared));
   er.stream = stream;
   const int32_t n_choices = std::max<int32_t>(1, er.n);
+  // A tools request streams its text as it parses: content and tool calls.
+  auto tool_streams = std::make_shared<std::vector<batch::ToolStream>>();
+  if (stream && er.reply_parser)
+    for (int32_t i = 0; i < n_choices; ++i) tool_streams->emplace_back(er.reply_parser);
 
   auto ch = std::make_shared<Channel>();
   ctx.hub->Submit(std::move(er), ch->Callbacks(ch), /*urgent=*/true);
@@ -170,7 +175,22 @@ void Complete(Context& ctx, batch::Endpoint endpoint, const httplib::Request& re
           deltas.swap(ch->deltas);
           if (ch->result) result = std::move(ch->result);
         }
-        for (const auto& [choice, d] : deltas) out += Event(chunk(content(choice, batch::ToValidUtf8(d), nullptr)));
+        for (const auto& [choice, d] : deltas) {
+          if (tool_streams->empty()) {
+            out += Event(chunk(content(choice, batch::ToValidUtf8(d), nullptr)));
+            continue;
+          }
+          for (json& delta : (*tool_streams)[static_cast<size_t>(choice)].Add(d))
+            out += Event(chunk({{"index", choice}, {"delta", std::move(delta)}, {"logprobs", nullptr}, {"finish_reason", nullptr}}));
+        }
+        if (result && result->status.ok() && !tool_streams->empty()) {
+          // The complete answers, read in full: what the partial reads held back.
+          for (size_t i = 0; i < result->choices.size() && i < tool_streams->size(); ++i) {
+            if (result->choices[i].finish != engine::FinishReason::kStop) continue;
+            for (json& delta : (*tool_streams)[i].Add("", /*final=*/true))
+              out += Event(chunk({{"index", i}, {"delta", std::move(delta)}, {"logprobs", nullptr}, {"finish_reason", nullptr}}));
+          }
+        }
         if (result) {
           *finished = true;
           if (!result->status.ok()) {

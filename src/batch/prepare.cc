@@ -2,6 +2,7 @@
 
 #include "batch/embeddings.h"
 
+#include <optional>
 #include <utility>
 
 #include "batch/response.h"
@@ -34,7 +35,28 @@ std::variant<engine::Request, RequestFailure> PrepareRequest(ParsedRequest&& req
     return er;
   }
   std::string prompt = std::move(req.prompt);
-  if (req.endpoint == Endpoint::kChatCompletions) {
+  std::optional<engine::ChatPrompt> tools;  // the template's grammar and parser for tool calls
+  if (req.endpoint == Endpoint::kChatCompletions && engine::NeedsToolRendering(req.messages, req.chat_options)) {
+    engine::ChatOptions& options = req.chat_options;
+    const bool tools_on = !options.tools.empty() && options.tool_choice != engine::ToolChoice::kNone;
+    // With tools on, the template's grammar covers response_format too.
+    if (tools_on && req.response_format != ResponseFormat::kText)
+      options.json_schema = req.response_format == ResponseFormat::kJsonSchema ? req.json_schema : R"({"type":"object"})";
+    auto rendered = engine::RenderChat(model, req.messages, options);
+    if (!rendered.ok()) {
+      const bool unsupported = rendered.status().code() == StatusCode::kFailedPrecondition;
+      return RequestFailure{400, unsupported ? "unsupported" : "invalid_request", rendered.status().message(),
+                            options.tools.empty() ? "messages" : "tools"};
+    }
+    prompt = std::move(rendered->text);
+    if (tools_on) {
+      if (!rendered->grammar.empty())
+        if (Status st = engine::CheckGrammar(model, rendered->grammar); !st.ok())
+          return RequestFailure{400, "invalid_request", "the tools' grammar: " + st.message(), "tools"};
+      tools = std::move(rendered).value();
+      req.response_format = ResponseFormat::kText;
+    }
+  } else if (req.endpoint == Endpoint::kChatCompletions) {
     auto formatted = model.FormatChat(req.messages);
     if (!formatted.ok()) return RequestFailure{400, "unsupported", formatted.status().message(), "messages"};
     prompt = std::move(formatted).value();
@@ -57,6 +79,7 @@ std::variant<engine::Request, RequestFailure> PrepareRequest(ParsedRequest&& req
   er.id = id;
   er.prompt = model.Tokenize(prompt);
   er.sampling = std::move(req.sampling);
+  if (tools) tools->ApplyTo(&er.sampling, &er.reply_parser);
   er.n = req.n;
   er.logprobs = req.logprobs;
   er.top_logprobs = req.top_logprobs;

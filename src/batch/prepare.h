@@ -28,7 +28,9 @@ struct RequestFailure {
 // The {"error":{...}} body of a failure; type "server_error" for 5xx.
 nlohmann::json FailureBody(const RequestFailure& f);
 
-// Renders the chat template (chat endpoint), tokenizes, fills in
+// Renders the chat template (chat endpoint; with tools, or tool calls in
+// the history, through engine::RenderChat, whose grammar, triggers and
+// reply parser the request carries), tokenizes, fills in
 // max_tokens from `default_max_tokens` when the request gives none (0: leave
 // it unlimited), carries n / logprobs over, and turns response_format into
 // a grammar (engine::JsonSchemaToGrammar; a schema it cannot convert, or a

@@ -9,6 +9,7 @@
 #include "batch/limits.h"
 #include "batch/request_params.h"
 #include "batch/response.h"
+#include "batch/tools.h"
 
 namespace kvb::batch {
 
@@ -73,24 +74,16 @@ std::optional<std::string> ContentText(const json& msg, const std::string& role,
   return text;
 }
 
-// The roles a chat template renders. Tool calling is not supported yet: a
-// tool result or a tool call in the history is refused (FailedPrecondition)
-// rather than rendered as plain text, which would change its meaning.
-// *field is the offending member (".role", ".tool_calls", ".function_call").
-Status CheckRole(const json& msg, const std::string& role, std::string* field) {
+// The roles a chat template renders; the legacy "function" role is
+// refused (FailedPrecondition). *field is the offending member.
+Status CheckRole(const std::string& role, std::string* field) {
   *field = ".role";
-  if (role == "tool" || role == "function")
-    return Status::FailedPrecondition("\"" + role + "\" is not supported: kvbatch does not support tool calling yet");
-  if (role != "system" && role != "developer" && role != "user" && role != "assistant")
+  if (role == "function")
+    return Status::FailedPrecondition("\"function\" is the deprecated form of tool results and is not supported: "
+                                      "use \"tool\" messages");
+  if (role != "system" && role != "developer" && role != "user" && role != "assistant" && role != "tool")
     return Status::InvalidArgument("\"" + ToValidUtf8(role.substr(0, 40)) +
-                                   "\" is not a valid role (system, developer, user or assistant)");
-  for (const char* key : {"tool_calls", "function_call"}) {
-    auto it = msg.find(key);
-    if (it != msg.end() && !it->is_null() && !(it->is_array() && it->empty())) {
-      *field = std::string(".") + key;
-      return Status::FailedPrecondition("is not supported: kvbatch does not support tool calling yet");
-    }
-  }
+                                   "\" is not a valid role (system, developer, user, assistant or tool)");
   return Status::Ok();
 }
 
@@ -191,7 +184,9 @@ std::variant<Structure, LineError> ParseStructure(std::string_view text, int64_t
       engine::ChatMessage cm;
       cm.role = role->get<std::string>();
       std::string field;
-      if (Status st = CheckRole(m, cm.role, &field); !st.ok()) {
+      Status st = CheckRole(cm.role, &field);
+      if (st.ok()) st = ParseMessageTools(m, cm.role, &cm, &field);
+      if (!st.ok()) {
         const bool unsupported = st.code() == StatusCode::kFailedPrecondition;
         return Error(line, unsupported ? kUnsupported : kInvalidMessages, where + field + " " + st.message(),
                      where + field, s.custom_id);
@@ -201,6 +196,7 @@ std::variant<Structure, LineError> ParseStructure(std::string_view text, int64_t
       if (!content) return Error(line, kInvalidMessages, where + " " + why, where + ".content", s.custom_id);
       cm.content = std::move(*content);
       prompt_bytes += static_cast<int64_t>(cm.content.size());
+      for (const auto& call : cm.tool_calls) prompt_bytes += static_cast<int64_t>(call.arguments.size());
       if (prompt_bytes > limits.max_prompt_bytes) {
         return Error(line, kInvalidMessages,
                      "body.messages hold more than " + std::to_string(limits.max_prompt_bytes) +
@@ -246,9 +242,13 @@ uint64_t HashFramed(uint64_t h, std::string_view piece) {
 uint64_t PrefixHash(const Structure& s) {
   uint64_t h = HashFramed(Fnv1a64(""), EndpointPath(s.endpoint));
   if (s.endpoint == Endpoint::kChatCompletions) {
+    // The tools are rendered into the prompt (usually the system turn).
+    if (auto tools = s.doc["body"].find("tools"); tools != s.doc["body"].end() && !tools->is_null())
+      h = HashFramed(h, DumpJson(*tools));
     for (size_t i = 0; i + 1 < s.messages.size(); ++i) {
       h = HashFramed(h, s.messages[i].role);
       h = HashFramed(h, s.messages[i].content);
+      for (const auto& call : s.messages[i].tool_calls) h = HashFramed(h, call.name + '\0' + call.arguments);
     }
   } else {
     h = HashFramed(h, std::string_view(s.prompt).substr(0, kCompletionPrefixBytes));
@@ -374,6 +374,7 @@ StatusOr<ParsedRequest> ParseRequest(std::string_view text, std::string* error_p
   if (p.ok()) ParseLogitBias(p, &sp.logit_bias);
   if (p.ok()) ParseLogprobs(p, r.endpoint, &r);
   if (p.ok()) ParseResponseFormat(p, text, &r);
+  if (p.ok() && r.endpoint == Endpoint::kChatCompletions) ParseTools(p, text, &r);
   if (const json* seed = p.Get("seed"); seed != nullptr && p.ok()) {
     if (seed->is_number_unsigned()) {
       sp.seed = seed->get<uint64_t>();

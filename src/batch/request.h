@@ -15,6 +15,7 @@
 
 #include <nlohmann/json_fwd.hpp>
 
+#include "engine/chat_tools.h"
 #include "engine/types.h"
 #include "util/status.h"
 
@@ -68,8 +69,9 @@ struct LineInfo {
 
 // Structural validation of one line (see the codes above). Never throws,
 // never recurses over the input (nesting is bounded by batch/limits.h first).
-// Roles must be system, developer, user or assistant (tool calling is not
-// supported yet: "tool"/"function" roles and tool_calls are kUnsupported).
+// Roles must be system, developer, user, assistant or tool. An assistant
+// message may carry tool_calls, a tool message needs its tool_call_id
+// (batch/tools.h); the legacy "function" role and function_call are kUnsupported.
 // Content parts must all be {"type":"text","text":<string>}; an assistant
 // message may have null content. At most Limits::max_messages messages and
 // Limits::max_prompt_bytes of text.
@@ -94,6 +96,7 @@ struct ParsedRequest {
   int32_t top_logprobs = 0;                   // alternatives per token (0..kMaxTopLogprobs)
   ResponseFormat response_format = ResponseFormat::kText;
   std::string json_schema;                    // kJsonSchema: the schema as JSON text, keys in input order
+  engine::ChatOptions chat_options;           // tools, tool_choice, parallel_tool_calls
   // Embeddings: the inputs, as texts or as token ids (one of the two), and
   // encoding_format "base64" (little-endian float32) instead of "float".
   std::vector<std::string> inputs;
@@ -121,9 +124,10 @@ struct ParsedRequest {
 //   seed: a 64-bit integer (negative values are taken modulo 2^64), model: a
 //   string, metadata: an object of string values (Limits). Integers may be
 //   written as integral floats (5.0). Fields that would change the answer
-//   and are not supported (tools, tool_choice, functions, function_call,
-//   audio, modalities other than text, prediction, web_search_options;
-//   completions: echo, suffix, best_of > 1) are a 400 naming the field.
+//   and are not supported (the legacy functions / function_call, audio,
+//   modalities other than text, prediction, web_search_options;
+//   completions: tools, echo, suffix, best_of > 1) are a 400 naming the
+//   field. Chat: tools, tool_choice and parallel_tool_calls (batch/tools.h).
 //   Other unknown fields are ignored: OpenAI clients send many. Schemas are
 //   bounded by Limits (size, enum values, repetition counts).
 StatusOr<ParsedRequest> ParseRequest(std::string_view text, std::string* error_param = nullptr);

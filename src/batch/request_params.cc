@@ -161,12 +161,15 @@ void ParseResponseFormat(Params& p, std::string_view line, ParsedRequest* r) {
 // Fields that would change the answer and that kvbatch cannot honour yet:
 // a 400 naming the field, never silently ignored.
 void RejectUnsupported(Params& p, Endpoint endpoint) {
-  for (const char* name : {"tools", "tool_choice", "functions", "function_call", "audio", "prediction",
-                           "web_search_options"}) {
+  for (const char* name : {"audio", "prediction", "web_search_options"}) {
     if (p.Get(name) != nullptr)
-      return p.Fail(name, std::string("'") + name + "' is not supported by kvbatch yet (tool calling, audio, "
+      return p.Fail(name, std::string("'") + name + "' is not supported by kvbatch yet (audio, "
                                                     "predicted outputs and web search are not available).");
   }
+  if (endpoint == Endpoint::kCompletions)
+    for (const char* name : {"tools", "tool_choice", "functions", "function_call"})
+      if (p.Get(name) != nullptr)
+        return p.Fail(name, std::string("'") + name + "' is a chat parameter: /v1/completions has no tools.");
   if (const json* m = p.Get("modalities")) {
     const bool text_only = m->is_array() && std::all_of(m->begin(), m->end(), [](const json& x) { return x == "text"; });
     if (!text_only) return p.Fail("modalities", "'modalities' other than [\"text\"] are not supported by kvbatch.");

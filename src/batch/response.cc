@@ -209,12 +209,35 @@ json ChatCompletionBody(const engine::Result& r, std::string_view model, int64_t
   for (size_t i = 0; i < all.size(); ++i) {
     const engine::Choice& c = all[i];
     json message = {{"role", "assistant"}, {"content", Str(c.text)}, {"refusal", nullptr}};
+    std::string finish = engine::FinishReasonName(c.finish);
+    // A tools request: the template's format read back. An answer cut by
+    // max_tokens stays text (its call would be incomplete).
+    if (r.reply_parser && c.finish == engine::FinishReason::kStop) {
+      engine::ParsedReply reply = r.reply_parser->Parse(c.text, false);
+      message["content"] = reply.content.empty() && !reply.tool_calls.empty() ? json(nullptr) : Str(reply.content);
+      if (!reply.reasoning.empty()) message["reasoning_content"] = Str(reply.reasoning);
+      if (!reply.tool_calls.empty()) {
+        json calls = json::array();
+        for (engine::ToolCall& call : reply.tool_calls) {
+          if (call.id.empty()) call.id = NewId("call_");
+          calls.push_back(ToolCallJson(call));
+        }
+        message["tool_calls"] = std::move(calls);
+        finish = "tool_calls";
+      }
+    }
     choices.push_back(json{{"index", i},
                            {"message", std::move(message)},
                            {"logprobs", r.logprobs ? ChatLogprobs(c) : json(nullptr)},
-                           {"finish_reason", engine::FinishReasonName(c.finish)}});
+                           {"finish_reason", finish}});
   }
   return CompletionObject("chat.completion", std::move(choices), r, model, created, id, system_fingerprint);
+}
+
+json ToolCallJson(const engine::ToolCall& call) {
+  return json{{"id", Str(call.id)},
+              {"type", "function"},
+              {"function", json{{"name", Str(call.name)}, {"arguments", Str(call.arguments)}}}};
 }
 
 json TextCompletionBody(const engine::Result& r, std::string_view model, int64_t created, std::string_view id,

@@ -10,6 +10,7 @@
 #include <string>
 #include <string_view>
 
+#include "engine/chat_tools.h"
 #include "engine/types.h"
 
 namespace kvb::batch {
@@ -18,6 +19,11 @@ namespace kvb::batch {
 //  "message":{"role":"assistant","content":r.text,"refusal":null},"logprobs":null,
 //  "finish_reason":"stop"|"length"}],"usage":{...},"system_fingerprint"}.
 // One choice per r.choices (by index; r.text/r.finish when it is empty).
+// A tools request (r.reply_parser) that stopped: the text is read back by
+// the template's parser; tool calls give "tool_calls":[ToolCallJson...]
+// (ids "call_<hex>" unless the model wrote one), content null when there
+// is no text beside them, finish_reason "tool_calls", and reasoning the
+// template marks as "reasoning_content".
 // With r.logprobs: "logprobs":{"content":[{"token","logprob","bytes":[ints],
 // "top_logprobs":[{"token","logprob","bytes"}]}],"refusal":null}; a logprob
 // of -inf is written -9999.0, as OpenAI does.
@@ -26,6 +32,9 @@ namespace kvb::batch {
 // An empty system_fingerprint is written as null (as vLLM does).
 nlohmann::json ChatCompletionBody(const engine::Result& r, std::string_view model, int64_t created, std::string_view id,
                                   std::string_view system_fingerprint = {});
+
+// {"id","type":"function","function":{"name","arguments"}}.
+nlohmann::json ToolCallJson(const engine::ToolCall& call);
 
 // {"id","object":"text_completion","created","model","choices":[{"text","index":0,
 //  "logprobs":null,"finish_reason"}],"usage":{... as above},"system_fingerprint"}.

@@ -61,6 +61,8 @@ class Backend {
   virtual std::unique_ptr<Sampler> NewSampler(const SamplingParams& params) = 0;
   virtual bool IsEndOfGeneration(Token t) const = 0;
   virtual std::string Piece(Token t) const = 0;
+  // A special token's own text (<tool_call>, ...), for SamplingParams::preserved_tokens.
+  virtual std::string SpecialPiece(Token t) const { return Piece(t); }
 };
 
 }  // namespace kvb::engine

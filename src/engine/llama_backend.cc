@@ -138,14 +138,41 @@ std::unique_ptr<Sampler> LlamaBackend::NewSampler(const SamplingParams& p) {
   if (!trie_) trie_ = VocabTrie::Build(model_->vocab());
   // A job usually has one schema for thousands of requests: parse each
   // distinct grammar once and clone it per request.
-  auto it = grammars_.find(p.grammar);
+  // Tool calls add a trigger set (lazy) or prefilled tokens: part of the key.
+  std::string key = p.grammar;
+  if (p.grammar_lazy || !p.grammar_prefill.empty()) {
+    key += p.grammar_lazy ? "\0lazy" : "\0prefill";
+    for (const std::string& pattern : p.grammar_trigger_patterns) key += "\0p" + pattern;
+    for (Token t : p.grammar_trigger_tokens) key += "\0t" + std::to_string(t);
+    for (Token t : p.grammar_prefill) key += "\0f" + std::to_string(t);
+  }
+  auto it = grammars_.find(key);
   if (it == grammars_.end()) {
     if (grammars_.size() >= kMaxCachedGrammars) ClearGrammars();
-    llama_sampler* g = llama_sampler_init_grammar(model_->vocab(), p.grammar.c_str(), "root");
-    it = grammars_.emplace(p.grammar, g).first;
+    it = grammars_.emplace(key, NewGrammar(p)).first;
   }
   if (it->second == nullptr) return nullptr;
   return NewLlamaSampler(n_vocab_, p, it->second, trie_.get());
+}
+
+llama_sampler* LlamaBackend::NewGrammar(const SamplingParams& p) const {
+  if (!p.grammar_lazy) {
+    llama_sampler* g = llama_sampler_init_grammar(model_->vocab(), p.grammar.c_str(), "root");
+    // The template's start of the assistant turn, which the grammar covers.
+    try {
+      for (Token t : p.grammar_prefill)
+        if (g) llama_sampler_accept(g, t);
+    } catch (const std::exception&) {
+      llama_sampler_free(g);  // the grammar does not start with it: the request fails, alone
+      return nullptr;
+    }
+    return g;
+  }
+  std::vector<const char*> patterns;
+  for (const std::string& s : p.grammar_trigger_patterns) patterns.push_back(s.c_str());
+  return llama_sampler_init_grammar_lazy_patterns(model_->vocab(), p.grammar.c_str(), "root", patterns.data(),
+                                                  patterns.size(), p.grammar_trigger_tokens.data(),
+                                                  p.grammar_trigger_tokens.size());
 }
 
 void LlamaBackend::ClearGrammars() {

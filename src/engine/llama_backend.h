@@ -59,6 +59,7 @@ class LlamaBackend : public Backend {
   std::unique_ptr<Sampler> NewSampler(const SamplingParams& params) override;
   bool IsEndOfGeneration(Token t) const override;
   std::string Piece(Token t) const override { return model_->Piece(t); }
+  std::string SpecialPiece(Token t) const override { return model_->Piece(t, /*special=*/true); }
 
   const ContextInfo& info() const { return info_; }
   // Free and total memory of the device holding the KV cache (bytes).
@@ -71,7 +72,8 @@ class LlamaBackend : public Backend {
 
   const Model* model_ = nullptr;
   // Parsed grammars by GBNF text (null: does not parse), cloned per request.
-  std::unordered_map<std::string, llama_sampler*> grammars_;
+  std::unordered_map<std::string, llama_sampler*> grammars_;  // by grammar, triggers and prefill
+  llama_sampler* NewGrammar(const SamplingParams& p) const;   // null when it does not parse
   std::unique_ptr<VocabTrie> trie_;  // built on the first grammar request
   llama_context* ctx_ = nullptr;
   int32_t n_vocab_ = 0;

@@ -155,16 +155,23 @@ std::vector<Token> Model::Tokenize(std::string_view text) const {
   return out;
 }
 
-std::string Model::Piece(Token t) const {
+std::string Model::Piece(Token t, bool special) const {
   char buf[256];
-  int32_t n = llama_token_to_piece(vocab_, t, buf, sizeof(buf), 0, /*special=*/false);
+  int32_t n = llama_token_to_piece(vocab_, t, buf, sizeof(buf), 0, special);
   if (n < 0) {
     std::string big(-n, '\0');
-    n = llama_token_to_piece(vocab_, t, big.data(), static_cast<int32_t>(big.size()), 0, false);
+    n = llama_token_to_piece(vocab_, t, big.data(), static_cast<int32_t>(big.size()), 0, special);
     big.resize(std::max(0, n));
     return big;
   }
   return std::string(buf, n);
+}
+
+const common_chat_templates* Model::chat_templates() const {
+#ifdef KVBATCH_HAVE_LLAMA_COMMON
+  if (jinja_) return jinja_->templates.get();
+#endif
+  return nullptr;
 }
 
 int32_t Model::n_ctx_train() const { return llama_model_n_ctx_train(model_); }

@@ -12,6 +12,7 @@
 
 struct llama_model;
 struct llama_vocab;
+struct common_chat_templates;
 
 struct ggml_backend_device;
 
@@ -41,7 +42,8 @@ class Model {
   // Tokens of a prompt; special tokens in the text are parsed, BOS added
   // when the model wants one.
   std::vector<Token> Tokenize(std::string_view text) const;
-  std::string Piece(Token t) const;
+  // A token's text; `special`: control tokens as their text, else as nothing.
+  std::string Piece(Token t, bool special = false) const;
 
   const std::string& name() const { return name_; }  // ModelOptions::name, or the file name without .gguf
   int32_t n_ctx_train() const;
@@ -51,6 +53,11 @@ class Model {
   bool on_gpu() const { return on_gpu_; }
   // The GPU holding it (its memory sizes the KV cache); null on the CPU.
   ggml_backend_device* gpu() const { return gpu_; }
+
+  // llama.cpp's parsed Jinja templates (engine/chat_tools.h renders tools with
+  // them); null when the model has no template or kvbatch was built without
+  // llama.cpp's common library.
+  const common_chat_templates* chat_templates() const;
 
   llama_model* raw() const { return model_; }
   const llama_vocab* vocab() const { return vocab_; }

@@ -139,6 +139,7 @@ void Scheduler::Fail(Request& r, Status status) {
   res.id = r.id;
   res.status = std::move(status);
   res.prompt_tokens = static_cast<int32_t>(r.prompt.size());
+  res.reply_parser = r.reply_parser;
   res.timing = TimingOf(r, 0, 0);
   ++stats_.requests_failed;
   on_result_(std::move(res));

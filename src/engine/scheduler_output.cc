@@ -29,6 +29,7 @@ void Scheduler::FinishChoice(Seq& s) {
   res.prompt_tokens = static_cast<int32_t>(g.req.prompt.size());
   res.cached_tokens = g.cached;
   res.logprobs = g.req.logprobs;
+  res.reply_parser = g.req.reply_parser;
   res.top_logits = std::move(g.top_logits);
   for (const Choice& ch : g.choices) res.completion_tokens += static_cast<int32_t>(ch.tokens.size());
   res.choices = std::move(g.choices);
@@ -83,7 +84,8 @@ bool Scheduler::Accept(Seq& s, Token t) {
   ++stats_.generated_tokens;
   if (s.group->first_token_ns == 0) s.group->first_token_ns = SteadyNowNs();
   const size_t before = s.text.size();
-  s.text += backend_->Piece(t);
+  const auto& keep = s.req().sampling.preserved_tokens;
+  s.text += std::binary_search(keep.begin(), keep.end(), t) ? backend_->SpecialPiece(t) : backend_->Piece(t);
   // The earliest match of any stop string, not the first string listed
   // that matches: the text is cut before every stop string.
   size_t cut = std::string::npos;

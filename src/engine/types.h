@@ -3,6 +3,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -13,10 +14,21 @@ namespace kvb::engine {
 
 using Token = int32_t;
 
-struct ChatMessage {
-  std::string role;     // "system", "user", "assistant", ...
-  std::string content;  // plain text (multi-part content is joined by the caller)
+// A function call, in an assistant message of the history or in an answer.
+struct ToolCall {
+  std::string id;
+  std::string name;
+  std::string arguments;  // JSON text, as the model wrote it
 };
+
+struct ChatMessage {
+  std::string role;     // "system", "user", "assistant", "tool", ...
+  std::string content;  // plain text (multi-part content is joined by the caller)
+  std::vector<ToolCall> tool_calls;  // an assistant turn that called tools
+  std::string tool_call_id;          // a "tool" message: the call it answers
+};
+
+class ReplyParser;  // engine/chat_tools.h: turns a tools request's text into content and tool calls
 
 // Per-request sampling. Defaults follow OpenAI's.
 struct SamplingParams {
@@ -33,6 +45,20 @@ struct SamplingParams {
   // GBNF grammar (root rule "root") the output must follow; empty = none.
   // See engine/grammar.h for JSON schemas.
   std::string grammar;
+  // A lazy grammar (tool calls with tool_choice "auto") constrains nothing
+  // until the output matches one of the trigger patterns (regular
+  // expressions, llama.cpp's lazy-grammar syntax) or a trigger token is
+  // sampled; then the rest follows the grammar.
+  bool grammar_lazy = false;
+  std::vector<std::string> grammar_trigger_patterns;
+  std::vector<Token> grammar_trigger_tokens;
+  // Tokens the chat template put at the start of the assistant's turn that
+  // the grammar also covers: a (non-lazy) grammar has accepted them before
+  // the first sampled token.
+  std::vector<Token> grammar_prefill;
+  // Special tokens kept in the text (a tool call's markers, such as
+  // <tool_call>), which are otherwise rendered as nothing. Sorted.
+  std::vector<Token> preserved_tokens;
 };
 
 // The seed of choice `index` of a request seeded with `seed`: choice 0 uses
@@ -91,6 +117,9 @@ struct Request {
   // the model says (or --pooling). embed_base64 is echoed in the Result.
   std::vector<std::vector<Token>> embed;
   bool embed_base64 = false;
+  // A chat request with tools: how its text becomes content and tool calls
+  // (the engine only carries it to the Result).
+  std::shared_ptr<const ReplyParser> reply_parser;
 };
 
 struct TokenProb {
@@ -126,6 +155,7 @@ struct Result {
   std::vector<std::pair<Token, float>> top_logits;  // when capture_top_logits > 0, best first
   std::vector<std::vector<float>> embeddings;       // an embeddings request: one unit vector per input
   bool embed_base64 = false;
+  std::shared_ptr<const ReplyParser> reply_parser;  // Request::reply_parser
   // Seconds from submission (Request::submitted_ns) to admission, to the
   // first generated token and to the Result; -1 where it did not happen.
   struct Timing {

@@ -423,18 +423,27 @@ test('out-of-range values', async (t) => {
 
 test('unsupported fields, roles and content parts', async (t) => {
   const fields = [
-    ['tools', [{ type: 'function', function: { name: 'f', parameters: { type: 'object' } } }]],
     ['tools', []],
-    ['tool_choice', 'auto'],
-    ['tool_choice', 'none'],
+    ['tools', [{ type: 'function', function: { name: 'no spaces', parameters: { type: 'object' } } }], 'tools[0].function.name'],
+    ['tools', [{ type: 'function', function: { name: 'f', parameters: { type: 'object', properties: { x: { $ref: '#/nowhere' } } } } }]],
+    ['tool_choice', 'required'],
     ['functions', [{ name: 'f', parameters: { type: 'object' } }]],
     ['function_call', 'auto'],
   ];
-  for (const [field, v] of fields) {
+  for (const [field, v, param] of fields) {
     await kase(t, `${field}: ${JSON.stringify(v)}`, async () => {
-      check(await call('POST', CHAT, { json: chatBody({ [field]: v }) }), E400(field));
+      check(await call('POST', CHAT, { json: chatBody({ [field]: v }) }), E400(param ?? field));
     });
   }
+  await kase(t, 'a tool call and its result in the history (valid)', async () => {
+    const messages = [
+      { role: 'user', content: 'hi' },
+      { role: 'assistant', content: null, tool_calls: [{ id: 'c1', type: 'function', function: { name: 'f', arguments: '{}' } }] },
+      { role: 'tool', tool_call_id: 'c1', content: '42' },
+    ];
+    const tools = [{ type: 'function', function: { name: 'f', parameters: { type: 'object' } } }];
+    check(await call('POST', CHAT, { json: chatBody({ messages, tools }) }), OK_CHAT);
+  });
   const messages = [
     ['role "wizard"', [{ role: 'wizard', content: 'hi' }], 'messages[0].role'],
     ['role "wizard" second', [{ role: 'user', content: 'hi' }, { role: 'wizard', content: 'abracadabra' }], 'messages[1].role'],

@@ -80,20 +80,78 @@ TEST(HostileLine, UnknownRoleIsRejectedNamingTheField) {
   EXPECT_EQ(std::get<LineError>(r).code, kInvalidMessages);
 }
 
-TEST(HostileLine, ToolMessagesAreUnsupportedNotRenderedAsText) {
-  json line = Chat();
-  line["body"]["messages"].push_back({{"role", "tool"}, {"content", "42"}, {"tool_call_id", "t"}});
-  auto r = ValidateLine(line.dump(), 1);
-  ASSERT_TRUE(std::holds_alternative<LineError>(r));
-  EXPECT_EQ(std::get<LineError>(r).code, kUnsupported);
-  EXPECT_EQ(std::get<LineError>(r).param, "body.messages[1].role");
+TEST(HostileLine, ToolCallsAndToolResultsInTheHistoryAreCheckedField_by_field) {
+  auto error = [](const json& line) {
+    auto r = ValidateLine(line.dump(), 1);
+    return std::holds_alternative<LineError>(r) ? std::get<LineError>(r) : LineError{};
+  };
+  json ok = Chat();
+  ok["body"]["messages"].push_back(
+      {{"role", "assistant"},
+       {"content", nullptr},
+       {"tool_calls", {{{"id", "t"}, {"type", "function"}, {"function", {{"name", "f"}, {"arguments", "{}"}}}}}}});
+  ok["body"]["messages"].push_back({{"role", "tool"}, {"content", "42"}, {"tool_call_id", "t"}});
+  EXPECT_EQ(error(ok).code, "");
 
-  json calls = Chat();
-  calls["body"]["messages"].push_back(
+  json no_id = Chat();
+  no_id["body"]["messages"].push_back({{"role", "tool"}, {"content", "42"}});
+  EXPECT_EQ(error(no_id).code, kInvalidMessages);
+  EXPECT_EQ(error(no_id).param, "body.messages[1].tool_call_id");
+
+  json no_fn = Chat();
+  no_fn["body"]["messages"].push_back(
       {{"role", "assistant"}, {"content", nullptr}, {"tool_calls", json::array({{{"id", "t"}}})}});
-  r = ValidateLine(calls.dump(), 1);
-  ASSERT_TRUE(std::holds_alternative<LineError>(r));
-  EXPECT_EQ(std::get<LineError>(r).param, "body.messages[1].tool_calls");
+  EXPECT_EQ(error(no_fn).param, "body.messages[1].tool_calls[0]");
+  EXPECT_NE(error(no_fn).message.find(".function"), std::string::npos);
+
+  json bad_args = ok;
+  bad_args["body"]["messages"][1]["tool_calls"][0]["function"]["arguments"] = 5;
+  EXPECT_EQ(error(bad_args).param, "body.messages[1].tool_calls[0]");
+
+  json user_calls = ok;
+  user_calls["body"]["messages"][1]["role"] = "user";
+  EXPECT_EQ(error(user_calls).param, "body.messages[1].tool_calls");
+
+  // The deprecated forms are refused, not rendered as text.
+  json function_role = Chat();
+  function_role["body"]["messages"].push_back({{"role", "function"}, {"content", "42"}, {"name", "f"}});
+  EXPECT_EQ(error(function_role).code, kUnsupported);
+  EXPECT_EQ(error(function_role).param, "body.messages[1].role");
+  json function_call = Chat();
+  function_call["body"]["messages"].push_back(
+      {{"role", "assistant"}, {"content", nullptr}, {"function_call", {{"name", "f"}, {"arguments", "{}"}}}});
+  EXPECT_EQ(error(function_call).code, kUnsupported);
+  EXPECT_EQ(error(function_call).param, "body.messages[1].function_call");
+}
+
+TEST(HostileParams, ToolsToolChoiceAndParallelToolCallsAreCheckedField_by_field) {
+  const json route = {{"type", "function"},
+                      {"function", {{"name", "route"}, {"parameters", {{"type", "object"}}}}}};
+  EXPECT_EQ(ParamError(Chat({{"tools", {route}}, {"tool_choice", "required"}, {"parallel_tool_calls", false}})), "");
+  EXPECT_EQ(ParamError(Chat({{"tools", {route}},
+                             {"tool_choice", {{"type", "function"}, {"function", {{"name", "route"}}}}}})),
+            "");
+  EXPECT_EQ(ParamError(Chat({{"tools", json::array()}})), "tools");
+  EXPECT_EQ(ParamError(Chat({{"tools", "route"}})), "tools");
+  EXPECT_EQ(ParamError(Chat({{"tools", {{{"type", "function"}}}}})), "tools[0].function");
+  EXPECT_EQ(ParamError(Chat({{"tools", {{{"type", "retrieval"}}}}})), "tools[0].type");
+  json bad_name = route;
+  bad_name["function"]["name"] = "route me";
+  EXPECT_EQ(ParamError(Chat({{"tools", {bad_name}}})), "tools[0].function.name");
+  EXPECT_EQ(ParamError(Chat({{"tools", {route, route}}})), "tools[1].function.name");
+  json bad_params = route;
+  bad_params["function"]["parameters"] = "object";
+  EXPECT_EQ(ParamError(Chat({{"tools", {bad_params}}})), "tools[0].function.parameters");
+  EXPECT_EQ(ParamError(Chat({{"tools", {route}}, {"tool_choice", "sometimes"}})), "tool_choice");
+  EXPECT_EQ(ParamError(Chat({{"tools", {route}},
+                             {"tool_choice", {{"type", "function"}, {"function", {{"name", "other"}}}}}})),
+            "tool_choice");
+  EXPECT_EQ(ParamError(Chat({{"tool_choice", "required"}})), "tool_choice");
+  EXPECT_EQ(ParamError(Chat({{"tool_choice", "none"}})), "");
+  EXPECT_EQ(ParamError(Chat({{"tools", {route}}, {"parallel_tool_calls", "yes"}})), "parallel_tool_calls");
+  json completion = {{"custom_id", "c"}, {"method", "POST"}, {"url", "/v1/completions"},
+                     {"body", {{"prompt", "p"}, {"tools", {route}}}}};
+  EXPECT_EQ(ParamError(completion), "tools");
 }
 
 TEST(HostileLine, DeveloperRoleAndEmptyToolCallsAreFine) {
@@ -123,7 +181,7 @@ TEST(HostileLine, TooManyMessagesOrTooMuchTextNamesTheLimit) {
 }
 
 TEST(HostileParams, UnsupportedFieldsAreA400NamingThem) {
-  for (const char* field : {"tools", "tool_choice", "functions", "function_call", "audio", "prediction"}) {
+  for (const char* field : {"functions", "function_call", "audio", "prediction"}) {
     EXPECT_EQ(ParamError(Chat({{field, json::array({{{"type", "function"}}})}})), field);
   }
   EXPECT_EQ(ParamError(Chat({{"modalities", {"text", "audio"}}})), "modalities");
