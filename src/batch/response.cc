@@ -220,6 +220,9 @@ json ChatCompletionBody(const engine::Result& r, std::string_view model, int64_t
         json calls = json::array();
         for (engine::ToolCall& call : reply.tool_calls) {
           if (call.id.empty()) call.id = NewId("call_");
+          // Compact, in the order written (the grammar allows free whitespace).
+          auto args = nlohmann::ordered_json::parse(call.arguments, nullptr, false);
+          if (!args.is_discarded()) call.arguments = args.dump(-1, ' ', false, nlohmann::ordered_json::error_handler_t::replace);
           calls.push_back(ToolCallJson(call));
         }
         message["tool_calls"] = std::move(calls);

@@ -72,6 +72,8 @@ const Template kTemplates[] = {
      "[TOOL_CALLS][{\"name\": \"route\", \"arguments\": {\"team\": \"tech\", \"urgent\": true}, \"id\": \"a1b2c3d4e\"}]"},
 };
 
+void PrintTo(const Template& t, std::ostream* os) { *os << t.file; }
+
 // A tiny model with the template, generated once per test process.
 const std::string& ModelWith(const Template& t) {
   static std::map<std::string, std::string> made;
