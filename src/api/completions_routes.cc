@@ -50,7 +50,7 @@ struct Channel {
 std::string Event(const json& j) { return "data: " + batch::DumpJson(j) + "\n\n"; }
 
 void Complete(Context& ctx, batch::Endpoint endpoint, const httplib::Request& req, httplib::Response& res) {
-  if (ctx.hub == nullptr)
+  if (ctx.hub == nullptr && ctx.router == nullptr)
     return SendError(res, 503,
                      "This node has no model: it keeps batches only. Send online requests to a node started with "
                      "-m (kvbatch serve -m MODEL --store ...).",
@@ -95,8 +95,24 @@ void Complete(Context& ctx, batch::Endpoint endpoint, const httplib::Request& re
     if (param.rfind("body.", 0) == 0) param.erase(0, 5);
     return SendError(res, 400, parsed.status().message(), "invalid_request", param);
   }
-  const uint64_t id = ctx.hub->NextId();
-  auto prepared = batch::PrepareRequest(std::move(parsed).value(), *ctx.model, ctx.options.default_max_tokens, id);
+  // Several models: the body's "model" picks one (loaded if need be); held
+  // until the answer is sent, so it is not unloaded under the request.
+  std::shared_ptr<worker::EngineHub> hold;
+  worker::EngineHub* hub = ctx.hub;
+  const engine::Model* served = ctx.model;
+  if (ctx.router) {
+    auto acquired = ctx.router->Acquire(parsed->model);
+    if (!acquired.ok()) {
+      const bool unknown = acquired.status().code() == StatusCode::kNotFound;
+      return SendError(res, unknown ? 404 : 503, acquired.status().message(),
+                       unknown ? "model_not_found" : "model_not_loaded", "model");
+    }
+    hold = std::move(acquired).value();
+    hub = hold.get();
+    served = hub->model();
+  }
+  const uint64_t id = hub->NextId();
+  auto prepared = batch::PrepareRequest(std::move(parsed).value(), *served, ctx.options.default_max_tokens, id);
   if (auto* f = std::get_if<batch::RequestFailure>(&prepared))
     return SendJson(res, f->http_status, batch::FailureBody(*f));
   engine::Request er = std::get<engine::Request>(std::move(prepared));
@@ -108,9 +124,9 @@ void Complete(Context& ctx, batch::Endpoint endpoint, const httplib::Request& re
     for (int32_t i = 0; i < n_choices; ++i) tool_streams->emplace_back(er.reply_parser);
 
   auto ch = std::make_shared<Channel>();
-  ctx.hub->Submit(std::move(er), ch->Callbacks(ch), /*urgent=*/true);
+  hub->Submit(std::move(er), ch->Callbacks(ch), /*urgent=*/true);
   const int64_t created = static_cast<int64_t>(std::time(nullptr));
-  const std::string model = ctx.model->name();
+  const std::string model = served->name();
 
   if (!stream) {
     // Nothing is written until the answer is there, so a client that goes
@@ -120,7 +136,7 @@ void Complete(Context& ctx, batch::Endpoint endpoint, const httplib::Request& re
     while (!ch->cv.wait_for(lock, std::chrono::milliseconds(250), [&] { return ch->result.has_value(); })) {
       if (!watch.Gone()) continue;
       lock.unlock();
-      ctx.hub->Cancel(id);
+      hub->Cancel(id);
       lock.lock();
       ch->cv.wait(lock, [&] { return ch->result.has_value(); });
       return;  // nobody to answer
@@ -214,10 +230,11 @@ void Complete(Context& ctx, batch::Endpoint endpoint, const httplib::Request& re
         if (*finished) sink.done();
         return true;
       },
-      [=, &ctx](bool) {
+      [=](bool) {
         (void)slot;  // held until the stream ends
+        (void)hold;  // and the model with it
         // The client went away before the end: stop generating for it.
-        if (!*finished) ctx.hub->Cancel(id);
+        if (!*finished) hub->Cancel(id);
       });
 }
 

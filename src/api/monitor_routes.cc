@@ -95,6 +95,9 @@ void AddMonitorRoutes(httplib::Server& http, Context& ctx) {
   http.Get("/v1/engines", [&ctx](const httplib::Request&, httplib::Response& res) {
     json data = json::array();
     for (size_t i = 0; i < ctx.engines.size(); ++i) data.push_back(EngineObject(i, Snapshot(*ctx.engines[i])));
+    if (ctx.router)
+      for (int i = 0; i < static_cast<int>(ctx.router->specs().size()); ++i)
+        data.push_back(EngineObject(static_cast<size_t>(i), RouterSnapshot(*ctx.router, i)));
     const int64_t now = static_cast<int64_t>(std::time(nullptr));
     json node = {{"rss_bytes", metrics::ResidentBytes()},
                  {"uptime_seconds", now - ctx.started_at},

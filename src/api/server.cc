@@ -202,19 +202,27 @@ Server::Server(Context context) : ctx_(std::move(context)), http_(std::make_uniq
   });
 
   http.Get("/health", [](const httplib::Request&, httplib::Response& res) { SendJson(res, 200, {{"status", "ok"}}); });
-  auto model_object = [this] {
-    return json{{"id", ctx_.model->name()}, {"object", "model"}, {"created", ctx_.started_at}, {"owned_by", "kvbatch"}};
+  auto model_object = [this](const std::string& id) {
+    return json{{"id", id}, {"object", "model"}, {"created", ctx_.started_at}, {"owned_by", "kvbatch"}};
   };
-  // An API node without a model lists none.
-  http.Get("/v1/models", [this, model_object](const httplib::Request&, httplib::Response& res) {
-    SendJson(res, 200, {{"object", "list"}, {"data", ctx_.model ? json::array({model_object()}) : json::array()}});
+  // Every model this node serves (several with a router; an API node without a model lists none).
+  auto names = [this] {
+    std::vector<std::string> out;
+    if (ctx_.router)
+      for (const auto& s : ctx_.router->specs()) out.push_back(s.name);
+    else if (ctx_.model)
+      out.push_back(ctx_.model->name());
+    return out;
+  };
+  http.Get("/v1/models", [model_object, names](const httplib::Request&, httplib::Response& res) {
+    json data = json::array();
+    for (const std::string& n : names()) data.push_back(model_object(n));
+    SendJson(res, 200, {{"object", "list"}, {"data", std::move(data)}});
   });
-  http.Get(R"(/v1/models/([^/]+))", [this, model_object](const httplib::Request& req, httplib::Response& res) {
-    if (ctx_.model == nullptr || req.matches[1] != ctx_.model->name()) {
-      SendError(res, 404, "The model '" + req.matches[1].str() + "' does not exist.", "model_not_found", "model");
-      return;
-    }
-    SendJson(res, 200, model_object());
+  http.Get(R"(/v1/models/([^/]+))", [model_object, names](const httplib::Request& req, httplib::Response& res) {
+    for (const std::string& n : names())
+      if (req.matches[1] == n) return SendJson(res, 200, model_object(n));
+    SendError(res, 404, "The model '" + req.matches[1].str() + "' does not exist.", "model_not_found", "model");
   });
   AddFileRoutes(http, ctx_);
   AddBatchRoutes(http, ctx_);
@@ -258,6 +266,14 @@ void Server::Stop() {
 
 metrics::DriverSample DriverSampleOf(const worker::RunnerStats& s) {
   return {s.chunks_claimed, s.chunks_lost, s.results_committed, s.results_dropped, s.errors_by_code};
+}
+
+metrics::EngineSnapshot RouterSnapshot(worker::ModelRouter& router, int index) {
+  if (auto hub = router.LoadedHub(index)) return Snapshot(*hub);
+  metrics::EngineSnapshot s;
+  s.model = router.specs()[static_cast<size_t>(index)].name;
+  s.device = "not loaded";
+  return s;
 }
 
 metrics::EngineSnapshot Snapshot(const worker::EngineHub& hub) {

@@ -15,6 +15,7 @@
 #include "store/store.h"
 #include "util/status.h"
 #include "worker/batch_driver.h"
+#include "worker/model_router.h"
 #include "worker/engine_hub.h"
 
 namespace httplib {
@@ -53,6 +54,7 @@ struct Context {
   worker::EngineHub* hub = nullptr;
   worker::BatchDriver* driver = nullptr;
   const engine::Model* model = nullptr;  // null with hub: an API node without a model
+  worker::ModelRouter* router = nullptr;  // several models: hub and model are null, requests pick one
   ServerOptions options;
   int64_t started_at = 0;
   // Online completions running now (bounded by options.max_online_requests).
@@ -65,6 +67,9 @@ struct Context {
 
 // What an engine looks like now, for /metrics and /v1/engines.
 metrics::EngineSnapshot Snapshot(const worker::EngineHub& hub);
+// The router's model `index`: its engine's snapshot, or zeros naming it
+// while it is not loaded.
+metrics::EngineSnapshot RouterSnapshot(worker::ModelRouter& router, int index);
 // A batch driver's counters as /metrics reads them (serve, worker and run).
 metrics::DriverSample DriverSampleOf(const worker::RunnerStats& s);
 

@@ -241,6 +241,10 @@ uint64_t HashFramed(uint64_t h, std::string_view piece) {
 
 uint64_t PrefixHash(const Structure& s) {
   uint64_t h = HashFramed(Fnv1a64(""), EndpointPath(s.endpoint));
+  // Lines for different models never share a prefix; grouping by model
+  // also runs a mixed batch model by model (kvbatch serve -m A -m B).
+  if (auto m = s.doc["body"].find("model"); m != s.doc["body"].end() && m->is_string())
+    h = HashFramed(h, m->get_ref<const std::string&>());
   if (s.endpoint == Endpoint::kChatCompletions) {
     // The tools are rendered into the prompt (usually the system turn).
     if (auto tools = s.doc["body"].find("tools"); tools != s.doc["body"].end() && !tools->is_null())

@@ -60,7 +60,7 @@ struct LineInfo {
   std::string custom_id;
   Endpoint endpoint = Endpoint::kChatCompletions;
   // Groups requests that share a prefix so they run together. Chat: FNV-1a 64
-  // of the endpoint and every message except the last (role and joined text,
+  // of the endpoint, the model, the tools and every message except the last (role and joined text,
   // length-framed). Completions: of the endpoint and the prompt's first 256
   // bytes. Equal prefixes give equal hashes; it is a grouping hint, not an
   // identity (collisions only cost ordering quality).

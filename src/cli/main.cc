@@ -5,6 +5,7 @@
 #include <filesystem>
 #include <fstream>
 #include <sstream>
+#include <tuple>
 
 #include "batch/limits.h"
 #include "cli/estimate_command.h"
@@ -117,6 +118,19 @@ void AddNodeFlags(CLI::App* cmd, kvb::cli::ServeOptions& o) {
       ->check(CLI::Range(1, 1000));
 }
 
+// -m, once or more (several models: each request's `model` picks one).
+void AddModelFlags(CLI::App* cmd, std::vector<std::string>& models, int32_t& max_models) {
+  cmd->add_option("-m,--model", models,
+                  std::string(kModelHelp) + ". Give -m several times to serve several models: each request's "
+                                            "\"model\" picks one (loaded on first use)")
+      ->expected(1)
+      ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
+  cmd->add_option("--max-models", max_models,
+                  "With several -m: models loaded at once at most; the least recently used idle one is unloaded "
+                  "(default 0: as many as the device's memory holds)")
+      ->check(CLI::Range(0, 64));
+}
+
 // Request limits shared by run and serve (batch/limits.h).
 void AddLimitFlags(CLI::App* cmd, kvb::batch::Limits& l) {
   cmd->add_option("--max-json-depth", l.max_json_depth, "Deepest JSON nesting accepted in a line or body")
@@ -143,7 +157,8 @@ int main(int argc, char** argv) {
       ->check(CLI::ExistingFile);
   run_cmd->add_option("-o,--output", run.output, "Output JSONL (appended as results finish; resumable)")->required();
   run_cmd->add_option("-e,--errors", run.errors, "Error JSONL for failed requests (default: the output file)");
-  run_cmd->add_option("-m,--model", run.model, kModelHelp);
+  std::vector<std::string> run_models, serve_models, work_models;
+  AddModelFlags(run_cmd, run_models, run.max_models);
   run_cmd->add_flag("--skip-invalid", run.skip_invalid, "Run the valid lines; write invalid ones to the error file");
   run_cmd->add_option("--default-max-tokens", run.default_max_tokens,
                       "max_tokens for requests without one (0: until the context is full)")
@@ -158,7 +173,7 @@ int main(int argc, char** argv) {
 
   kvb::cli::ServeOptions serve;
   auto* serve_cmd = app.add_subcommand("serve", "Serve the OpenAI Files + Batches API and online completions over HTTP");
-  serve_cmd->add_option("-m,--model", serve.model, kModelHelp);
+  AddModelFlags(serve_cmd, serve_models, serve.max_models);
   serve_cmd->add_option("--host", serve.server.host, "Address to listen on")->capture_default_str();
   serve_cmd->add_option("--port", serve.server.port, "Port (0: any free port, printed on start)")->capture_default_str();
   serve_cmd->add_option("--data-dir", serve.data_dir, "Store and files (default: <data home>/serve)");
@@ -187,7 +202,7 @@ int main(int argc, char** argv) {
   kvb::cli::ServeOptions work;
   auto* worker_cmd = app.add_subcommand("worker", "Run batches from a PostgreSQL store shared with `kvbatch serve` nodes");
   worker_cmd->add_option("--store", work.store, "postgresql://... (the API nodes' store)")->required();
-  worker_cmd->add_option("-m,--model", work.model, kModelHelp);
+  AddModelFlags(worker_cmd, work_models, work.max_models);
   worker_cmd->add_option("--data-dir", work.data_dir, "Local cache of input files (default: <data home>/worker)");
   worker_cmd->add_option("--default-max-tokens", work.server.default_max_tokens,
                          "max_tokens for requests without one (0: until the context is full)")
@@ -233,6 +248,15 @@ int main(int argc, char** argv) {
 
   CLI11_PARSE(app, argc, argv);
   kvb::batch::SetLimits(limits);
+  // The first -m is the model (the default one); the others go to the router.
+  std::vector<std::string> run_more, serve_more, work_more;
+  for (auto [models, model, more] : {std::tuple{&run_models, &run.model, &run_more},
+                                     std::tuple{&serve_models, &serve.model, &serve_more},
+                                     std::tuple{&work_models, &work.model, &work_more}}) {
+    if (models->empty()) continue;
+    *model = models->front();
+    more->assign(models->begin() + 1, models->end());
+  }
 
   if (*gen_cmd) return GenModel(preset, out, vocab, seed, type, chat_template, false);
   if (*models_cmd) return kvb::cli::ListModels(models_json);
@@ -263,6 +287,18 @@ int main(int argc, char** argv) {
   auto resolve = [](std::string& model, std::string& name, std::string& source) {
     return model.empty() || kvb::cli::ResolveModelFlag(&model, &name, &source);
   };
+  auto resolve_more = [](const std::vector<std::string>& more, std::vector<kvb::worker::ModelSpec>* specs) {
+    for (std::string model : more) {
+      std::string name, source = "path";
+      if (!kvb::cli::ResolveModelFlag(&model, &name, &source)) return false;
+      if (name.empty()) name = fs::path(model).stem().string();
+      specs->push_back({name, model, source});
+    }
+    return true;
+  };
+  if (!resolve_more(run_more, &run.more_models) || !resolve_more(serve_more, &serve.more_models) ||
+      !resolve_more(work_more, &work.more_models))
+    return 1;
   if ((*run_cmd && !resolve(run.model, run.model_name, run.model_source)) ||
       (*serve_cmd && !resolve(serve.model, serve.model_name, serve.model_source)) ||
       (*worker_cmd && !resolve(work.model, work.model_name, work.model_source)) ||

@@ -83,26 +83,33 @@ std::vector<store::PendingRequest> PendingRows(const batch::InputScan& scan, con
 // when interrupted).
 int Execute(const RunOptions& o, std::vector<store::PendingRequest> rows, batch::ResultLog& log,
             batch::CrashJournal& journal, Progress& progress, int64_t resumed, EngineRun* out) {
-  auto model = engine::Model::Load({o.model, o.n_gpu_layers, "", o.model_name});
-  if (!model.ok())
-    return Fail(Status::InvalidArgument(
-        models::ExplainLoadFailure({o.model_name, o.model, o.model_source}, model.status().message())));
   // Declared before the engine: its thread reports to the metrics until it stops.
   metrics::Metrics metrics;
-  engine::EngineOptions eo = o.engine;
-  eo.on_step = [&metrics](const engine::StepInfo& step) { metrics.ObserveStep(0, step); };
-  auto started = worker::EngineHub::Start(model->get(), eo,
-                                          [&metrics](const engine::Result& r) { metrics.ObserveResult(0, r); });
-  if (!started.ok()) return Fail(started.status());
-  std::unique_ptr<worker::EngineHub> hub = std::move(started).value();
+  // Several -m: a router loads each model on first use; else one engine.
+  const std::string first_name = o.model_name.empty() ? std::filesystem::path(o.model).stem().string() : o.model_name;
+  std::vector<worker::ModelSpec> specs{{first_name, o.model, o.model_source}};
+  specs.insert(specs.end(), o.more_models.begin(), o.more_models.end());
+  worker::RouterOptions ro;
+  ro.n_gpu_layers = o.n_gpu_layers;
+  ro.engine = o.engine;
+  ro.max_loaded = o.max_models;
+  ro.on_step = [&metrics](int index, const engine::StepInfo& step) { metrics.ObserveStep(index, step); };
+  ro.observe = [&metrics](int index, const engine::Result& r) { metrics.ObserveResult(index, r); };
+  auto started = worker::ModelRouter::Start(specs, ro);
+  if (!started.ok())
+    return Fail(Status::InvalidArgument(
+        models::ExplainLoadFailure({o.model_name, o.model, o.model_source}, started.status().message())));
+  std::unique_ptr<worker::ModelRouter> hub = std::move(started).value();
 
   const int64_t total = static_cast<int64_t>(rows.size());
-  const engine::ContextInfo& info = hub->info();
+  const engine::ContextInfo info = hub->LoadedHub(0)->info();
+  std::string model_names;
+  for (const auto& s : specs) model_names += (model_names.empty() ? "" : ", ") + s.name;
   if (!o.quiet) {
     std::fprintf(stderr,
                  "kvbatch: %lld requests (%lld already answered) | model %s | %s | KV %d cells (%.0f MiB) | "
                  "%d parallel sequences | context %d\n",
-                 static_cast<long long>(total), static_cast<long long>(resumed), (*model)->name().c_str(),
+                 static_cast<long long>(total), static_cast<long long>(resumed), model_names.c_str(),
                  info.device.c_str(), info.kv_cells, static_cast<double>(info.kv_bytes) / (1 << 20), info.max_seqs,
                  info.n_ctx_seq);
   }
@@ -124,7 +131,8 @@ int Execute(const RunOptions& o, std::vector<store::PendingRequest> rows, batch:
   std::unique_ptr<api::MetricsServer> metrics_server;
   if (o.metrics_port >= 0) {
     metrics::Sources src;
-    src.engines.push_back([h = hub.get()] { return api::Snapshot(*h); });
+    for (int i = 0; i < static_cast<int>(specs.size()); ++i)
+      src.engines.push_back([h = hub.get(), i] { return api::RouterSnapshot(*h, i); });
     src.batches = [&store, &progress, total] {
       const worker::RunTally t = store.Tally();
       metrics::BatchSample b{"run", "in_progress", total, t.ok, t.failed};
@@ -183,7 +191,7 @@ int Execute(const RunOptions& o, std::vector<store::PendingRequest> rows, batch:
   progress.Finish();
   out->tally = store.Tally();
   out->stats = hub->Stats();
-  out->device_memory = DeviceMemoryLine(*hub);
+  if (auto first = hub->LoadedHub(0)) out->device_memory = DeviceMemoryLine(*first);
   // The engine goes before the runner: its thread may still call back into it.
   hub.reset();
   runner.reset();

@@ -10,6 +10,7 @@
 #include <string>
 
 #include "engine/engine.h"
+#include "worker/model_router.h"
 
 namespace kvb::cli {
 
@@ -21,6 +22,10 @@ struct RunOptions {
   // From -m as resolved (models/model_store.h): its name and where it came from.
   std::string model_name;
   std::string model_source = "path";
+  // -m given more than once: the other models (ModelRouter), loaded on
+  // first use, at most max_models at once (0: as memory allows).
+  std::vector<worker::ModelSpec> more_models;
+  int32_t max_models = 0;
   bool skip_invalid = false;
   bool quiet = false;
   double progress_interval = 10.0;  // seconds between lines when not on a terminal

@@ -51,6 +51,7 @@ struct Node {
   std::unique_ptr<store::Store> store;
   std::vector<std::unique_ptr<engine::Model>> models;  // one per device
   std::vector<std::unique_ptr<worker::EngineHub>> hubs;
+  std::unique_ptr<worker::ModelRouter> router;  // several models (-m A -m B): instead of models/hubs
   std::unique_ptr<worker::BatchDriver> driver;
   int lock_fd = -1;
 
@@ -58,6 +59,7 @@ struct Node {
     if (driver) driver->Stop();
     // The engines go before the driver: their threads may still call back into it.
     hubs.clear();
+    router.reset();
     driver.reset();
     if (lock_fd >= 0) ::close(lock_fd);
   }
@@ -66,6 +68,13 @@ struct Node {
   const engine::Model* model() const { return models.empty() ? nullptr : models.front().get(); }
 
   std::string Describe() const {
+    if (router) {
+      std::string names;
+      for (const auto& s : router->specs()) names += (names.empty() ? "" : ", ") + s.name;
+      auto first = router->LoadedHub(0);
+      return std::to_string(router->specs().size()) + " models: " + names + "; " + (first ? first->info().device : "") +
+             ", " + std::to_string(router->max_seqs()) + " sequences each";
+    }
     std::string out;
     for (size_t i = 0; i < hubs.size(); ++i) {
       const auto& info = hubs[i]->info();
@@ -79,6 +88,9 @@ struct Node {
   metrics::Sources MetricSources() const {
     metrics::Sources src;
     for (const auto& h : hubs) src.engines.push_back([hub = h.get()] { return api::Snapshot(*hub); });
+    if (router)
+      for (int i = 0; i < static_cast<int>(router->specs().size()); ++i)
+        src.engines.push_back([r = router.get(), i] { return api::RouterSnapshot(*r, i); });
     src.batches = [this] {
       std::vector<metrics::BatchSample> out;
       using BS = store::BatchStatus;
@@ -154,7 +166,24 @@ int Open(const char* who, const ServeOptions& o, Node& node, bool need_model) {
                    static_cast<long long>(*n), batch::kMaxCrashes, batch::kCrashedEngine);
     }
   }
-  if (need_model) {
+  if (need_model && !o.more_models.empty()) {
+    // Several models: loaded by the router, the first one now.
+    if (!o.devices.empty()) return Fail(who, "--devices and several -m cannot be combined yet");
+    std::vector<worker::ModelSpec> specs{{o.model_name.empty() ? fs::path(o.model).stem().string() : o.model_name,
+                                          o.model, o.model_source}};
+    specs.insert(specs.end(), o.more_models.begin(), o.more_models.end());
+    worker::RouterOptions ro;
+    ro.n_gpu_layers = o.n_gpu_layers;
+    ro.engine = o.engine;
+    ro.max_loaded = o.max_models;
+    metrics::Metrics* m = node.metrics.get();
+    ro.on_step = [m](int index, const engine::StepInfo& step) { m->ObserveStep(index, step); };
+    ro.observe = [m](int index, const engine::Result& r) { m->ObserveResult(index, r); };
+    auto router = worker::ModelRouter::Start(specs, ro);
+    if (!router.ok())
+      return Fail(who, models::ExplainLoadFailure({specs[0].name, o.model, o.model_source}, router.status().message()));
+    node.router = std::move(router).value();
+  } else if (need_model) {
     if (std::error_code e; !fs::is_regular_file(o.model, e)) return Fail(who, "model not found: " + o.model);
     // Data parallel: a copy of the model and an engine per device.
     const std::vector<std::string> devices = o.devices.empty() ? std::vector<std::string>{""} : o.devices;
@@ -178,6 +207,7 @@ int Open(const char* who, const ServeOptions& o, Node& node, bool need_model) {
   d.default_max_tokens = o.server.default_max_tokens;
   std::vector<worker::EngineClient*> engines;
   for (const auto& h : node.hubs) engines.push_back(h.get());
+  if (node.router) engines.push_back(node.router.get());
   node.driver = std::make_unique<worker::BatchDriver>(node.store.get(), engines, d);
   node.metrics->SetSources(node.MetricSources());
   return 0;
@@ -198,6 +228,7 @@ int Serve(const ServeOptions& o) {
   ctx.hub = node.hub();
   ctx.driver = node.driver.get();
   ctx.model = node.model();
+  ctx.router = node.router.get();
   for (const auto& h : node.hubs) ctx.engines.push_back(h.get());
   ctx.metrics = node.metrics.get();
   ctx.options = o.server;
@@ -216,7 +247,10 @@ int Serve(const ServeOptions& o) {
 
   node.driver->Start();
   const std::string where = store::IsPostgresUri(o.store) ? "store PostgreSQL" : "data in " + o.data_dir;
-  if (node.hub()) {
+  if (node.router) {
+    std::printf("kvbatch serve: listening on http://%s:%d/v1 (%s; %s)\n", o.server.host.c_str(), server.port(),
+                node.Describe().c_str(), where.c_str());
+  } else if (node.hub()) {
     std::printf("kvbatch serve: listening on http://%s:%d/v1 (model %s, %s; %s)\n", o.server.host.c_str(),
                 server.port(), node.model()->name().c_str(), node.Describe().c_str(), where.c_str());
   } else {
@@ -249,8 +283,8 @@ int Worker(const ServeOptions& o) {
     std::printf("kvbatch worker: metrics on http://%s:%d/metrics\n", o.metrics_host.c_str(), metrics_server->port());
   }
   node.driver->Start();
-  std::printf("kvbatch worker: running batches from PostgreSQL (model %s, %s)\n", node.model()->name().c_str(),
-              node.Describe().c_str());
+  std::printf("kvbatch worker: running batches from PostgreSQL (model %s, %s)\n",
+              node.router ? node.router->model_name().c_str() : node.model()->name().c_str(), node.Describe().c_str());
   std::fflush(stdout);
   int sig = 0;
   sigwait(&signals, &sig);

@@ -12,6 +12,7 @@
 #include "api/server.h"
 #include "engine/engine.h"
 #include "worker/driver_options.h"
+#include "worker/model_router.h"
 
 namespace kvb::cli {
 
@@ -20,6 +21,10 @@ struct ServeOptions {
   // From -m as resolved (models/model_store.h): its name and where it came from.
   std::string model_name;
   std::string model_source = "path";
+  // -m given more than once: the other models (ModelRouter), loaded on
+  // first use, at most max_models at once (0: as memory allows).
+  std::vector<worker::ModelSpec> more_models;
+  int32_t max_models = 0;
   std::string data_dir;  // kvbatch.db and files/ (SQLite); a local cache (PostgreSQL)
   std::string store;     // empty: SQLite in data_dir; postgresql://...: PostgreSQL
   int32_t n_gpu_layers = -1;

@@ -6,6 +6,7 @@
 #include <utility>
 
 #include "batch/crash_guard.h"
+#include "batch/prefix_order.h"
 #include "batch/prepare.h"
 #include "batch/response.h"
 #include "worker/batch_keeper.h"
@@ -203,6 +204,9 @@ bool ChunkRunner::Claim() {
     }
   }
   h->suspects = suspects.size();
+  // Stores give a chunk's rows in line order: requests sharing a prefix (and
+  // so a model, batch/request.h) are fed together again.
+  batch::GroupBySharedPrefix(rest, [](const store::PendingRequest& p) { return p.prefix_hash; });
   suspects.insert(suspects.end(), std::make_move_iterator(rest.begin()), std::make_move_iterator(rest.end()));
   h->rows = std::move(suspects);
   if (std::find(resident_.begin(), resident_.end(), c.prefix_hash) == resident_.end()) {
@@ -268,7 +272,10 @@ void ChunkRunner::Feed() {
         // match its endpoint (validation), `kvbatch run`'s may be mixed.
         endpoint = parsed->endpoint;
         auto prepared = engine_->Prepare(std::move(parsed).value(), options_.default_max_tokens);
-        if (auto* f = std::get_if<batch::RequestFailure>(&prepared)) {
+        if (auto* f = std::get_if<batch::RequestFailure>(&prepared); f && f->code == kModelBusy) {
+          --h->next;  // its model loads once another goes idle: offered again on a later round
+          break;
+        } else if (f) {
           failure = *f;
         } else {
           request = std::get<engine::Request>(std::move(prepared));
@@ -294,12 +301,12 @@ void ChunkRunner::Feed() {
     RequestCallbacks cb;
     // Its in-flight mark goes with the next admissions' flush (or with the
     // commit of its answer, whichever comes first).
-    cb.on_result = [this, batch_id = h->fence.batch_id, chunk = h->fence.chunk, line = p.line,
-                    endpoint](engine::Result&& r) {
+    cb.on_result = [this, batch_id = h->fence.batch_id, chunk = h->fence.chunk, line = p.line, endpoint,
+                    model = engine_->ModelOf(id)](engine::Result&& r) {
       {
         std::lock_guard<std::mutex> lock(mu_);
         unmarks_.emplace_back(batch_id, line);
-        done_.push_back({batch_id, chunk, line, endpoint, std::move(r)});
+        done_.push_back({batch_id, chunk, line, endpoint, std::move(r), model});
       }
       cv_.notify_all();
     };
@@ -327,7 +334,7 @@ store::RequestOutcome ChunkRunner::OutcomeFor(const Held& h, const Batch& b, Don
     return {d.line, false, batch::FailureLine(custom_id, f.http_status, batch::FailureBody(f)), r.prompt_tokens, 0, 0,
             f.code};
   }
-  auto body = batch::ResponseBody(d.endpoint, r, engine_->model_name(), b.created);
+  auto body = batch::ResponseBody(d.endpoint, r, d.model, b.created);
   return {d.line, true, batch::SuccessLine(custom_id, body), r.prompt_tokens, r.cached_tokens, r.completion_tokens};
 }
 

@@ -68,6 +68,7 @@ class ChunkRunner {
     int64_t line;
     batch::Endpoint endpoint;  // the line's own url
     engine::Result result;
+    std::string model;  // the model that answered (EngineClient::ModelOf)
   };
   using Key = std::pair<std::string, int64_t>;  // batch, chunk
 

@@ -29,6 +29,11 @@ struct RequestCallbacks {
   std::function<void()> on_admit;
 };
 
+// RequestFailure::code from Prepare for a request whose model cannot load
+// until another one goes idle (ModelRouter): not an answer; the caller keeps
+// the request and offers it again later.
+inline constexpr char kModelBusy[] = "model_busy";
+
 class EngineClient {
  public:
   virtual ~EngineClient() = default;
@@ -44,6 +49,8 @@ class EngineClient {
   virtual void SetAdmitFlush(std::function<void()> flush) = 0;
   virtual int32_t max_seqs() const = 0;
   virtual std::string model_name() const = 0;
+  // The model a prepared request runs on (several models: see ModelRouter).
+  virtual std::string ModelOf(uint64_t /*id*/) const { return model_name(); }
 };
 
 }  // namespace kvb::worker

@@ -27,7 +27,15 @@ class EngineHub : public EngineClient {
                                                     std::function<void(const engine::Result&)> observe = nullptr);
 
   // A fresh engine::Request::id.
-  uint64_t NextId() { return next_id_.fetch_add(1); }
+  uint64_t NextId() { return next_id_->fetch_add(1); }
+  // Hubs of one process that share a router draw ids from one counter, so
+  // an id names one request across all of them (set before any request).
+  void ShareIds(std::shared_ptr<std::atomic<uint64_t>> ids) { next_id_ = std::move(ids); }
+  // Requests submitted and not yet answered (batch, online and embeddings).
+  size_t pending() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return pending_.size();
+  }
   // `urgent`: interactive traffic, queued ahead of batch work.
   void Submit(engine::Request request, RequestCallbacks callbacks, bool urgent);
   // Queued together, so their shared prefixes are found (Engine::SubmitAll).
@@ -60,7 +68,7 @@ class EngineHub : public EngineClient {
 
 
   const engine::Model* model_ = nullptr;
-  std::atomic<uint64_t> next_id_{1};
+  std::shared_ptr<std::atomic<uint64_t>> next_id_ = std::make_shared<std::atomic<uint64_t>>(1);
   std::mutex mu_;
   std::unordered_map<uint64_t, RequestCallbacks> pending_;
   std::function<void()> admit_flush_;
