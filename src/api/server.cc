@@ -188,6 +188,10 @@ Server::Server(Context context) : ctx_(std::move(context)), http_(std::make_uniq
     } else {
       SendError(res, res.status, "The request could not be processed.", "");
     }
+    // httplib refused the request before reading all of it (a header too
+    // large, a bad chunk): what is left of it must not be read as the next
+    // request on this connection.
+    if (res.status != 404 && res.status != 405) res.set_header("Connection", "close");
     return httplib::Server::HandlerResponse::Handled;
   }));
   http.set_exception_handler([](const httplib::Request&, httplib::Response& res, std::exception_ptr ep) {

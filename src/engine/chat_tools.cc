@@ -35,6 +35,8 @@ bool NeedsToolRendering(const std::vector<ChatMessage>& messages, const ChatOpti
 
 #ifndef KVBATCH_HAVE_LLAMA_COMMON
 
+bool TemplateRendersTools(const Model&) { return false; }
+
 StatusOr<ChatPrompt> RenderChat(const Model&, const std::vector<ChatMessage>&, const ChatOptions&) {
   return Status::FailedPrecondition("tool calling needs kvbatch built with llama.cpp's common library");
 }
@@ -180,12 +182,27 @@ common_chat_tool_choice CommonChoice(ToolChoice c) {
 
 }  // namespace
 
+bool TemplateRendersTools(const Model& model) {
+  const common_chat_templates* templates = model.chat_templates();
+  if (templates == nullptr) return false;
+  auto caps = common_chat_templates_get_caps(templates);
+  auto it = caps.find("supports_tools");
+  return it != caps.end() && it->second;
+}
+
 StatusOr<ChatPrompt> RenderChat(const Model& model, const std::vector<ChatMessage>& messages,
                                 const ChatOptions& options) {
   const common_chat_templates* templates = model.chat_templates();
   if (templates == nullptr)
     return Status::FailedPrecondition(
         "this model has no chat template llama.cpp can render as Jinja, so it cannot be given tools");
+  // A template that never reads `tools` would drop them silently: the
+  // model would answer without knowing them. Refused rather than guessed.
+  if (!options.tools.empty() && !TemplateRendersTools(model))
+    return Status::FailedPrecondition(
+        "the chat template of model " + model.name() +
+        " does not show tools to the model (it never reads `tools`), so it cannot call them; use a model whose "
+        "template supports tool calling");
   const bool forced = !options.forced_tool.empty();
   const common_chat_tool_choice choice = forced ? COMMON_CHAT_TOOL_CHOICE_REQUIRED : CommonChoice(options.tool_choice);
   ChatPrompt out;

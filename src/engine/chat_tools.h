@@ -74,9 +74,14 @@ struct ChatPrompt {
 // or tool calls / tool results in the history).
 bool NeedsToolRendering(const std::vector<ChatMessage>& messages, const ChatOptions& options);
 
+// Whether the model's template shows tools to the model (llama.cpp's
+// template capabilities: it reads the `tools` variable).
+bool TemplateRendersTools(const Model& model);
+
 // Renders messages and tools through the model's Jinja template.
 // FailedPrecondition when the model has no template llama.cpp's common
-// library can render (or kvbatch was built without it); InvalidArgument
+// library can render (or kvbatch was built without it), or tools are given
+// and the template does not render tools; InvalidArgument
 // when the template or the common library refuses these messages.
 // Thread-safe.
 StatusOr<ChatPrompt> RenderChat(const Model& model, const std::vector<ChatMessage>& messages,

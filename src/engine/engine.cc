@@ -22,7 +22,9 @@ StatusOr<std::unique_ptr<Engine>> Engine::Start(const Model* model, const Engine
   return e;
 }
 
-Engine::~Engine() {
+Engine::~Engine() { Stop(); }
+
+void Engine::Stop() {
   {
     std::lock_guard<std::mutex> lock(mu_);
     stop_ = true;
@@ -73,7 +75,10 @@ void Engine::Loop() {
     {
       std::unique_lock<std::mutex> lock(mu_);
       cv_.wait(lock, [&] { return stop_ || !inbox_.empty() || !cancels_.empty() || !scheduler_->Idle(); });
-      if (stop_) return;
+      if (stop_) {
+        stats_ = scheduler_->stats();  // final: what Stop()'s caller reads
+        return;
+      }
       incoming.swap(inbox_);
       cancels.swap(cancels_);
     }

@@ -33,6 +33,9 @@ class Engine {
                                                  Scheduler::DeltaFn on_delta = nullptr,
                                                  Scheduler::AdmitFn on_admit = nullptr);
   ~Engine();  // stops the thread; unfinished requests are dropped
+  // Stops the thread now (the destructor's work); Stats() then stays valid
+  // and final. Nothing may be submitted after.
+  void Stop();
 
   void Submit(Request request, bool urgent = false);  // thread-safe
   // Queues several requests at once: the scheduler sees them together, so

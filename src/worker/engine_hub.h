@@ -54,6 +54,8 @@ class EngineHub : public EngineClient {
   const engine::Model* model() const { return model_; }
 
   engine::EngineStats Stats() const { return engine_->Stats(); }
+  // Stops the engine (an idle one, to unload it); Stats() is final after.
+  void StopEngine() { engine_->Stop(); }
   const engine::ContextInfo& info() const { return engine_->info(); }
   void DeviceMemory(size_t* free, size_t* total) const { engine_->DeviceMemory(free, total); }
   int32_t max_seqs() const override;

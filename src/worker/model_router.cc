@@ -130,6 +130,9 @@ Status ModelRouter::LoadLocked(int index, std::unique_lock<std::mutex>& lock, bo
       std::fprintf(stderr, "kvbatch: unloading model %s to make room for %s\n", specs_[victim].name.c_str(),
                    specs_[index].name.c_str());
       std::shared_ptr<Loaded> gone = std::move(loaded_[victim]);
+      lock.unlock();
+      gone->hub->StopEngine();  // idle: nothing is lost; its counters are final after
+      lock.lock();
       AddStats(retired_, gone->hub->Stats(), false);
       lock.unlock();
       gone.reset();  // stops its engine and frees its memory, outside the lock

@@ -434,14 +434,17 @@ test('unsupported fields, roles and content parts', async (t) => {
       check(await call('POST', CHAT, { json: chatBody({ [field]: v }) }), E400(param ?? field));
     });
   }
+  const history = [
+    { role: 'user', content: 'hi' },
+    { role: 'assistant', content: null, tool_calls: [{ id: 'c1', type: 'function', function: { name: 'f', arguments: '{}' } }] },
+    { role: 'tool', tool_call_id: 'c1', content: '42' },
+  ];
   await kase(t, 'a tool call and its result in the history (valid)', async () => {
-    const messages = [
-      { role: 'user', content: 'hi' },
-      { role: 'assistant', content: null, tool_calls: [{ id: 'c1', type: 'function', function: { name: 'f', arguments: '{}' } }] },
-      { role: 'tool', tool_call_id: 'c1', content: '42' },
-    ];
+    check(await call('POST', CHAT, { json: chatBody({ messages: history }) }), OK_CHAT);
+  });
+  await kase(t, 'tools for a model whose template does not render tools (ChatML here): 400, not ignored', async () => {
     const tools = [{ type: 'function', function: { name: 'f', parameters: { type: 'object' } } }];
-    check(await call('POST', CHAT, { json: chatBody({ messages, tools }) }), OK_CHAT);
+    check(await call('POST', CHAT, { json: chatBody({ messages: history, tools }) }), E400('tools'));
   });
   const messages = [
     ['role "wizard"', [{ role: 'wizard', content: 'hi' }], 'messages[0].role'],

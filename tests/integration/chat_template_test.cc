@@ -7,6 +7,7 @@
 #include <map>
 #include <sstream>
 
+#include "engine/chat_tools.h"
 #include "engine/model.h"
 #include "fixtures.h"
 
@@ -60,6 +61,9 @@ TEST(ChatTemplate, EveryShippedTemplateRendersAndKeepsTheSystemPrefixShared) {
     GTEST_SKIP() << "llama.cpp's models/templates are not installed (rerun scripts/llama.sh)";
   // Known: why these templates cannot share the system message's tokens.
   const std::map<std::string, std::string> known = {};
+  // Known: why these templates cannot render a tools conversation that
+  // keeps the system message's tokens shared.
+  const std::map<std::string, std::string> known_tools = {};
   std::vector<std::filesystem::path> files;
   for (const auto& e : std::filesystem::directory_iterator(dir))
     if (e.path().extension() == ".jinja") files.push_back(e.path());
@@ -71,8 +75,8 @@ TEST(ChatTemplate, EveryShippedTemplateRendersAndKeepsTheSystemPrefixShared) {
   auto work = TestDir("templates");
   auto opts = tools::ModelPreset("tiny");
   opts->vocab_path = std::string(KVBATCH_VOCAB_DIR) + "/ggml-vocab-llama-spm.gguf";
-  std::ostringstream report;
-  int rendered = 0, shared = 0;
+  std::ostringstream report, tools_report;
+  int rendered = 0, shared = 0, tools_ok = 0, no_tools = 0;
   std::vector<std::string> unexpected;
   for (const auto& file : files) {
     const std::string name = file.stem().string();
@@ -84,31 +88,46 @@ TEST(ChatTemplate, EveryShippedTemplateRendersAndKeepsTheSystemPrefixShared) {
     ASSERT_TRUE(tools::GenerateModel(*opts).ok()) << name;
     auto m = Model::Load({opts->out_path, 0});
     ASSERT_TRUE(m.ok()) << name;
-    auto a = (*m)->FormatChat({{"system", system}, {"user", "Candidate Ada: ten years of logistics."}});
-    auto b = (*m)->FormatChat({{"system", system}, {"user", "Candidate Bo: two years, strong references."}});
-    std::string outcome;
-    if (!a.ok() || !b.ok()) {
-      outcome = "does not render: " + (a.ok() ? b : a).status().message();
-    } else {
-      ++rendered;
+    const std::string ua = "Candidate Ada: ten years of logistics.", ub = "Candidate Bo: two years, strong references.";
+    // Two prompts that differ only in the user message must share every
+    // token up to the end of the system message.
+    auto share = [&](const StatusOr<std::string>& a, const StatusOr<std::string>& b) -> std::string {
+      if (!a.ok() || !b.ok()) return "does not render: " + (a.ok() ? b : a).status().message();
       const auto ta = (*m)->Tokenize(*a), tb = (*m)->Tokenize(*b);
       size_t common = 0;
       while (common < ta.size() && common < tb.size() && ta[common] == tb[common]) ++common;
-      // The shared tokens must reach past the system message in the prompt.
       const size_t at = a->find(system);
-      if (at == std::string::npos) {
-        outcome = "the system message does not appear in the prompt";
-      } else {
-        const size_t need = (*m)->Tokenize(a->substr(0, at + system.size())).size();
-        if (common + 2 >= need) {  // the last token or two may merge with what follows
-          ++shared;
-          outcome = "ok (" + std::to_string(common) + " of " + std::to_string(ta.size()) + " tokens shared)";
-        } else {
-          outcome = "only " + std::to_string(common) + " tokens shared, the system message ends at " +
-                    std::to_string(need);
-        }
-      }
-    }
+      if (at == std::string::npos) return "the system message does not appear in the prompt";
+      const size_t need = (*m)->Tokenize(a->substr(0, at + system.size())).size();
+      if (common + 2 < need)  // the last token or two may merge with what follows
+        return "only " + std::to_string(common) + " tokens shared, the system message ends at " + std::to_string(need);
+      return "ok (" + std::to_string(common) + " of " + std::to_string(ta.size()) + " tokens shared)";
+    };
+    std::string outcome = share((*m)->FormatChat({{"system", system}, {"user", ua}}),
+                                (*m)->FormatChat({{"system", system}, {"user", ub}}));
+    if (outcome.rfind("ok", 0) == 0) ++rendered, ++shared;
+    else if (outcome.rfind("does not render", 0) != 0) ++rendered;
+    // The same with tools (engine::RenderChat): rendered, the tool shown
+    // to the model, and the system message's tokens still shared.
+    engine::ChatOptions with_tools;
+    with_tools.tools = {{"score_candidate", "Record a candidate's score",
+                         R"({"type":"object","properties":{"score":{"type":"integer"}},"required":["score"]})"}};
+    auto ta = engine::RenderChat(**m, {{"system", system}, {"user", ua}}, with_tools);
+    auto tb = engine::RenderChat(**m, {{"system", system}, {"user", ub}}, with_tools);
+    std::string tools_outcome =
+        share(ta.ok() ? StatusOr<std::string>(ta->text) : StatusOr<std::string>(ta.status()),
+              tb.ok() ? StatusOr<std::string>(tb->text) : StatusOr<std::string>(tb.status()));
+    const bool takes_tools = engine::TemplateRendersTools(**m);
+    if (ta.ok() && ta->text.find("score_candidate") == std::string::npos)
+      tools_outcome = std::string("the tools do not appear in the prompt") +
+                      (takes_tools ? "" : " (the template does not read `tools`: kvbatch refuses tools for it)");
+    if (!takes_tools && tools_outcome.rfind("ok", 0) == 0) tools_outcome = "ok, though llama.cpp's caps say no tools";
+    if (!takes_tools) ++no_tools;
+    if (tools_outcome.rfind("ok", 0) == 0) ++tools_ok;
+    const bool tools_pass = tools_outcome.rfind("ok", 0) == 0;
+    if (!tools_pass && takes_tools && known_tools.count(name) == 0) unexpected.push_back(name + " with tools: " + tools_outcome);
+    if (tools_pass && known_tools.count(name) != 0) unexpected.push_back(name + " with tools: listed as failing but passes");
+    tools_report << "  " << name << ": " << tools_outcome << "\n";
     report << "  " << name << ": " << outcome << "\n";
     const bool ok = outcome.rfind("ok", 0) == 0;
     if (!ok && known.count(name) == 0) unexpected.push_back(name + ": " + outcome);
@@ -116,6 +135,8 @@ TEST(ChatTemplate, EveryShippedTemplateRendersAndKeepsTheSystemPrefixShared) {
   }
   std::printf("%zu templates, %d render, %d share the system prefix:\n%s", files.size(), rendered, shared,
               report.str().c_str());
+  std::printf("with tools: %d render the tools and share the system prefix; %d templates do not take tools:\n%s",
+              tools_ok, no_tools, tools_report.str().c_str());
   EXPECT_TRUE(unexpected.empty()) << [&] {
     std::string s;
     for (const auto& u : unexpected) s += u + "\n";
