@@ -188,12 +188,18 @@ Server::Server(Context context) : ctx_(std::move(context)), http_(std::make_uniq
     } else {
       SendError(res, res.status, "The request could not be processed.", "");
     }
-    // httplib refused the request before reading all of it (a header too
-    // large, a bad chunk): what is left of it must not be read as the next
-    // request on this connection.
-    if (res.status != 404 && res.status != 405) res.set_header("Connection", "close");
     return httplib::Server::HandlerResponse::Handled;
   }));
+  // A request refused before its body was read to the end (an upload that is
+  // not multipart, a header too large, httplib's own refusals) leaves bytes
+  // on the connection that must not be read as the next request: the client
+  // is told to close it.
+  http.set_post_routing_handler([](const httplib::Request& req, httplib::Response& res) {
+    const bool has_body = req.has_header("Transfer-Encoding") ||
+                          (req.has_header("Content-Length") && req.get_header_value("Content-Length") != "0");
+    if (res.status >= 400 && has_body && res.get_header_value("Content-Type").rfind("text/event-stream", 0) != 0)
+      res.set_header("Connection", "close");
+  });
   http.set_exception_handler([](const httplib::Request&, httplib::Response& res, std::exception_ptr ep) {
     std::string what = "internal error";
     try {
