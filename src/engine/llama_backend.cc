@@ -23,8 +23,6 @@ struct LlamaBackend::BatchBuffer {
   ~BatchBuffer() { llama_batch_free(batch); }
 };
 
-namespace {
-
 size_t AvailableRam() {
   std::ifstream f("/proc/meminfo");
   std::string key;
@@ -34,8 +32,6 @@ size_t AvailableRam() {
     if (key == "MemAvailable:") return kb * 1024;
   return size_t{4} << 30;
 }
-
-}  // namespace
 
 StatusOr<std::unique_ptr<LlamaBackend>> LlamaBackend::Create(const Model* model, const ContextOptions& o) {
   std::unique_ptr<LlamaBackend> b(new LlamaBackend);
@@ -191,16 +187,7 @@ void LlamaBackend::DeviceMemory(size_t* free, size_t* total) const {
   if (dev != nullptr) ggml_backend_dev_memory(dev, free, total);
   if (dev != nullptr && model_->gpu() == nullptr) {
     // The CPU device reports all RAM as free: what the kernel can still give is MemAvailable.
-    if (FILE* f = std::fopen("/proc/meminfo", "r")) {
-      char line[128];
-      unsigned long long kb = 0;
-      while (std::fgets(line, sizeof line, f))
-        if (std::sscanf(line, "MemAvailable: %llu kB", &kb) == 1) {
-          *free = std::min<size_t>(*total, static_cast<size_t>(kb) * 1024);
-          break;
-        }
-      std::fclose(f);
-    }
+    *free = std::min(*total, AvailableRam());
   }
 }
 

@@ -40,6 +40,10 @@ struct ContextInfo {
   std::string device;  // "CPU" or the GPU's description
 };
 
+// The host memory the kernel can still give (MemAvailable), in bytes; 4 GiB
+// when /proc/meminfo cannot be read.
+size_t AvailableRam();
+
 class LlamaBackend : public Backend {
  public:
   static StatusOr<std::unique_ptr<LlamaBackend>> Create(const Model* model, const ContextOptions& options);

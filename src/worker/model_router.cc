@@ -3,10 +3,10 @@
 #include <algorithm>
 #include <cstdio>
 #include <filesystem>
-#include <fstream>
 #include <string>
 #include <vector>
 
+#include "engine/llama_backend.h"
 #include "ggml-backend.h"
 
 namespace kvb::worker {
@@ -50,13 +50,7 @@ uint64_t DefaultFreeMemory() {
     ggml_backend_dev_memory(dev, &free, &total);
     return free;
   }
-  std::ifstream in("/proc/meminfo");
-  std::string key;
-  uint64_t kb = 0;
-  std::string unit;
-  while (in >> key >> kb >> unit)
-    if (key == "MemAvailable:") return kb * 1024;
-  return UINT64_MAX;
+  return engine::AvailableRam();
 }
 
 }  // namespace
