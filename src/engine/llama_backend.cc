@@ -137,10 +137,12 @@ std::unique_ptr<Sampler> LlamaBackend::NewSampler(const SamplingParams& p) {
   // Tool calls add a trigger set (lazy) or prefilled tokens: part of the key.
   std::string key = p.grammar;
   if (p.grammar_lazy || !p.grammar_prefill.empty()) {
-    key += p.grammar_lazy ? "\0lazy" : "\0prefill";
-    for (const std::string& pattern : p.grammar_trigger_patterns) key += "\0p" + pattern;
-    for (Token t : p.grammar_trigger_tokens) key += "\0t" + std::to_string(t);
-    for (Token t : p.grammar_prefill) key += "\0f" + std::to_string(t);
+    // Fields after a NUL byte, which GBNF text and patterns do not hold.
+    const std::string sep(1, '\0');
+    key += sep + (p.grammar_lazy ? "lazy" : "prefill");
+    for (const std::string& pattern : p.grammar_trigger_patterns) key += sep + "p" + pattern;
+    for (Token t : p.grammar_trigger_tokens) key += sep + "t" + std::to_string(t);
+    for (Token t : p.grammar_prefill) key += sep + "f" + std::to_string(t);
   }
   auto it = grammars_.find(key);
   if (it == grammars_.end()) {

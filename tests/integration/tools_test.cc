@@ -74,30 +74,30 @@ const Template kTemplates[] = {
 
 void PrintTo(const Template& t, std::ostream* os) { *os << t.file; }
 
-// A tiny model with the template, generated once per test process.
+// A tiny model with the template. ctest runs each test in a process of its
+// own: the models are generated once for all of them (the generator is
+// deterministic; each is written under a temporary name and renamed into
+// place, so a process sees a whole file or none).
 const std::string& ModelWith(const Template& t) {
   static std::map<std::string, std::string> made;
   auto it = made.find(t.file);
   if (it != made.end()) return it->second;
-  const fs::path dir = fs::path(KVBATCH_TEST_TMP) / ("tools-" + std::to_string(::getpid()));
+  const fs::path dir = fs::path(KVBATCH_TEST_TMP) / "tools-models";
   fs::create_directories(dir);
-  std::ifstream in(fs::path(KVBATCH_TEMPLATES_DIR) / (std::string(t.file) + ".jinja"));
-  std::stringstream text;
-  text << in.rdbuf();
-  auto opts = tools::ModelPreset("tiny");
-  opts->vocab_path = std::string(KVBATCH_VOCAB_DIR) + "/ggml-vocab-" + t.vocab + ".gguf";
-  opts->chat_template = text.str();
-  opts->out_path = (dir / (std::string(t.file) + ".gguf")).string();
-  Status st = tools::GenerateModel(*opts);
-  if (!st.ok()) throw std::runtime_error(st.ToString());
-  static struct Cleanup {
-    fs::path dir;
-    ~Cleanup() {
-      std::error_code ec;
-      fs::remove_all(dir, ec);
-    }
-  } cleanup{dir};
-  return made.emplace(t.file, opts->out_path).first->second;
+  const fs::path path = dir / (std::string(t.file) + "-" + t.vocab + ".gguf");
+  if (!fs::exists(path)) {
+    std::ifstream in(fs::path(KVBATCH_TEMPLATES_DIR) / (std::string(t.file) + ".jinja"));
+    std::stringstream text;
+    text << in.rdbuf();
+    auto opts = tools::ModelPreset("tiny");
+    opts->vocab_path = std::string(KVBATCH_VOCAB_DIR) + "/ggml-vocab-" + t.vocab + ".gguf";
+    opts->chat_template = text.str();
+    opts->out_path = path.string() + "." + std::to_string(::getpid()) + ".tmp";
+    Status st = tools::GenerateModel(*opts);
+    if (!st.ok()) throw std::runtime_error(st.ToString());
+    fs::rename(opts->out_path, path);
+  }
+  return made.emplace(t.file, path.string()).first->second;
 }
 
 class ToolsTemplate : public ::testing::TestWithParam<Template> {
@@ -124,7 +124,9 @@ TEST_P(ToolsTemplate, ToolsRenderAndRequestsSharingThemShareTheirPrefix) {
   EXPECT_NE(a->text.find("team"), std::string::npos);
   // tool_choice auto: a grammar, if the template's format has one, waits
   // for a call to start (Llama 3.1's JSON calls are parsed, not constrained).
-  if (!a->grammar.empty()) EXPECT_TRUE(a->grammar_lazy) << "tool_choice auto constrains only once a call starts";
+  if (!a->grammar.empty()) {
+    EXPECT_TRUE(a->grammar_lazy) << "tool_choice auto constrains only once a call starts";
+  }
   ASSERT_NE(a->parser, nullptr);
   // Everything before the user's message is one shared token prefix.
   const auto ta = model_->Tokenize(a->text), tb = model_->Tokenize(b->text);
@@ -250,7 +252,9 @@ TEST(ToolsRun, ForcedCallsComeBackAsToolCallsWithValidArguments) {
       EXPECT_EQ(call["id"].get<std::string>().rfind("call_", 0), 0u);
       const std::string name = call["function"]["name"];
       const std::string args = call["function"]["arguments"];
-      if (id == "t4" || id == "t5") EXPECT_EQ(name, "route") << "tool_choice named route";
+      if (id == "t4" || id == "t5") {
+        EXPECT_EQ(name, "route") << "tool_choice named route";
+      }
       if (name == "route") {
         EXPECT_EQ(ValidateRoute(args), "") << args;
       } else {
