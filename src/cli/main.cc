@@ -124,6 +124,7 @@ void AddModelFlags(CLI::App* cmd, std::vector<std::string>& models, int32_t& max
                   std::string(kModelHelp) + ". Give -m several times to serve several models: each request's "
                                             "\"model\" picks one (loaded on first use)")
       ->expected(1)
+      ->allow_extra_args(false)  // `-m A input.jsonl`: the input is not a second model
       ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
   cmd->add_option("--max-models", max_models,
                   "With several -m: models loaded at once at most; the least recently used idle one is unloaded "

@@ -159,8 +159,9 @@ TEST(ModelRouter, RunAnswersAMixedFileModelByModel) {
   }
   WriteLines(dir / "in.jsonl", lines);
   std::string err;
-  ASSERT_EQ(RunKvbatch("run " + (dir / "in.jsonl").string() + " -o " + (dir / "out.jsonl").string() + " -m " +
-                           TinyModel() + " -m " + OtherModel() + " --max-models 1 --threads 1",
+  // -m before the input too: each -m takes one value, the input stays the input.
+  ASSERT_EQ(RunKvbatch("run -m " + TinyModel() + " " + (dir / "in.jsonl").string() + " -o " +
+                           (dir / "out.jsonl").string() + " -m " + OtherModel() + " --max-models 1 --threads 1",
                        &err),
             0)
       << err;
