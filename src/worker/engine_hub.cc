@@ -97,6 +97,10 @@ void EngineHub::OnAdmit(const std::vector<uint64_t>& ids) {
 }
 
 void EngineHub::OnResult(engine::Result&& r) {
+  if (r.status.ok() && !r.embeddings.empty()) {
+    embed_done_.fetch_add(1);
+    embed_tokens_.fetch_add(r.prompt_tokens);
+  }
   if (observe_) observe_(r);
   RequestCallbacks cb;
   {

@@ -53,7 +53,16 @@ class EngineHub : public EngineClient {
   }
   const engine::Model* model() const { return model_; }
 
-  engine::EngineStats Stats() const { return engine_->Stats(); }
+  // The engine's counters, with the embedder's answered requests and their
+  // tokens added to requests_done, prompt_tokens and prefill_tokens.
+  engine::EngineStats Stats() const {
+    engine::EngineStats s = engine_->Stats();
+    const int64_t tokens = embed_tokens_.load();
+    s.requests_done += embed_done_.load();
+    s.prompt_tokens += tokens;
+    s.prefill_tokens += tokens;
+    return s;
+  }
   // Stops the engine (an idle one, to unload it); Stats() is final after.
   void StopEngine() { engine_->Stop(); }
   const engine::ContextInfo& info() const { return engine_->info(); }
@@ -77,6 +86,7 @@ class EngineHub : public EngineClient {
   std::function<void(const engine::Result&)> observe_;
   engine::ContextOptions context_options_;
   std::mutex embedder_mu_;
+  std::atomic<int64_t> embed_done_{0}, embed_tokens_{0};  // embeddings answered, and their tokens
   std::unique_ptr<engine::Embedder> embedder_;  // stopped before the map goes
   std::unique_ptr<engine::Engine> engine_;      // last: stopped before the map goes
 };

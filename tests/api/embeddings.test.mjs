@@ -131,3 +131,16 @@ test('an embeddings batch through the Batch API and kvbatch run: every line, eac
   assert.ok(cosine(run7, byId['emb-7'].data[0].embedding) > 0.999);
   assert.ok(fs.existsSync(path.join(work.dir, 'embed-out.jsonl')));
 });
+
+test('embeddings count in the engine metrics: requests and prompt tokens', async () => {
+  const counter = (text, name) => {
+    const m = new RegExp(`^${name}\\{engine="0"\\} (\\S+)$`, 'm').exec(text);
+    return m ? Number(m[1]) : NaN;
+  };
+  const scrape = async () => (await httpCall(server.port, 'GET', '/metrics')).text;
+  const before = await scrape();
+  const r = await httpCall(server.port, 'POST', '/v1/embeddings', { json: { input: [[1, 450, 4996], [1, 22172]] } });
+  assert.equal(r.status, 200);
+  const after = await scrape();
+  assert.equal(counter(after, 'kvbatch_prompt_tokens_total') - counter(before, 'kvbatch_prompt_tokens_total'), 5);
+});
