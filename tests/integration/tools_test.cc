@@ -199,6 +199,36 @@ INSTANTIATE_TEST_SUITE_P(Templates, ToolsTemplate, ::testing::ValuesIn(kTemplate
                            return n;
                          });
 
+// Parallel tool calls: two calls in one answer (Qwen 2.5's format), read
+// back in order; the grammar for parallel calls allows more than one.
+TEST(ToolsParallel, TwoCallsInOneAnswerAreBothReadBack) {
+  if (!fs::is_directory(KVBATCH_TEMPLATES_DIR)) GTEST_SKIP() << "llama.cpp's templates are not installed";
+  auto m = Model::Load({ModelWith(kTemplates[0]), 0});
+  ASSERT_TRUE(m.ok());
+  ChatOptions o;
+  o.tools = Tools();
+  o.tool_choice = engine::ToolChoice::kRequired;
+  auto p = engine::RenderChat(**m, {{"system", kSystem}, {"user", "Route it and look up order 12."}}, o);
+  ASSERT_TRUE(p.ok());
+  // Several calls inside one <tool_call> block, comma-separated.
+  const std::string list = R"((space "," space ()";
+  EXPECT_NE(p->grammar.find(list), std::string::npos) << p->grammar;
+  const std::string text =
+      "<tool_call>\n{\"name\": \"route\", \"arguments\": {\"team\": \"billing\", \"urgent\": false}}\n</tool_call>\n"
+      "<tool_call>\n{\"name\": \"lookup_order\", \"arguments\": {\"order\": 12}}\n</tool_call>";
+  engine::ParsedReply r = p->parser->Parse(text, false);
+  ASSERT_EQ(r.tool_calls.size(), 2u) << r.content;
+  EXPECT_EQ(r.tool_calls[0].name, "route");
+  EXPECT_EQ(r.tool_calls[1].name, "lookup_order");
+  EXPECT_EQ(json::parse(r.tool_calls[1].arguments), json::parse(R"({"order":12})"));
+  o.parallel_tool_calls = false;
+  auto one = engine::RenderChat(**m, {{"system", kSystem}, {"user", "Route it."}}, o);
+  ASSERT_TRUE(one.ok());
+  // llama.cpp drops the list for parallel_tool_calls false; its Hermes-style
+  // grammar still allows further <tool_call> blocks (README: tools).
+  EXPECT_EQ(one->grammar.find(list), std::string::npos) << one->grammar;
+}
+
 // Through `kvbatch run` on the Llama 3.1 template, whose calls are JSON
 // objects. A random-weight model never starts a call of its own, so the
 // lines push it to (logit_bias on the "{" token); from there the grammar
