@@ -93,19 +93,22 @@ void ParseLogitBias(Params& p, std::vector<std::pair<engine::Token, float>>* out
   *out = std::move(bias);
 }
 
-namespace {
-
-// The schema exactly as written: nlohmann::json sorts object keys, and the
-// grammar generates properties in the schema's order, so the line is read
-// again with key order kept (only for lines that carry a schema).
-std::string OrderedSchema(std::string_view line, bool nested) {
+std::optional<std::string> SchemaAt(Params& p, const json& schema, const std::string& param, std::string_view line,
+                                    const std::string& pointer) {
+  if (!schema.is_object()) {
+    p.TypeError(param, "an object", schema);
+    return std::nullopt;
+  }
+  if (Status st = CheckSchemaLimits(schema); !st.ok()) {
+    p.Fail(param, "Invalid '" + param + "': " + st.message() + ".");
+    return std::nullopt;
+  }
+  // nlohmann::json sorts object keys, and a grammar generates properties in
+  // the schema's order: the line is read again with key order kept.
   auto doc = nlohmann::ordered_json::parse(line.begin(), line.end(), nullptr, false);
-  const auto& rf = doc["body"]["response_format"];
-  const auto& schema = nested ? rf["json_schema"]["schema"] : rf["schema"];
-  return schema.dump(-1, ' ', false, nlohmann::ordered_json::error_handler_t::replace);
+  return doc.at(nlohmann::ordered_json::json_pointer(pointer))
+      .dump(-1, ' ', false, nlohmann::ordered_json::error_handler_t::replace);
 }
-
-}  // namespace
 
 void ParseResponseFormat(Params& p, std::string_view line, ParsedRequest* r) {
   const json* v = p.Get("response_format");
@@ -124,11 +127,10 @@ void ParseResponseFormat(Params& p, std::string_view line, ParsedRequest* r) {
       r->response_format = ResponseFormat::kJsonObject;
       return;
     }
-    if (!schema->is_object()) return p.TypeError("response_format.schema", "an object", *schema);
-    if (Status st = CheckSchemaLimits(*schema); !st.ok())
-      return p.Fail("response_format.schema", "Invalid 'response_format.schema': " + st.message() + ".");
-    r->response_format = ResponseFormat::kJsonSchema;
-    r->json_schema = OrderedSchema(line, false);
+    if (auto text = SchemaAt(p, *schema, "response_format.schema", line, "/body/response_format/schema")) {
+      r->response_format = ResponseFormat::kJsonSchema;
+      r->json_schema = std::move(*text);
+    }
     return;
   }
   if (t != "json_schema") {
@@ -150,12 +152,11 @@ void ParseResponseFormat(Params& p, std::string_view line, ParsedRequest* r) {
     r->response_format = ResponseFormat::kJsonObject;
     return;
   }
-  if (!schema->is_object()) return p.TypeError("response_format.json_schema.schema", "an object", *schema);
-  if (Status st = CheckSchemaLimits(*schema); !st.ok())
-    return p.Fail("response_format.json_schema.schema", "Invalid 'response_format.json_schema.schema': " +
-                                                            st.message() + ".");
-  r->response_format = ResponseFormat::kJsonSchema;
-  r->json_schema = OrderedSchema(line, true);
+  if (auto text = SchemaAt(p, *schema, "response_format.json_schema.schema", line,
+                           "/body/response_format/json_schema/schema")) {
+    r->response_format = ResponseFormat::kJsonSchema;
+    r->json_schema = std::move(*text);
+  }
 }
 
 // Fields that would change the answer and that kvbatch cannot honour yet:

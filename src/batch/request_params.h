@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cmath>
+#include <optional>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <string_view>
@@ -104,6 +105,13 @@ class Params {
   std::string param_;
   std::string message_;
 };
+
+// A JSON schema given at `param` (response_format's, a tool's parameters):
+// an object within Limits (CheckSchemaLimits), else Fail and nullopt. Its
+// text as written in `line` (the whole input line) at the JSON pointer
+// `pointer`, key order kept.
+std::optional<std::string> SchemaAt(Params& p, const json& schema, const std::string& param, std::string_view line,
+                                    const std::string& pointer);
 
 // stop: a string or at most 4 strings (empty ones dropped).
 void ParseStop(Params& p, std::vector<std::string>* out);

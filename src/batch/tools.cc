@@ -3,7 +3,6 @@
 #include <set>
 #include <utility>
 
-#include "batch/limits.h"
 #include "batch/response.h"
 
 namespace kvb::batch {
@@ -22,14 +21,6 @@ bool ValidToolName(const std::string& name) {
 }
 
 std::string Shown(const std::string& s) { return ToValidUtf8(s.substr(0, 64)); }
-
-// The parameters of tools[i] exactly as written (nlohmann::json sorts keys;
-// the grammar generates arguments in the schema's order).
-std::string OrderedParameters(std::string_view line, size_t i) {
-  auto doc = nlohmann::ordered_json::parse(line.begin(), line.end(), nullptr, false);
-  const auto& params = doc["body"]["tools"][i]["function"]["parameters"];
-  return params.dump(-1, ' ', false, nlohmann::ordered_json::error_handler_t::replace);
-}
 
 }  // namespace
 
@@ -123,11 +114,11 @@ void ParseTools(params::Params& p, std::string_view line, ParsedRequest* r) {
       if (auto s = fn->find("strict"); s != fn->end() && !s->is_null() && !s->is_boolean())
         return p.TypeError(where + ".function.strict", "a boolean", *s);
       if (auto params = fn->find("parameters"); params != fn->end() && !params->is_null()) {
-        if (!params->is_object()) return p.TypeError(where + ".function.parameters", "an object", *params);
-        if (Status st = CheckSchemaLimits(*params); !st.ok())
-          return p.Fail(where + ".function.parameters",
-                        "Invalid '" + where + ".function.parameters': " + st.message() + ".");
-        tool.parameters = OrderedParameters(line, i);
+        // The arguments are generated in the schema's order.
+        auto text = params::SchemaAt(p, *params, where + ".function.parameters", line,
+                                     "/body/tools/" + std::to_string(i) + "/function/parameters");
+        if (!text) return;
+        tool.parameters = std::move(*text);
       } else {
         tool.parameters = R"({"type":"object","properties":{}})";
       }
