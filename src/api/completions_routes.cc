@@ -102,12 +102,9 @@ void Complete(Context& ctx, batch::Endpoint endpoint, const httplib::Request& re
   const engine::Model* served = ctx.model;
   if (ctx.router) {
     auto acquired = ctx.router->Acquire(parsed->model);
-    if (!acquired.ok()) {
-      const bool unknown = acquired.status().code() == StatusCode::kNotFound;
-      return SendError(res, unknown ? 404 : 503, acquired.status().message(),
-                       unknown ? "model_not_found" : "model_not_loaded", "model");
-    }
-    hold = std::move(acquired).value();
+    if (auto* f = std::get_if<batch::RequestFailure>(&acquired))
+      return SendError(res, f->http_status, f->message, f->code, f->param);
+    hold = std::get<std::shared_ptr<worker::EngineHub>>(std::move(acquired));
     hub = hold.get();
     served = hub->model();
   }

@@ -135,7 +135,7 @@ Status ModelRouter::LoadLocked(int index, std::unique_lock<std::mutex>& lock, bo
       continue;
     }
     if (!busy) break;  // nothing to unload: try anyway, llama.cpp says if it does not fit
-    if (!wait) return Status::Unavailable("every loaded model is busy");
+    if (!wait) return Status::Unavailable("every loaded model is busy");  // the only Unavailable: see AcquireAt
     // Every loaded model is working: wait for one to finish (its requests
     // complete on their own engine threads).
     idle_cv_.wait_for(lock, std::chrono::milliseconds(50));
@@ -169,18 +169,28 @@ Status ModelRouter::LoadLocked(int index, std::unique_lock<std::mutex>& lock, bo
   return Status::Ok();
 }
 
-StatusOr<std::shared_ptr<EngineHub>> ModelRouter::Acquire(const std::string& model, bool wait) {
-  const int index = Find(model);
+std::variant<std::shared_ptr<EngineHub>, batch::RequestFailure> ModelRouter::Acquire(const std::string& model,
+                                                                                     bool wait) {
+  return AcquireAt(Find(model), model, wait);
+}
+
+std::variant<std::shared_ptr<EngineHub>, batch::RequestFailure> ModelRouter::AcquireAt(int index,
+                                                                                       const std::string& model,
+                                                                                       bool wait) {
   if (index < 0) {
     std::string names;
     for (const auto& s : specs_) names += (names.empty() ? "" : ", ") + s.name;
-    return Status::NotFound("The model '" + model + "' does not exist on this server (it serves " + names + ").");
+    return batch::RequestFailure{
+        404, "model_not_found", "The model '" + model + "' does not exist on this server (it serves " + names + ").",
+        "model"};
   }
   std::unique_lock<std::mutex> lock(mu_);
   last_use_[index] = ++uses_;
-  if (!loaded_[index])
-    if (Status st = LoadLocked(index, lock, wait); !st.ok()) return st;
-  if (!loaded_[index]) return Status::Unavailable("model " + specs_[index].name + " could not be loaded");
+  if (!loaded_[index]) {
+    Status st = LoadLocked(index, lock, wait);
+    if (st.code() == StatusCode::kUnavailable) return batch::RequestFailure{503, kModelBusy, st.message(), "model"};
+    if (!st.ok()) return batch::RequestFailure{503, "model_not_loaded", st.message(), "model"};
+  }
   return loaded_[index]->hub;
 }
 
@@ -188,18 +198,13 @@ std::variant<engine::Request, batch::RequestFailure> ModelRouter::Prepare(batch:
                                                                          int32_t default_max_tokens) {
   // The batch runner must not block here (it renews its leases): a model
   // that has to wait for another to go idle is offered again later.
-  auto hub = Acquire(request.model, /*wait=*/false);
-  if (!hub.ok()) {
-    if (hub.status().code() == StatusCode::kNotFound)
-      return batch::RequestFailure{404, "model_not_found", hub.status().message(), "model"};
-    if (hub.status().message() == "every loaded model is busy")
-      return batch::RequestFailure{503, kModelBusy, hub.status().message(), "model"};
-    return batch::RequestFailure{503, "model_not_loaded", hub.status().message(), "model"};
-  }
-  auto prepared = (*hub)->Prepare(std::move(request), default_max_tokens);
+  const int index = Find(request.model);
+  auto hub = AcquireAt(index, request.model, /*wait=*/false);
+  if (auto* f = std::get_if<batch::RequestFailure>(&hub)) return std::move(*f);
+  auto prepared = std::get<std::shared_ptr<EngineHub>>(hub)->Prepare(std::move(request), default_max_tokens);
   if (auto* r = std::get_if<engine::Request>(&prepared)) {
     std::lock_guard<std::mutex> lock(mu_);
-    routes_[r->id] = Find((*hub)->model_name());
+    routes_[r->id] = index;
   }
   return prepared;
 }

@@ -56,11 +56,13 @@ class ModelRouter : public EngineClient {
   // model (any value works, as with a single -m), else an exact name. -1: none.
   int Find(const std::string& model) const;
 
-  // The engine of the model `model` names, loaded if need be; NotFound
-  // (model_not_found) for a name no -m gave. Holding the pointer keeps it
-  // loaded for as long as it is held. When it must wait for a busy model to
-  // go idle first: waits with `wait`, else Unavailable at once.
-  StatusOr<std::shared_ptr<EngineHub>> Acquire(const std::string& model, bool wait = true);
+  // The engine of the model `model` names, loaded if need be. Holding the
+  // pointer keeps it loaded for as long as it is held. Else the request's
+  // answer: 404 model_not_found for a name no -m gave, 503 model_not_loaded
+  // when loading failed, and (only without `wait`, which waits for a busy
+  // model to go idle first) kModelBusy.
+  std::variant<std::shared_ptr<EngineHub>, batch::RequestFailure> Acquire(const std::string& model,
+                                                                         bool wait = true);
 
   // EngineClient.
   std::variant<engine::Request, batch::RequestFailure> Prepare(batch::ParsedRequest&& request,
@@ -84,7 +86,11 @@ class ModelRouter : public EngineClient {
   struct Loaded;
   ModelRouter() = default;
   // Under mu_: loads spec `index`, unloading idle ones first when needed.
+  // Status::Unavailable: `wait` is false and only a busy model could make room.
   Status LoadLocked(int index, std::unique_lock<std::mutex>& lock, bool wait);
+  // Acquire for spec `index` (-1: none; `model` is the name asked for).
+  std::variant<std::shared_ptr<EngineHub>, batch::RequestFailure> AcquireAt(int index, const std::string& model,
+                                                                           bool wait);
   bool Fits(const ModelSpec& spec) const;
 
   std::vector<ModelSpec> specs_;

@@ -128,12 +128,12 @@ TEST(ModelRouter, TheLeastRecentlyUsedIdleModelMakesRoomAndABusyOneIsKept) {
   // While someone holds b (an online request in flight), a cannot load:
   // the batch runner is told to come back later, it is not blocked.
   auto held = r.Acquire("b");
-  ASSERT_TRUE(held.ok());
+  ASSERT_TRUE(std::holds_alternative<std::shared_ptr<worker::EngineHub>>(held));
   auto busy = r.Prepare(Chat("a", "two"), 4);
   ASSERT_TRUE(std::holds_alternative<batch::RequestFailure>(busy));
   EXPECT_EQ(std::get<batch::RequestFailure>(busy).code, worker::kModelBusy);
   EXPECT_NE(r.LoadedHub(1), nullptr);
-  held = Status::Cancelled("released");
+  held = batch::RequestFailure{};  // released
   EXPECT_TRUE(RunOne(r, Chat("a", "two")).status.ok());
   EXPECT_EQ(r.unloads(), 2);
   // Counters survive unloading.
