@@ -292,7 +292,6 @@ int main(int argc, char** argv) {
     for (std::string model : more) {
       std::string name, source = "path";
       if (!kvb::cli::ResolveModelFlag(&model, &name, &source)) return false;
-      if (name.empty()) name = fs::path(model).stem().string();
       specs->push_back({name, model, source});
     }
     return true;

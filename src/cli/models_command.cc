@@ -1,6 +1,7 @@
 #include "cli/models_command.h"
 
 #include <cstdio>
+#include <filesystem>
 #include <nlohmann/json.hpp>
 
 #include "models/model_store.h"
@@ -59,6 +60,25 @@ bool ResolveModelFlag(std::string* model, std::string* name, std::string* source
   *name = ref->name;
   *source = ref->source;
   return true;
+}
+
+StatusOr<std::unique_ptr<worker::ModelRouter>> StartModels(const ModelFlags& flags,
+                                                           const engine::EngineOptions& engine,
+                                                           metrics::Metrics* metrics) {
+  std::vector<worker::ModelSpec> specs{
+      {flags.name.empty() ? std::filesystem::path(flags.path).stem().string() : flags.name, flags.path, flags.source}};
+  specs.insert(specs.end(), flags.more.begin(), flags.more.end());
+  worker::RouterOptions ro;
+  ro.n_gpu_layers = flags.n_gpu_layers;
+  ro.engine = engine;
+  ro.max_loaded = flags.max_models;
+  ro.on_step = [metrics](int index, const engine::StepInfo& step) { metrics->ObserveStep(index, step); };
+  ro.observe = [metrics](int index, const engine::Result& r) { metrics->ObserveResult(index, r); };
+  auto router = worker::ModelRouter::Start(specs, ro);
+  if (!router.ok())
+    return Status::InvalidArgument(
+        models::ExplainLoadFailure({specs[0].name, flags.path, flags.source}, router.status().message()));
+  return router;
 }
 
 }  // namespace kvb::cli

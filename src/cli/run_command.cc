@@ -18,7 +18,7 @@
 #include "batch/result_log.h"
 #include "cli/progress.h"
 #include "metrics/metrics.h"
-#include "models/model_store.h"
+#include "cli/models_command.h"
 #include "worker/batch_files.h"
 #include "worker/chunk_runner.h"
 #include "worker/engine_hub.h"
@@ -85,31 +85,19 @@ int Execute(const RunOptions& o, std::vector<store::PendingRequest> rows, batch:
             batch::CrashJournal& journal, Progress& progress, int64_t resumed, EngineRun* out) {
   // Declared before the engine: its thread reports to the metrics until it stops.
   metrics::Metrics metrics;
-  // Several -m: a router loads each model on first use; else one engine.
-  const std::string first_name = o.model_name.empty() ? std::filesystem::path(o.model).stem().string() : o.model_name;
-  std::vector<worker::ModelSpec> specs{{first_name, o.model, o.model_source}};
-  specs.insert(specs.end(), o.more_models.begin(), o.more_models.end());
-  worker::RouterOptions ro;
-  ro.n_gpu_layers = o.n_gpu_layers;
-  ro.engine = o.engine;
-  ro.max_loaded = o.max_models;
-  ro.on_step = [&metrics](int index, const engine::StepInfo& step) { metrics.ObserveStep(index, step); };
-  ro.observe = [&metrics](int index, const engine::Result& r) { metrics.ObserveResult(index, r); };
-  auto started = worker::ModelRouter::Start(specs, ro);
-  if (!started.ok())
-    return Fail(Status::InvalidArgument(
-        models::ExplainLoadFailure({o.model_name, o.model, o.model_source}, started.status().message())));
+  // Every -m: the first loaded now, the others on first use.
+  auto started =
+      StartModels({o.model, o.model_name, o.model_source, o.more_models, o.max_models, o.n_gpu_layers}, o.engine, &metrics);
+  if (!started.ok()) return Fail(started.status());
   std::unique_ptr<worker::ModelRouter> hub = std::move(started).value();
 
   const int64_t total = static_cast<int64_t>(rows.size());
   const engine::ContextInfo info = hub->LoadedHub(0)->info();
-  std::string model_names;
-  for (const auto& s : specs) model_names += (model_names.empty() ? "" : ", ") + s.name;
   if (!o.quiet) {
     std::fprintf(stderr,
                  "kvbatch: %lld requests (%lld already answered) | model %s | %s | KV %d cells (%.0f MiB) | "
                  "%d parallel sequences | context %d\n",
-                 static_cast<long long>(total), static_cast<long long>(resumed), model_names.c_str(),
+                 static_cast<long long>(total), static_cast<long long>(resumed), hub->Names().c_str(),
                  info.device.c_str(), info.kv_cells, static_cast<double>(info.kv_bytes) / (1 << 20), info.max_seqs,
                  info.n_ctx_seq);
   }
@@ -131,7 +119,7 @@ int Execute(const RunOptions& o, std::vector<store::PendingRequest> rows, batch:
   std::unique_ptr<api::MetricsServer> metrics_server;
   if (o.metrics_port >= 0) {
     metrics::Sources src;
-    for (int i = 0; i < static_cast<int>(specs.size()); ++i)
+    for (int i = 0; i < static_cast<int>(hub->specs().size()); ++i)
       src.engines.push_back([h = hub.get(), i] { return api::RouterSnapshot(*h, i); });
     src.batches = [&store, &progress, total] {
       const worker::RunTally t = store.Tally();

@@ -15,6 +15,7 @@
 #include "api/server.h"
 #include "batch/crash_guard.h"
 #include "metrics/metrics.h"
+#include "cli/models_command.h"
 #include "models/model_store.h"
 #include "store/open_store.h"
 #include "worker/batch_driver.h"
@@ -69,10 +70,9 @@ struct Node {
 
   std::string Describe() const {
     if (router) {
-      std::string names;
-      for (const auto& s : router->specs()) names += (names.empty() ? "" : ", ") + s.name;
       auto first = router->LoadedHub(0);
-      return std::to_string(router->specs().size()) + " models: " + names + "; " + (first ? first->info().device : "") +
+      return std::to_string(router->specs().size()) + " models: " + router->Names() + "; " +
+             (first ? first->info().device : "") +
              ", " + std::to_string(router->max_seqs()) + " sequences each";
     }
     std::string out;
@@ -169,19 +169,9 @@ int Open(const char* who, const ServeOptions& o, Node& node, bool need_model) {
   if (need_model && !o.more_models.empty()) {
     // Several models: loaded by the router, the first one now.
     if (!o.devices.empty()) return Fail(who, "--devices and several -m cannot be combined yet");
-    std::vector<worker::ModelSpec> specs{{o.model_name.empty() ? fs::path(o.model).stem().string() : o.model_name,
-                                          o.model, o.model_source}};
-    specs.insert(specs.end(), o.more_models.begin(), o.more_models.end());
-    worker::RouterOptions ro;
-    ro.n_gpu_layers = o.n_gpu_layers;
-    ro.engine = o.engine;
-    ro.max_loaded = o.max_models;
-    metrics::Metrics* m = node.metrics.get();
-    ro.on_step = [m](int index, const engine::StepInfo& step) { m->ObserveStep(index, step); };
-    ro.observe = [m](int index, const engine::Result& r) { m->ObserveResult(index, r); };
-    auto router = worker::ModelRouter::Start(specs, ro);
-    if (!router.ok())
-      return Fail(who, models::ExplainLoadFailure({specs[0].name, o.model, o.model_source}, router.status().message()));
+    auto router = StartModels({o.model, o.model_name, o.model_source, o.more_models, o.max_models, o.n_gpu_layers},
+                              o.engine, node.metrics.get());
+    if (!router.ok()) return Fail(who, router.status().message());
     node.router = std::move(router).value();
   } else if (need_model) {
     if (std::error_code e; !fs::is_regular_file(o.model, e)) return Fail(who, "model not found: " + o.model);

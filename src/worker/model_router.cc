@@ -80,6 +80,12 @@ ModelRouter::~ModelRouter() {
   loaded_.clear();
 }
 
+std::string ModelRouter::Names() const {
+  std::string names;
+  for (const auto& s : specs_) names += (names.empty() ? "" : ", ") + s.name;
+  return names;
+}
+
 int ModelRouter::Find(const std::string& model) const {
   if (specs_.size() == 1) return 0;
   for (size_t i = 0; i < specs_.size(); ++i)
@@ -177,13 +183,10 @@ std::variant<std::shared_ptr<EngineHub>, batch::RequestFailure> ModelRouter::Acq
 std::variant<std::shared_ptr<EngineHub>, batch::RequestFailure> ModelRouter::AcquireAt(int index,
                                                                                        const std::string& model,
                                                                                        bool wait) {
-  if (index < 0) {
-    std::string names;
-    for (const auto& s : specs_) names += (names.empty() ? "" : ", ") + s.name;
+  if (index < 0)
     return batch::RequestFailure{
-        404, "model_not_found", "The model '" + model + "' does not exist on this server (it serves " + names + ").",
+        404, "model_not_found", "The model '" + model + "' does not exist on this server (it serves " + Names() + ").",
         "model"};
-  }
   std::unique_lock<std::mutex> lock(mu_);
   last_use_[index] = ++uses_;
   if (!loaded_[index]) {

@@ -52,6 +52,7 @@ class ModelRouter : public EngineClient {
   ~ModelRouter() override;
 
   const std::vector<ModelSpec>& specs() const { return specs_; }
+  std::string Names() const;  // "a, b, c": every model's name, in order
   // The spec a request's `model` names: the only one when there is one
   // model (any value works, as with a single -m), else an exact name. -1: none.
   int Find(const std::string& model) const;
