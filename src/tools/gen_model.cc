@@ -174,15 +174,21 @@ Status CopyTokenizer(const std::string& vocab_path, gguf_context* out, int64_t* 
   return Status::Ok();
 }
 
-void SetBertHyperparameters(const GenModelOptions& o, gguf_context* g) {
-  gguf_set_val_str(g, "general.architecture", "bert");
+// The keys every architecture has, as "<arch>.<key>".
+void SetCommonHyperparameters(const GenModelOptions& o, const std::string& arch, gguf_context* g) {
+  auto key = [&](const char* k) { return arch + "." + k; };
+  gguf_set_val_str(g, "general.architecture", arch.c_str());
   gguf_set_val_str(g, "general.name", o.name.c_str());
   gguf_set_val_u32(g, "general.file_type", static_cast<uint32_t>(FileType(o.weight_type)));
-  gguf_set_val_u32(g, "bert.context_length", static_cast<uint32_t>(o.n_ctx_train));
-  gguf_set_val_u32(g, "bert.embedding_length", static_cast<uint32_t>(o.n_embd));
-  gguf_set_val_u32(g, "bert.block_count", static_cast<uint32_t>(o.n_layer));
-  gguf_set_val_u32(g, "bert.feed_forward_length", static_cast<uint32_t>(o.n_ff));
-  gguf_set_val_u32(g, "bert.attention.head_count", static_cast<uint32_t>(o.n_head));
+  gguf_set_val_u32(g, key("context_length").c_str(), static_cast<uint32_t>(o.n_ctx_train));
+  gguf_set_val_u32(g, key("embedding_length").c_str(), static_cast<uint32_t>(o.n_embd));
+  gguf_set_val_u32(g, key("block_count").c_str(), static_cast<uint32_t>(o.n_layer));
+  gguf_set_val_u32(g, key("feed_forward_length").c_str(), static_cast<uint32_t>(o.n_ff));
+  gguf_set_val_u32(g, key("attention.head_count").c_str(), static_cast<uint32_t>(o.n_head));
+}
+
+void SetBertHyperparameters(const GenModelOptions& o, gguf_context* g) {
+  SetCommonHyperparameters(o, "bert", g);
   gguf_set_val_f32(g, "bert.attention.layer_norm_epsilon", 1e-12f);
   gguf_set_val_bool(g, "bert.attention.causal", false);
   gguf_set_val_u32(g, "bert.pooling_type", 1);  // mean, as bge and MiniLM
@@ -192,14 +198,7 @@ void SetBertHyperparameters(const GenModelOptions& o, gguf_context* g) {
 
 void SetHyperparameters(const GenModelOptions& o, int64_t n_vocab, gguf_context* g) {
   if (o.arch == "bert") return SetBertHyperparameters(o, g);
-  gguf_set_val_str(g, "general.architecture", "llama");
-  gguf_set_val_str(g, "general.name", o.name.c_str());
-  gguf_set_val_u32(g, "general.file_type", static_cast<uint32_t>(FileType(o.weight_type)));
-  gguf_set_val_u32(g, "llama.context_length", static_cast<uint32_t>(o.n_ctx_train));
-  gguf_set_val_u32(g, "llama.embedding_length", static_cast<uint32_t>(o.n_embd));
-  gguf_set_val_u32(g, "llama.block_count", static_cast<uint32_t>(o.n_layer));
-  gguf_set_val_u32(g, "llama.feed_forward_length", static_cast<uint32_t>(o.n_ff));
-  gguf_set_val_u32(g, "llama.attention.head_count", static_cast<uint32_t>(o.n_head));
+  SetCommonHyperparameters(o, "llama", g);
   gguf_set_val_u32(g, "llama.attention.head_count_kv", static_cast<uint32_t>(o.n_head_kv));
   gguf_set_val_f32(g, "llama.rope.freq_base", kRopeFreqBase);
   gguf_set_val_f32(g, "llama.attention.layer_norm_rms_epsilon", kRmsNormEps);
