@@ -22,10 +22,8 @@ std::vector<json> ToolStream::Add(std::string_view text, bool final) {
     json delta;
     if (i >= calls_.size()) {
       calls_.push_back({call.id.empty() ? NewId("call_") : call.id, call.name, call.arguments});
-      delta = {{"index", i},
-               {"id", calls_[i].id},
-               {"type", "function"},
-               {"function", {{"name", ToValidUtf8(call.name)}, {"arguments", ToValidUtf8(call.arguments)}}}};
+      delta = ToolCallJson(calls_[i]);  // the whole call so far, as a plain answer writes it
+      delta["index"] = i;
     } else {
       std::string& sent = calls_[i].arguments;
       if (call.arguments.size() <= sent.size() || call.arguments.compare(0, sent.size(), sent) != 0) continue;
