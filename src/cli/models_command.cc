@@ -74,11 +74,12 @@ StatusOr<std::unique_ptr<worker::ModelRouter>> StartModels(const ModelFlags& fla
   ro.max_loaded = flags.max_models;
   ro.on_step = [metrics](int index, const engine::StepInfo& step) { metrics->ObserveStep(index, step); };
   ro.observe = [metrics](int index, const engine::Result& r) { metrics->ObserveResult(index, r); };
-  auto router = worker::ModelRouter::Start(specs, ro);
-  if (!router.ok())
-    return Status::InvalidArgument(
-        models::ExplainLoadFailure({specs[0].name, flags.path, flags.source}, router.status().message()));
-  return router;
+  // Every model's load failure, the first one's at start and the others' in
+  // their requests' answers, says why an Ollama blob may not load.
+  ro.explain_load_failure = [](const worker::ModelSpec& spec, const std::string& failure) {
+    return models::ExplainLoadFailure({spec.name, spec.path, spec.source}, failure);
+  };
+  return worker::ModelRouter::Start(specs, ro);
 }
 
 }  // namespace kvb::cli

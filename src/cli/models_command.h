@@ -33,9 +33,9 @@ struct ModelFlags {
   int32_t n_gpu_layers = -1;
 };
 
-// The router over those models, the first one loaded now (its failure
-// explained, models::ExplainLoadFailure), each model's steps and results
-// reported to `metrics` under its position.
+// The router over those models, the first one loaded now, each model's
+// load failure explained (models::ExplainLoadFailure), each model's steps
+// and results reported to `metrics` under its position.
 StatusOr<std::unique_ptr<worker::ModelRouter>> StartModels(const ModelFlags& flags,
                                                            const engine::EngineOptions& engine,
                                                            metrics::Metrics* metrics);

@@ -161,6 +161,8 @@ Status ModelRouter::LoadLocked(int index, std::unique_lock<std::mutex>& lock, bo
   lock.lock();
   loading_ = false;
   idle_cv_.notify_all();
+  if (!model.ok() && options_.explain_load_failure)
+    return Status(model.status().code(), options_.explain_load_failure(spec, model.status().message()));
   if (!model.ok()) return model.status();
   if (!hub.ok()) return hub.status();
   auto l = std::make_shared<Loaded>();

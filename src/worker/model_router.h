@@ -41,6 +41,9 @@ struct RouterOptions {
   // Metrics hooks, by model index (the spec's position).
   std::function<void(int index, const engine::StepInfo&)> on_step;
   std::function<void(int index, const engine::Result&)> observe;
+  // What a load failure says: the failure, and why for this model (the CLI
+  // gives models::ExplainLoadFailure); default: the failure as is.
+  std::function<std::string(const ModelSpec&, const std::string& failure)> explain_load_failure;
   // Free memory of the device models load on, in bytes (tests fake it);
   // default: the first GPU's, else the host's available memory.
   std::function<uint64_t()> free_memory;

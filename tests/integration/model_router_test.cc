@@ -140,6 +140,24 @@ TEST(ModelRouter, TheLeastRecentlyUsedIdleModelMakesRoomAndABusyOneIsKept) {
   EXPECT_EQ(RequestsDone(r, 2), 2);
 }
 
+TEST(ModelRouter, AModelThatFailsToLoadLaterAnswersWithTheExplainedFailure) {
+  fs::path dir = TestDir("router_broken");
+  { std::ofstream(dir / "broken.gguf") << "not a gguf"; }
+  worker::RouterOptions o = Options(0);
+  o.explain_load_failure = [](const ModelSpec& spec, const std::string& failure) {
+    return failure + " [explained for " + spec.name + "]";
+  };
+  auto router = ModelRouter::Start({{"a", TinyModel()}, {"broken", (dir / "broken.gguf").string()}}, o);
+  ASSERT_TRUE(router.ok());
+  auto prepared = (*router)->Prepare(Chat("broken", "x"), 4);
+  ASSERT_TRUE(std::holds_alternative<batch::RequestFailure>(prepared));
+  const auto& f = std::get<batch::RequestFailure>(prepared);
+  EXPECT_EQ(f.http_status, 503);
+  EXPECT_EQ(f.code, "model_not_loaded");
+  EXPECT_NE(f.message.find("[explained for broken]"), std::string::npos) << f.message;
+  EXPECT_TRUE(RunOne(**router, Chat("a", "still answers")).status.ok());
+}
+
 TEST(ModelRouter, ModelsThatDoNotFitInFreeMemoryUnloadOthers) {
   worker::RouterOptions o = Options(0);
   o.free_memory = [] { return uint64_t{1} << 20; };  // 1 MiB free: nothing more fits
