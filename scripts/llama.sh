@@ -8,13 +8,26 @@
 #   KVBATCH_CUDA    1/0: force CUDA on/off (default: on when nvcc and a GPU are present)
 #   KVBATCH_JOBS    build parallelism     (default: nproc)
 #   KVBATCH_LLAMA_SRC  an existing llama.cpp source tree to build instead of
-#                   fetching the pinned one (keyed by its path in the cache)
+#                   fetching the pinned one (keyed by its path in the cache;
+#                   copied, never modified)
+#
+# patches/*.patch are applied in order to the source before it is built (the
+# install prefix is keyed by their hash). They must apply to the pinned
+# llama.cpp; on a KVBATCH_LLAMA_SRC tree a patch that does not apply is
+# skipped with a warning, with the ones after it (kvbatch works without them,
+# only slower). $prefix/PATCHES lists what was applied.
 set -euo pipefail
 
 NLC_VERSION=3.22.1   # node-llama-cpp version pinned; it fixes the llama.cpp commit
 cache=${KVBATCH_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kvbatch}
 jobs=${KVBATCH_JOBS:-$(nproc)}
 log() { echo "[llama.sh] $*" >&2; }
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+shopt -s nullglob
+patches=("$root"/patches/*.patch)
+shopt -u nullglob
+patch_hash=none
+if [ ${#patches[@]} -gt 0 ]; then patch_hash=$(cat "${patches[@]}" | md5sum | cut -c1-8); fi
 
 cuda=${KVBATCH_CUDA:-}
 if [ -z "$cuda" ]; then
@@ -35,7 +48,7 @@ key="${src_tag}-$([ "$cuda" = 1 ] && echo cuda || echo cpu)-${cpukey}"
 # an older install is not taken for a complete one; the build tree
 # (work-$key) is shared and rebuilt incrementally.
 RECIPE=r2
-prefix="$cache/llama-$key-$RECIPE"
+prefix="$cache/llama-$key-$RECIPE-p$patch_hash"
 
 work="$cache/work-$key"
 # llama.cpp's chat templates (models/templates/*.jinja): tests render each.
@@ -54,8 +67,9 @@ fi
 
 mkdir -p "$work"
 if [ -n "${KVBATCH_LLAMA_SRC:-}" ]; then
-  rm -rf "$work/src"
-  ln -s "$(cd "$KVBATCH_LLAMA_SRC" && pwd)" "$work/src"
+  # A copy, so that the patches never touch the user's tree.
+  rm -rf "$work/src" && mkdir "$work/src"
+  tar -C "$KVBATCH_LLAMA_SRC" --exclude=./.git --exclude='./build*' -cf - . | tar -C "$work/src" -xf -
 elif [ ! -d "$work/src/.git" ]; then
   log "fetching node-llama-cpp@$NLC_VERSION from the npm registry"
   (cd "$work" && rm -rf pkg && mkdir pkg && cd pkg &&
@@ -65,6 +79,25 @@ elif [ ! -d "$work/src/.git" ]; then
   git clone -q "$work/pkg/package/llama/gitRelease.bundle" "$work/src"
   rm -rf "$work/pkg"
 fi
+if [ -d "$work/src/.git" ] && [ -z "${KVBATCH_LLAMA_SRC:-}" ]; then
+  # The pinned tree as fetched, then the patches: a changed series starts over.
+  git -C "$work/src" checkout -q -- . && git -C "$work/src" clean -fdq
+fi
+applied=()
+for p in "${patches[@]}"; do
+  if (cd "$work/src" && git apply --check "$p" 2>/dev/null); then
+    (cd "$work/src" && git apply "$p")
+    applied+=("$(basename "$p")")
+  elif [ -z "${KVBATCH_LLAMA_SRC:-}" ]; then
+    log "error: $(basename "$p") does not apply to the pinned llama.cpp"; (cd "$work/src" && git apply --check "$p") || true
+    exit 1
+  else
+    log "WARNING: $(basename "$p") does not apply to $KVBATCH_LLAMA_SRC; building it without this patch and the ones after it."
+    log "WARNING: kvbatch works without them, only slower (see patches/README.md)."
+    break
+  fi
+done
+[ ${#applied[@]} -eq 0 ] || log "applied ${#applied[@]} patch(es): ${applied[*]}"
 
 cmake_args=(
   -DCMAKE_BUILD_TYPE=Release
@@ -111,6 +144,7 @@ mkdir -p "$prefix/share" && rm -rf "$prefix/share/vocab" && mkdir "$prefix/share
   { cp "$work/src/models/"ggml-vocab-*.gguf "$prefix/share/vocab/" 2>/dev/null || true; }
 copy_templates
 git -C "$work/src" rev-parse HEAD >"$prefix/COMMIT" 2>/dev/null || echo "$src_tag" >"$prefix/COMMIT"
+printf '%s\n' "${applied[@]}" >"$prefix/PATCHES"
 touch "$prefix/.complete"
 log "installed into $prefix"
 echo "$prefix"
