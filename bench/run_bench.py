@@ -119,6 +119,36 @@ def run_kvbatch(args, model, workload, out, output_args=("-q",)):
     return secs, toks, finish, lines, " ".join(cmd)
 
 
+def batched_bench(binary, model, args, npp, ntg, npl, extra=()):
+    """One llama-batched-bench row: {PP, TG, B, N_KV, T_PP s, S_PP t/s, T_TG s, S_TG t/s, ...}."""
+    cmd = [binary, "-m", model, "-c", str(max(4096, npl * (npp + ntg) + 256)), "-b", "2048", "-ub", "512",
+           "-npp", str(npp), "-ntg", str(ntg), "-npl", str(npl), "-fa", "on", "-t", str(args.threads),
+           "--kv-unified", *extra] + (["-ngl", "999"] if args.gpu else ["-ngl", "0"])
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    rows = [l for l in out.splitlines() if l.startswith("|") and l.split("|")[1].strip().isdigit()]
+    head = [h.strip() for h in next(l for l in out.splitlines() if l.startswith("|") and "PP" in l).split("|")[1:-1]]
+    return dict(zip(head, (float(x) for x in rows[-1].split("|")[1:-1]))), " ".join(cmd)
+
+
+def prefix_bound(args, binary, model, out_path):
+    """What the workload would take if the shared prefix cost nothing after its one prefill: the prefix
+    prefilled once, then every request's own prompt tokens prefilled and its answer decoded at the
+    rates llama.cpp reaches on a short context (llama-batched-bench, max-seqs sequences at once)."""
+    lines = [json.loads(l)["response"]["body"]["usage"] for l in open(out_path)]
+    n = len(lines)
+    prompt = sum(u["prompt_tokens"] for u in lines) / n
+    shared = round(max(u.get("prompt_tokens_details", {}).get("cached_tokens", 0) for u in lines))
+    own = max(1, round(prompt - shared))
+    gen = max(1, round(sum(u["completion_tokens"] for u in lines) / n))
+    seqs = 128 if args.gpu else 32
+    pre, cmd1 = batched_bench(binary, model, args, shared, 1, 1)
+    short, cmd2 = batched_bench(binary, model, args, own, gen, seqs)
+    secs = shared / pre["S_PP t/s"] + n * own / short["S_PP t/s"] + n * gen / short["S_TG t/s"]
+    return {"req_s": n / secs, "seconds": secs, "shared_tokens": shared, "own_tokens": own, "gen_tokens": gen,
+            "prefix_prefill_tok_s": pre["S_PP t/s"], "short_prefill_tok_s": short["S_PP t/s"],
+            "short_decode_tok_s": short["S_TG t/s"], "commands": [cmd1, cmd2]}
+
+
 def schema_bench(args, work):
     """The rubric workload unconstrained vs with response_format json_schema: same
     requests, same max_tokens, alternating runs; the cost of grammar-constrained decoding."""
@@ -177,7 +207,7 @@ def main():
     ap.add_argument("--llama-server", default=None, help="default: the one scripts/llama.sh built")
     ap.add_argument("--model", default=None, help="default: a generated bench model")
     ap.add_argument("--kvbatch-args", default="", help="extra arguments for kvbatch run")
-    ap.add_argument("--skip", default="", help="comma list of: kvbatch,server,naive")
+    ap.add_argument("--skip", default="", help="comma list of: kvbatch,server,naive,bound")
     ap.add_argument("--out-dir", default=os.path.join(ROOT, "bench", "results"))
     ap.add_argument("--schema", action="store_true",
                     help="instead: kvbatch on the same requests without and with response_format json_schema")
@@ -246,6 +276,15 @@ def main():
         print(f"naive (one at a time, no prompt cache): {n} requests in {secs:.1f} s = {n / secs:.2f} req/s",
               flush=True)
 
+    if "bound" not in skip and "kvbatch" in results:
+        bench_bin = os.path.join(os.path.dirname(server_bin), "llama-batched-bench")
+        b = prefix_bound(args, bench_bin, model, os.path.join(work, "kvbatch-out.jsonl"))
+        results["shared_prefix_bound"] = b
+        print(f"shared-prefix bound: {b['req_s']:.2f} req/s (prefix {b['shared_tokens']} tokens once at "
+              f"{b['prefix_prefill_tok_s']:.0f} tok/s; per request {b['own_tokens']} own tokens at "
+              f"{b['short_prefill_tok_s']:.0f} tok/s and {b['gen_tokens']} generated at "
+              f"{b['short_decode_tok_s']:.0f} tok/s)", flush=True)
+
     print("\n| system | req/s | vs kvbatch |")
     print("|---|---|---|")
     base = results.get("kvbatch", {}).get("req_s")
@@ -259,6 +298,8 @@ def main():
         print(f"\nkvbatch / llama-server = {base / results['llama_server']['req_s']:.2f}x")
     if base and "naive" in results:
         print(f"kvbatch / naive        = {base / results['naive']['req_s']:.2f}x")
+    if base and "shared_prefix_bound" in results:
+        print(f"kvbatch / shared-prefix bound = {base / results['shared_prefix_bound']['req_s']:.0%}")
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     with open(os.path.join(args.out_dir, f"{stamp}.json"), "w") as f:
         json.dump(results, f, indent=2)

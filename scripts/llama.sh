@@ -44,10 +44,11 @@ if [ -n "${KVBATCH_LLAMA_SRC:-}" ]; then
   src_tag="src$(echo "$(cd "$KVBATCH_LLAMA_SRC" && pwd)" | md5sum | cut -c1-8)"
 fi
 key="${src_tag}-$([ "$cuda" = 1 ] && echo cuda || echo cpu)-${cpukey}"
-# RECIPE changes when what is installed changes (r2: test-llama-archs), so
+# RECIPE changes when what is installed changes (r2: test-llama-archs, r3:
+# llama-batched-bench), so
 # an older install is not taken for a complete one; the build tree
 # (work-$key) is shared and rebuilt incrementally.
-RECIPE=r2
+RECIPE=r3
 prefix="$cache/llama-$key-$RECIPE-p$patch_hash"
 
 work="$cache/work-$key"
@@ -120,7 +121,7 @@ fi
 log "building llama.cpp ($key) with $jobs jobs; the first build takes a while"
 cmake -S "$work/src" -B "$work/build" "${cmake_args[@]}" >"$work/configure.log" 2>&1 ||
   { cat "$work/configure.log" >&2; exit 1; }
-cmake --build "$work/build" -j "$jobs" --target llama llama-common llama-server test-llama-archs >"$work/build.log" 2>&1 ||
+cmake --build "$work/build" -j "$jobs" --target llama llama-common llama-server llama-batched-bench test-llama-archs >"$work/build.log" 2>&1 ||
   { tail -50 "$work/build.log" >&2; exit 1; }
 # Tests off again before installing: llama.cpp would install every test
 # binary, and only test-llama-archs was built (a reconfigure, no rebuild).
@@ -135,7 +136,7 @@ mkdir -p "$prefix/include/llama-common" "$prefix/bin"
 cp "$work/src/common/"*.h "$prefix/include/llama-common/"
 cp -r "$work/src/common/jinja" "$prefix/include/llama-common/" 2>/dev/null || true
 cp -r "$work/src/vendor/." "$prefix/include/llama-common/"
-cp "$work/build/bin/llama-server" "$prefix/bin/"
+cp "$work/build/bin/llama-server" "$work/build/bin/llama-batched-bench" "$prefix/bin/"
 # Writes a small random-weight GGUF of any architecture llama.cpp supports
 # (tests: recurrent, hybrid and MoE models).
 cp "$work/build/bin/test-llama-archs" "$prefix/bin/"
