@@ -15,6 +15,7 @@ StatusOr<std::unique_ptr<Engine>> Engine::Start(const Model* model, const Engine
   e->on_step_ = options.on_step;
   SchedulerOptions so = options.scheduler;
   so.max_anchors = options.context.anchors;
+  so.monotonic_cells = options.context.deterministic;
   e->scheduler_ = std::make_unique<Scheduler>(e->backend_.get(), so, std::move(on_result), std::move(on_delta),
                                               std::move(on_admit));
   e->stats_ = e->scheduler_->stats();  // cells_total from the start

@@ -62,8 +62,25 @@ StatusOr<std::unique_ptr<LlamaBackend>> LlamaBackend::Create(const Model* model,
     cells = static_cast<int32_t>(std::clamp<int64_t>(by_mem, 2048, gpu ? 1 << 20 : 1 << 15));
   }
   const int32_t max_seqs = o.max_seqs > 0 ? o.max_seqs : (gpu ? 128 : 32);
-  const int32_t n_seq_max = std::min<int32_t>(max_seqs + o.anchors, static_cast<int32_t>(llama_max_parallel_sequences()));
-  if (n_seq_max <= o.anchors) return Status::InvalidArgument("too many anchors for the sequence limit");
+  // Deterministic mode keeps one more sequence id: the scheduler's retired cells.
+  const int32_t extra = o.anchors + (o.deterministic ? 1 : 0);
+  const int32_t n_seq_max = std::min<int32_t>(max_seqs + extra, static_cast<int32_t>(llama_max_parallel_sequences()));
+  if (n_seq_max <= extra) return Status::InvalidArgument("too many anchors for the sequence limit");
+  using SetDefaultUseRef = void (*)(bool);
+  SetDefaultUseRef set_use_ref = nullptr;
+  if (o.deterministic) {
+    if (gpu)
+      return Status::InvalidArgument(
+          "--deterministic runs on the CPU only: GPU kernels are not batch-invariant yet (add --gpu-layers 0)");
+    ggml_backend_reg_t cpu = ggml_backend_reg_by_name("CPU");
+    if (cpu)
+      set_use_ref = reinterpret_cast<SetDefaultUseRef>(
+          ggml_backend_reg_get_proc_address(cpu, "ggml_backend_cpu_set_default_use_ref"));
+    if (!set_use_ref)
+      return Status::FailedPrecondition(
+          "--deterministic needs llama.cpp with kvbatch's patches/0002 (ggml_backend_cpu_set_default_use_ref); "
+          "scripts/llama.sh applies them");
+  }
 
   llama_context_params cp = llama_context_default_params();
   cp.n_ctx = static_cast<uint32_t>(cells);
@@ -77,7 +94,17 @@ StatusOr<std::unique_ptr<LlamaBackend>> LlamaBackend::Create(const Model* model,
   cp.flash_attn_type = o.flash_attn ? LLAMA_FLASH_ATTN_TYPE_ENABLED : LLAMA_FLASH_ATTN_TYPE_DISABLED;
   cp.no_perf = true;
   cp.type_k = cp.type_v = kv_type;
+  if (o.deterministic) {
+    // The reference flash-attention kernel goes row by row, each row over
+    // its visible cells in cell order; without flash attention, a cell's
+    // place in the cache would decide its SIMD lane in the sums.
+    cp.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_ENABLED;
+    cp.op_offload = false;
+    cp.offload_kqv = false;
+  }
+  if (set_use_ref) set_use_ref(true);  // for this context's CPU backend only
   b->ctx_ = llama_init_from_model(model->raw(), cp);
+  if (set_use_ref) set_use_ref(false);
   if (!b->ctx_) {
     return Status::ResourceExhausted("llama.cpp could not create a context with " + std::to_string(cells) +
                                      " KV cells; try a smaller --kv-cells");
@@ -85,7 +112,7 @@ StatusOr<std::unique_ptr<LlamaBackend>> LlamaBackend::Create(const Model* model,
   b->partial_forks_ = !llama_model_is_recurrent(model->raw()) && !llama_model_is_hybrid(model->raw());
   b->info_.kv_cells = static_cast<int32_t>(llama_n_ctx(b->ctx_));
   b->info_.n_seq_max = static_cast<int32_t>(llama_n_seq_max(b->ctx_));
-  b->info_.max_seqs = b->info_.n_seq_max - o.anchors;
+  b->info_.max_seqs = b->info_.n_seq_max - extra;
   b->info_.n_ctx_seq = std::min(b->info_.kv_cells, model->n_ctx_train() > 0 ? model->n_ctx_train() : b->info_.kv_cells);
   b->info_.n_batch = static_cast<int32_t>(llama_n_batch(b->ctx_));
   b->info_.kv_bytes = per_cell * b->info_.kv_cells;

@@ -24,6 +24,11 @@ struct ContextOptions {
   int32_t n_ubatch = 0;   // 0: n_batch on CPU, 512 on GPU
   int32_t n_threads = 0;  // 0: all cores
   bool flash_attn = true;
+  // Batch-invariant inference: a request's answer is bitwise the same alone,
+  // in any batch and order (CPU only; needs patches/0002 in llama.cpp).
+  // Every op takes ggml's reference CPU kernel, and the scheduler keeps KV
+  // cells in position order (SchedulerOptions::monotonic_cells).
+  bool deterministic = false;
   std::string kv_type = "f16";  // K/V cache type: f16, f32 (less rounding noise), q8_0 (half the memory)
   // Embeddings' pooling: "" the model's own (last for a decoder that
   // declares none), or mean, last, cls.

@@ -29,6 +29,7 @@ Scheduler::Scheduler(Backend* backend, SchedulerOptions options, ResultFn on_res
       on_delta_(std::move(on_delta)),
       on_admit_(std::move(on_admit)) {
   int32_t n = backend_->n_seq_max();
+  if (options_.monotonic_cells && n > 1) retired_seq_ = --n;
   options_.max_anchors = std::clamp(options_.max_anchors, 0, std::max(0, n - 1));
   max_running_ = n - options_.max_anchors;
   seqs_.resize(n);
@@ -72,7 +73,7 @@ int32_t Scheduler::FreeCells() const {
     if (s) used += s->reserved;
   for (const auto& a : anchors_)
     if (a) used += a->reserved;
-  return backend_->n_cells() - options_.reserve_cells - used;
+  return backend_->n_cells() - options_.reserve_cells - used - retired_cells_;
 }
 
 std::optional<int32_t> Scheduler::FreeSlot(bool anchor) const {
@@ -103,14 +104,52 @@ std::vector<int32_t> Scheduler::FreeSlots(int32_t n) const {
 void Scheduler::EvictAnchor(int32_t seq) {
   auto& a = anchors_[seq];
   assert(a && cache_.Refs(seq) == 0);
-  backend_->RemoveSeq(seq);
+  Retire(seq, a->n_past, a->n_past - (static_cast<int32_t>(a->tokens.size()) - a->reserved));
   cache_.Remove(seq);
   if (a->parent >= 0) cache_.Release(a->parent);
   a.reset();
 }
 
+// Frees a sequence id; its cells too, unless cells are monotonic: then the
+// `created` cells it made itself stay, held by retired_seq_, until DrainCells.
+void Scheduler::Retire(int32_t seq, int32_t n_past, int32_t created) {
+  if (retired_seq_ >= 0 && n_past > 0) {
+    backend_->CopySeq(seq, retired_seq_, n_past);
+    retired_cells_ += std::max(0, created);
+  }
+  backend_->RemoveSeq(seq);
+}
+
+// monotonic_cells: with nothing running and no anchor being filled, frees
+// every retired cell and every anchor, so that cells are taken from the
+// start again, prefixes first. Returns whether anything was freed.
+bool Scheduler::DrainCells() {
+  if (retired_seq_ < 0 || AnyRunning()) return false;
+  for (const auto& a : anchors_)
+    if (a && !a->ready) return false;
+  bool freed = retired_cells_ > 0;
+  // Children first: an anchor forked from another holds a reference to it.
+  for (bool again = true; again;) {
+    again = false;
+    for (size_t i = 0; i < anchors_.size(); ++i) {
+      if (!anchors_[i] || cache_.Refs(static_cast<int32_t>(i)) != 0) continue;
+      EvictAnchor(static_cast<int32_t>(i));
+      freed = again = true;
+    }
+  }
+  backend_->RemoveSeq(retired_seq_);
+  retired_cells_ = 0;
+  return freed;
+}
+
 // Evicts idle anchors, least recently used first, until `cells` fit.
+// (With monotonic cells an evicted anchor's cells stay taken until
+// DrainCells: evicting frees nothing.)
 bool Scheduler::MakeRoom(int32_t cells, int32_t keep_anchor) {
+  if (FreeCells() < cells && retired_seq_ >= 0) {
+    short_of_cells_ = true;
+    return false;
+  }
   while (FreeCells() < cells) {
     auto victim = cache_.LruIdle(keep_anchor);
     if (!victim) return false;
@@ -301,7 +340,11 @@ void Scheduler::Admit() {
   for (const auto& s : seqs_)
     if (s && Suspect(s->req())) return;
   while (!waiting_.empty()) {
-    if (!TryAdmit(waiting_.front())) break;
+    short_of_cells_ = false;
+    if (!TryAdmit(waiting_.front())) {
+      if (short_of_cells_ && DrainCells()) continue;
+      break;
+    }
     waiting_.pop_front();
   }
   if (admitted_.empty()) return;
@@ -311,7 +354,7 @@ void Scheduler::Admit() {
 }
 
 void Scheduler::Release(Seq& s) {
-  backend_->RemoveSeq(s.id);
+  Retire(s.id, s.n_past, s.n_past - s.forked);
   if (s.anchor >= 0) cache_.Release(s.anchor);
   seqs_[s.id].reset();  // destroys s
 }

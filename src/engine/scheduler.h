@@ -29,6 +29,12 @@ struct SchedulerOptions {
   // A request in a failed step (llama_decode error, an exception) runs
   // again alone; after this many failed steps it fails with an error.
   int32_t max_attempts = 3;
+  // Deterministic mode: a finished sequence's cells are not freed but moved
+  // to the backend's last sequence id (kept out of use), and freed all at
+  // once, with every anchor, when the cache is full and nothing runs. Cells
+  // are then taken in increasing order, so every sequence sees its prefix and
+  // its own tokens in position order, whatever else runs beside it.
+  bool monotonic_cells = false;
 };
 
 struct EngineStats {
@@ -108,6 +114,8 @@ class Scheduler {
   std::vector<int32_t> FreeSlots(int32_t n) const;
   bool MakeRoom(int32_t cells, int32_t keep_anchor);
   void EvictAnchor(int32_t seq);
+  void Retire(int32_t seq, int32_t n_past, int32_t created);
+  bool DrainCells();
   int32_t FreeCells() const;
   int32_t MaxNew(const Request& r) const;
   void Fail(Request& r, Status status);
@@ -134,6 +142,11 @@ class Scheduler {
   bool abort_admitted_ = false;     // a test hook asked to crash once they are recorded
   PrefixCache cache_;
   int32_t max_running_;
+  // monotonic_cells: the sequence id holding retired cells, how many, and
+  // whether the last admission failed for lack of cells.
+  int32_t retired_seq_ = -1;
+  int32_t retired_cells_ = 0;
+  bool short_of_cells_ = false;
 
   std::deque<Request> waiting_;
   std::vector<std::unique_ptr<Seq>> seqs_;        // by sequence id; null = free

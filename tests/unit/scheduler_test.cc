@@ -68,6 +68,12 @@ class FakeBackend : public Backend {
         ADD_FAILURE() << "KV cache overflow: admission let too much in";
         return Status::ResourceExhausted("full");
       }
+      // Out of order: a cell before one the sequence already sees.
+      for (size_t c = static_cast<size_t>(free_cell - cells_.data()) + 1; c < cells_.size(); ++c)
+        if (cells_[c].seqs.count(b.seq)) {
+          ++out_of_order;
+          break;
+        }
       *free_cell = Cell{b.token, b.pos, {b.seq}};
       seen.push_back(b.token);
       if (b.logits) logits_[i] = LogitsFor(seen);
@@ -131,6 +137,7 @@ class FakeBackend : public Backend {
   int32_t peak_cells = 0;
   int32_t copies = 0;
   int64_t decoded_tokens = 0;
+  int64_t out_of_order = 0;  // tokens placed in a cell before one their sequence sees
 
  private:
   struct Cell {
@@ -595,6 +602,32 @@ TEST(SchedulerFaults, PenaltyWindowIsSizedByWhatTheRequestCanGenerate) {
   EXPECT_TRUE(results[0].status.ok()) << results[0].status.ToString();
   EXPECT_LE(backend.sampler_max_tokens, 256);
   EXPECT_GT(backend.sampler_max_tokens, 0);
+}
+
+// Deterministic mode: finished sequences' cells are retired, not freed, so
+// every token lands after everything its sequence sees (the fake, like
+// llama.cpp, takes the first free cell); a full cache is drained when
+// nothing runs. Without it, requests finishing at different steps leave
+// holes that later tokens fill out of order.
+TEST(Scheduler, MonotonicCellsKeepEverySequenceInPositionOrderAndDrainAFullCache) {
+  std::vector<Request> reqs;
+  for (uint64_t i = 0; i < 40; ++i)
+    reqs.push_back(MakeRequest(i, SharedPrompt(120, i % 20, 5 + static_cast<int32_t>(i % 4)), 3 + static_cast<int32_t>(i * 7 % 11)));
+  // Room for the prefix and about six requests at a time.
+  FakeBackend plain(9, 400, 400, 256), mono(9, 400, 400, 256);
+  auto expected = RunAll(plain, reqs);
+  auto got = RunAll(mono, reqs, SchedulerOptions{.monotonic_cells = true});
+  EXPECT_GT(plain.out_of_order, 0) << "the workload must leave holes for the check to mean anything";
+  EXPECT_EQ(mono.out_of_order, 0);
+  ASSERT_EQ(got.size(), reqs.size());
+  for (auto& [id, r] : got) {
+    ASSERT_TRUE(r.status.ok()) << id << ": " << r.status.ToString();
+    EXPECT_EQ(r.tokens, expected[id].tokens) << id;
+    EXPECT_EQ(r.tokens, RunAlone(reqs[id]).tokens) << id;
+  }
+  // 40 requests of ~20 cells each cannot all fit in 400 cells at once: the
+  // cache was drained along the way (the prefix decoded again after each).
+  EXPECT_GT(mono.decoded_tokens, plain.decoded_tokens);
 }
 
 }  // namespace
