@@ -211,6 +211,8 @@ def main():
     ap.add_argument("--out-dir", default=os.path.join(ROOT, "bench", "results"))
     ap.add_argument("--schema", action="store_true",
                     help="instead: kvbatch on the same requests without and with response_format json_schema")
+    ap.add_argument("--deterministic", action="store_true",
+                    help="also run kvbatch with --deterministic on the same file and report its cost")
     ap.add_argument("--rounds", type=int, default=2, help="--schema: alternating rounds of both runs")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -245,6 +247,14 @@ def main():
         results["kvbatch"] = {"seconds": secs, "req_s": args.requests / secs, "completion_tokens": toks,
                               "command": cmd}
         print(f"kvbatch run: {args.requests} requests in {secs:.1f} s = {args.requests / secs:.2f} req/s", flush=True)
+        if args.deterministic:
+            saved = args.kvbatch_args
+            args.kvbatch_args = (saved + " --deterministic").strip()
+            dsecs, _, _, dlines, dcmd = run_kvbatch(args, model, workload, os.path.join(work, "kvbatch-det-out.jsonl"))
+            args.kvbatch_args = saved
+            results["kvbatch_deterministic"] = {"seconds": dsecs, "req_s": args.requests / dsecs, "command": dcmd}
+            print(f"kvbatch run --deterministic: {args.requests} requests in {dsecs:.1f} s = "
+                  f"{args.requests / dsecs:.2f} req/s ({dsecs / secs:.2f}x the default's time)", flush=True)
 
     if "server" not in skip:
         ctx_per_slot = 2304

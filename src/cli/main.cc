@@ -62,8 +62,9 @@ int GenModel(const std::string& preset, const std::string& out, const std::strin
   if (type == "f16") opts->weight_type = GGML_TYPE_F16;
   else if (type == "f32") opts->weight_type = GGML_TYPE_F32;
   else if (type == "q8_0") opts->weight_type = GGML_TYPE_Q8_0;
+  else if (type == "q4_k") opts->weight_type = GGML_TYPE_Q4_K;
   else if (!type.empty()) {
-    std::fprintf(stderr, "kvbatch: unknown weight type %s (q8_0, f16, f32)\n", type.c_str());
+    std::fprintf(stderr, "kvbatch: unknown weight type %s (q8_0, q4_k, f16, f32)\n", type.c_str());
     return 2;
   }
   std::error_code ec;
@@ -236,11 +237,11 @@ int main(int argc, char** argv) {
   std::string preset = "tiny", out, vocab, type, chat_template;
   uint64_t seed = 42;
   auto* gen_cmd = app.add_subcommand("gen-model", "Write a llama-architecture GGUF with random weights and a real tokenizer");
-  gen_cmd->add_option("--preset", preset, "tiny (~5 MB, tests), bench (~60 MB), bert (a small embedding model) or bert-small (bge-small's shape)")->capture_default_str();
+  gen_cmd->add_option("--preset", preset, "tiny (~5 MB, tests), bench (~60 MB), llama3-8b (Llama 3 8B's shape, Q4_K, 4.6 GB: the GPU benchmark), bert (a small embedding model) or bert-small (bge-small's shape)")->capture_default_str();
   gen_cmd->add_option("-o,--output", out, "Output .gguf")->required();
   gen_cmd->add_option("--vocab", vocab, "Tokenizer vocabulary GGUF (default: the preset's, from llama.cpp's models/)");
   gen_cmd->add_option("--seed", seed, "Weight seed")->capture_default_str();
-  gen_cmd->add_option("--type", type, "Matrix type: q8_0, f16 or f32 (default: the preset's)");
+  gen_cmd->add_option("--type", type, "Matrix type: q8_0, q4_k, f16 or f32 (default: the preset's)");
   gen_cmd->add_option("--chat-template", chat_template,
                       "A Jinja chat template file to store as tokenizer.chat_template (default: ChatML)")
       ->check(CLI::ExistingFile);

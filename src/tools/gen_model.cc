@@ -125,9 +125,9 @@ Status ValidateOptions(const GenModelOptions& o) {
   if (o.n_head % o.n_head_kv != 0) {
     return Status::InvalidArgument("gen_model: n_head must be a multiple of n_head_kv");
   }
-  if (o.weight_type != GGML_TYPE_Q8_0 && o.weight_type != GGML_TYPE_F16 &&
+  if (o.weight_type != GGML_TYPE_Q8_0 && o.weight_type != GGML_TYPE_Q4_K && o.weight_type != GGML_TYPE_F16 &&
       o.weight_type != GGML_TYPE_F32) {
-    return Status::InvalidArgument("gen_model: weight_type must be Q8_0, F16 or F32");
+    return Status::InvalidArgument("gen_model: weight_type must be Q8_0, Q4_K, F16 or F32");
   }
   // Every matrix's row (ne0) is n_embd long, except ffn_down's (n_ff).
   const int64_t block = ggml_blck_size(o.weight_type);
@@ -143,6 +143,7 @@ llama_ftype FileType(ggml_type t) {
   switch (t) {
     case GGML_TYPE_F16: return LLAMA_FTYPE_MOSTLY_F16;
     case GGML_TYPE_F32: return LLAMA_FTYPE_ALL_F32;
+    case GGML_TYPE_Q4_K: return LLAMA_FTYPE_MOSTLY_Q4_K_S;
     default: return LLAMA_FTYPE_MOSTLY_Q8_0;
   }
 }
@@ -340,6 +341,18 @@ StatusOr<GenModelOptions> ModelPreset(std::string_view name) {
     o.n_head_kv = 8;
     o.n_ff = 1376;
     o.n_ctx_train = 8192;
+  } else if (name == "llama3-8b") {
+    // Llama 3 8B's shape (the GPU benchmark): 8.0B parameters, Q4_K (4.6 GB).
+    o.name = "kvbatch-llama3-8b";
+    o.vocab_file = "ggml-vocab-llama-bpe.gguf";
+    o.n_embd = 4096;
+    o.n_layer = 32;
+    o.n_head = 32;
+    o.n_head_kv = 8;
+    o.n_ff = 14336;
+    o.n_ctx_train = 8192;
+    o.weight_type = GGML_TYPE_Q4_K;
+    return o;
   } else if (name == "bert" || name == "bert-small") {
     // bert: tests. bert-small: bge-small's shape (33M parameters), benchmarks.
     const bool small = name == "bert-small";
@@ -355,7 +368,7 @@ StatusOr<GenModelOptions> ModelPreset(std::string_view name) {
     o.chat_template.clear();
   } else {
     return Status::InvalidArgument("unknown model preset '" + std::string(name) +
-                                   "' (expected tiny, bench, bert or bert-small)");
+                                   "' (expected tiny, bench, llama3-8b, bert or bert-small)");
   }
   o.weight_type = GGML_TYPE_Q8_0;
   return o;

@@ -217,6 +217,37 @@ TEST(GenModel, PresetsAreTinyAndBench) {
   EXPECT_EQ(ModelPreset("huge").status().code(), StatusCode::kInvalidArgument);
 }
 
+// The GPU benchmark's preset, and its Q4_K weights on a model small enough
+// to write here: Llama 3 8B's shape scaled down (GQA 4:1, rows of 256).
+TEST_F(GenModelTest, Llama3PresetIsEightBShapedAndQ4KWeightsLoadAndRun) {
+  StatusOr<GenModelOptions> big = ModelPreset("llama3-8b");
+  ASSERT_TRUE(big.ok());
+  EXPECT_EQ(big->n_embd, 4096);
+  EXPECT_EQ(big->n_layer, 32);
+  EXPECT_EQ(big->n_head, 32);
+  EXPECT_EQ(big->n_head_kv, 8);
+  EXPECT_EQ(big->n_ff, 14336);
+  EXPECT_EQ(big->weight_type, GGML_TYPE_Q4_K);
+  EXPECT_EQ(big->vocab_file, "ggml-vocab-llama-bpe.gguf");
+
+  GenModelOptions small = *big;
+  small.n_embd = 256;
+  small.n_layer = 2;
+  small.n_head = 4;
+  small.n_head_kv = 1;
+  small.n_ff = 512;
+  small.vocab_path = VocabPath();
+  small.out_path = (*dir_ / "q4k.gguf").string();
+  ASSERT_TRUE(GenerateModel(small).ok());
+  llama_model* m = llama_model_load_from_file(small.out_path.c_str(), llama_model_default_params());
+  ASSERT_NE(m, nullptr);
+  EXPECT_EQ(llama_model_n_head_kv(m), 1);
+  char desc[128];
+  llama_model_desc(m, desc, sizeof(desc));
+  EXPECT_NE(std::string(desc).find("Q4_K"), std::string::npos) << desc;
+  llama_model_free(m);
+}
+
 TEST(GenModel, RejectsRowsQ8_0CannotStore) {
   GenModelOptions opts = *ModelPreset("tiny");
   opts.vocab_path = "unused.gguf";
