@@ -21,23 +21,6 @@ using engine::Request;
 using engine::Result;
 using json = nlohmann::json;
 
-std::map<uint64_t, Result> RunEngine(const Model& model, const std::vector<Request>& reqs, EngineOptions opts) {
-  std::mutex mu;
-  std::condition_variable cv;
-  std::map<uint64_t, Result> results;
-  auto eng = Engine::Start(&model, opts, [&](Result&& r) {
-    std::lock_guard<std::mutex> lock(mu);
-    results[r.id] = std::move(r);
-    cv.notify_all();
-  });
-  EXPECT_TRUE(eng.ok()) << eng.status().ToString();
-  if (!eng.ok()) return {};
-  for (const auto& r : reqs) (*eng)->Submit(r);
-  std::unique_lock<std::mutex> lock(mu);
-  EXPECT_TRUE(cv.wait_for(lock, std::chrono::seconds(300), [&] { return results.size() >= reqs.size(); }));
-  return results;
-}
-
 Request RubricRequest(const Model& model, int i, int max_tokens) {
   auto prompt = model.FormatChat({{"system", Rubric(24)}, {"user", Candidate(i)}});
   EXPECT_TRUE(prompt.ok());

@@ -5,14 +5,18 @@
 #include <gtest/gtest.h>
 #include <sys/wait.h>
 
+#include <chrono>
+#include <condition_variable>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <mutex>
 #include <unistd.h>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
+#include "engine/engine.h"
 #include "tools/gen_model.h"
 
 namespace kvb::testing {
@@ -51,6 +55,28 @@ inline const std::string& TinyModel() {
     holder.path = opts->out_path;
   });
   return holder.path;
+}
+
+// Runs `reqs` through a fresh engine on `model` until each has its Result.
+inline std::map<uint64_t, engine::Result> RunEngine(const engine::Model& model, const std::vector<engine::Request>& reqs,
+                                                    const engine::EngineOptions& opts) {
+  std::mutex mu;
+  std::condition_variable cv;
+  std::map<uint64_t, engine::Result> results;
+  auto eng = engine::Engine::Start(&model, opts, [&](engine::Result&& r) {
+    std::lock_guard<std::mutex> lock(mu);
+    results[r.id] = std::move(r);
+    cv.notify_all();
+  });
+  EXPECT_TRUE(eng.ok()) << eng.status().ToString();
+  if (!eng.ok()) return {};
+  for (const auto& r : reqs) (*eng)->Submit(r);
+  {
+    std::unique_lock<std::mutex> lock(mu);
+    EXPECT_TRUE(cv.wait_for(lock, std::chrono::seconds(300), [&] { return results.size() >= reqs.size(); }));
+  }
+  (*eng).reset();  // stopped before `results` goes away
+  return results;
 }
 
 // Runs the kvbatch binary; returns its exit status (-signal if killed).

@@ -22,30 +22,6 @@ using engine::Model;
 using engine::Request;
 using engine::Result;
 
-struct Collector {
-  std::mutex mu;
-  std::condition_variable cv;
-  std::map<uint64_t, Result> results;
-  void Add(Result&& r) {
-    std::lock_guard<std::mutex> lock(mu);
-    results[r.id] = std::move(r);
-    cv.notify_all();
-  }
-  void WaitFor(size_t n) {
-    std::unique_lock<std::mutex> lock(mu);
-    ASSERT_TRUE(cv.wait_for(lock, std::chrono::seconds(120), [&] { return results.size() >= n; }));
-  }
-};
-
-std::map<uint64_t, Result> RunEngine(const Model& model, const std::vector<Request>& reqs, EngineOptions opts) {
-  Collector c;
-  auto eng = Engine::Start(&model, opts, [&](Result&& r) { c.Add(std::move(r)); });
-  EXPECT_TRUE(eng.ok()) << eng.status().ToString();
-  for (const auto& r : reqs) (*eng)->Submit(r);
-  c.WaitFor(reqs.size());
-  return std::move(c.results);
-}
-
 // A chat request: the shared rubric (repeated `rubric` times) as the system
 // message, candidate `i` as the user message.
 Request RubricRequest(const Model& model, int i, int rubric, int max_tokens, float temperature) {
