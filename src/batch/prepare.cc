@@ -77,7 +77,11 @@ std::variant<engine::Request, RequestFailure> PrepareRequest(ParsedRequest&& req
     req.sampling.grammar = std::move(grammar).value();
   }
   er.id = id;
-  er.prompt = model.Tokenize(prompt);
+  // A system message's rendering is shared with the batch's other requests:
+  // tokenized once (engine/prefix_tokens.h).
+  const bool system_first = req.endpoint == Endpoint::kChatCompletions && !req.messages.empty() &&
+                            (req.messages[0].role == "system" || req.messages[0].role == "developer");
+  er.prompt = system_first ? model.Tokenize(prompt, req.messages[0].content) : model.Tokenize(prompt);
   er.sampling = std::move(req.sampling);
   if (tools) tools->ApplyTo(&er.sampling, &er.reply_parser);
   er.n = req.n;

@@ -1,5 +1,7 @@
 #include "engine/model.h"
 
+#include "engine/prefix_tokens.h"
+
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -97,10 +99,22 @@ StatusOr<std::unique_ptr<Model>> Model::Load(const ModelOptions& options) {
     if (ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_GPU) m->gpu_ = only[0] ? only[0] : dev;
   }
   m->on_gpu_ = m->gpu_ != nullptr;
+  if (!llama_vocab_get_add_eos(m->vocab_) && !llama_vocab_get_add_sep(m->vocab_)) {
+    // The texts llama.cpp splits a prompt at before tokenizing the pieces.
+    std::vector<std::pair<std::string, Token>> specials;
+    for (Token t = 0; t < llama_vocab_n_tokens(m->vocab_); ++t)
+      if (llama_vocab_get_attr(m->vocab_, t) & (LLAMA_TOKEN_ATTR_CONTROL | LLAMA_TOKEN_ATTR_USER_DEFINED))
+        specials.emplace_back(llama_vocab_get_text(m->vocab_, t), t);
+    const Model* raw = m.get();
+    m->prefix_tokens_ = std::make_unique<PrefixTokens>(
+        [raw](std::string_view text, bool add_special) { return raw->TokenizeWith(text, add_special); },
+        std::move(specials));
+  }
   return m;
 }
 
 Model::~Model() {
+  prefix_tokens_.reset();
   if (model_) llama_model_free(model_);
 }
 
@@ -142,14 +156,20 @@ StatusOr<std::string> Model::FormatChat(const std::vector<ChatMessage>& messages
   return buf;
 }
 
-std::vector<Token> Model::Tokenize(std::string_view text) const {
+std::vector<Token> Model::Tokenize(std::string_view text) const { return TokenizeWith(text, true); }
+
+std::vector<Token> Model::Tokenize(std::string_view text, std::string_view shared) const {
+  return prefix_tokens_ ? prefix_tokens_->Tokenize(text, shared) : TokenizeWith(text, true);
+}
+
+std::vector<Token> Model::TokenizeWith(std::string_view text, bool add_special) const {
   std::vector<Token> out(text.size() / 2 + 16);
   int32_t n = llama_tokenize(vocab_, text.data(), static_cast<int32_t>(text.size()), out.data(),
-                             static_cast<int32_t>(out.size()), /*add_special=*/true, /*parse_special=*/true);
+                             static_cast<int32_t>(out.size()), add_special, /*parse_special=*/true);
   if (n < 0) {
     out.resize(-n);
     n = llama_tokenize(vocab_, text.data(), static_cast<int32_t>(text.size()), out.data(),
-                       static_cast<int32_t>(out.size()), true, true);
+                       static_cast<int32_t>(out.size()), add_special, true);
   }
   out.resize(std::max(0, n));
   return out;

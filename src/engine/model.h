@@ -18,6 +18,8 @@ struct ggml_backend_device;
 
 namespace kvb::engine {
 
+class PrefixTokens;
+
 struct ModelOptions {
   std::string path;
   int32_t n_gpu_layers = -1;  // -1: all layers on the GPU when there is one
@@ -42,6 +44,10 @@ class Model {
   // Tokens of a prompt; special tokens in the text are parsed, BOS added
   // when the model wants one.
   std::vector<Token> Tokenize(std::string_view text) const;
+  // The same tokens, for a prompt whose start other prompts share: `shared`
+  // is text near its start (a system message). That start is tokenized once
+  // and reused (engine/prefix_tokens.h).
+  std::vector<Token> Tokenize(std::string_view text, std::string_view shared) const;
   // A token's text; `special`: control tokens as their text, else as nothing.
   std::string Piece(Token t, bool special = false) const;
 
@@ -64,6 +70,7 @@ class Model {
 
  private:
   Model() = default;
+  std::vector<Token> TokenizeWith(std::string_view text, bool add_special) const;
   llama_model* model_ = nullptr;
   const llama_vocab* vocab_ = nullptr;
   std::string name_;
@@ -72,6 +79,7 @@ class Model {
   ggml_backend_device* gpu_ = nullptr;
   struct Jinja;  // llama.cpp's common chat templates, when built with them
   std::unique_ptr<Jinja> jinja_;
+  std::unique_ptr<PrefixTokens> prefix_tokens_;  // null when the tokenizer appends tokens (EOS, SEP)
 };
 
 // Initializes llama.cpp's backends once per process and routes its log to

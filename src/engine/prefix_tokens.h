@@ -1,0 +1,78 @@
+// Tokenizing a long shared start once: requests of a batch share a system
+// message (the 2,000-token rubric) and differ after it; tokenizing each whole
+// rendered prompt costs milliseconds of CPU per request, most of it on the
+// shared part. PrefixTokens keeps the tokens of a prompt's start, up to and
+// including the first special token after the shared text, and tokenizes only
+// the rest.
+//
+// Why the result is the same as tokenizing the whole text: llama.cpp splits
+// the text at special tokens first and tokenizes the pieces between them on
+// their own. The rest is tokenized *with* the boundary's special token in
+// front (then dropped), so what depends on the token before a piece (SPM's
+// leading space, a special token's rstrip) is reproduced. Every cached start
+// is still checked against whole-text tokenization on its first uses; a
+// mismatch retires it (whole-text tokenization from then on).
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <list>
+#include <mutex>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "engine/types.h"
+
+namespace kvb::engine {
+
+class PrefixTokens {
+ public:
+  // tokenize(text, add_special): the model's tokenizer, special tokens parsed.
+  using TokenizeFn = std::function<std::vector<Token>(std::string_view, bool)>;
+  struct Options {
+    size_t capacity = 8;        // cached starts, least recently used dropped
+    size_t min_shared = 512;    // shorter shared texts are not worth it (bytes)
+    size_t max_gap = 64;        // bytes between the shared text and the special token
+    int32_t verify_uses = 2;    // uses of a start checked against whole-text tokenization
+  };
+  struct Stats {
+    int64_t hits = 0;        // the start came from the cache
+    int64_t misses = 0;      // the start was tokenized and cached
+    int64_t whole = 0;       // no usable boundary: the whole text was tokenized
+    int64_t mismatches = 0;  // a check failed: that start is no longer used
+  };
+
+  // specials: the vocabulary's special tokens' texts and ids (control and
+  // user-defined tokens: those llama.cpp splits the text at).
+  PrefixTokens(TokenizeFn tokenize, std::vector<std::pair<std::string, Token>> specials, Options options);
+  PrefixTokens(TokenizeFn tokenize, std::vector<std::pair<std::string, Token>> specials);
+
+  // The tokens of `text` (tokenize(text, true)); `shared` is text expected
+  // near its start that other prompts share (a system message).
+  std::vector<Token> Tokenize(std::string_view text, std::string_view shared);
+  Stats stats() const;
+
+ private:
+  struct Entry {
+    std::string text;
+    std::vector<Token> tokens;
+    int32_t checked = 0;
+    bool bad = false;
+  };
+  // The first special token starting at most max_gap bytes after `from`:
+  // its index in specials_ and the end of its text; {-1, 0} when none.
+  std::pair<int32_t, size_t> Boundary(std::string_view text, size_t from) const;
+  // Records a start and what became of it (under mu_).
+  void Record(std::string_view start, const std::vector<Token>& tokens, bool fresh, bool checked, bool bad);
+
+  TokenizeFn tokenize_;
+  std::vector<std::pair<std::string, Token>> specials_;  // longest first
+  Options options_;
+  mutable std::mutex mu_;
+  std::list<Entry> entries_;  // most recently used first
+  Stats stats_;
+};
+
+}  // namespace kvb::engine

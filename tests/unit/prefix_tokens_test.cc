@@ -1,0 +1,160 @@
+// PrefixTokens must give exactly the tokens of whole-text tokenization:
+// on a fake tokenizer with llama.cpp's context rules (pieces split at
+// special tokens, a leading space after a special one), on one that breaks
+// the assumption (its mismatch must be caught), and on every real llama.cpp
+// vocabulary shipped with the pinned source.
+#include "engine/prefix_tokens.h"
+
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <string>
+
+#include "llama.h"
+
+namespace kvb::engine {
+namespace {
+
+std::string Rubric() {
+  std::string s;
+  for (int i = 0; i < 60; ++i) s += "Criterion " + std::to_string(i) + ": weigh the evidence carefully. ";
+  return s;
+}
+
+std::string Chat(const std::string& system, const std::string& user) {
+  return "<s>system\n" + system + "</s>\n<s>user\n" + user + "</s>\n<s>assistant\n";
+}
+
+// Special tokens are "<s>" (1) and "</s>" (2); other text is one token per
+// byte (the byte + 10), and a piece after a special token starts with a
+// space token (3), as SPM's space prefix does; BOS (0) when add_special.
+std::vector<Token> FakeTokenize(std::string_view text, bool add_special) {
+  std::vector<Token> out;
+  if (add_special) out.push_back(0);
+  bool after_special = true;
+  size_t i = 0;
+  while (i < text.size()) {
+    if (text.compare(i, 4, "</s>") == 0) {
+      out.push_back(2), i += 4, after_special = true;
+    } else if (text.compare(i, 3, "<s>") == 0) {
+      out.push_back(1), i += 3, after_special = true;
+    } else {
+      if (after_special) out.push_back(3);
+      after_special = false;
+      out.push_back(10 + static_cast<unsigned char>(text[i++]));
+    }
+  }
+  return out;
+}
+
+const std::vector<std::pair<std::string, Token>> kFakeSpecials = {{"<s>", 1}, {"</s>", 2}};
+
+TEST(PrefixTokens, SameTokensAsWholeTextAndTheSharedStartIsTokenizedOnce) {
+  int64_t calls = 0;
+  int64_t bytes = 0;
+  PrefixTokens pt(
+      [&](std::string_view t, bool add) {
+        ++calls;
+        bytes += static_cast<int64_t>(t.size());
+        return FakeTokenize(t, add);
+      },
+      kFakeSpecials);
+  const std::string rubric = Rubric();
+  for (int i = 0; i < 20; ++i) {
+    const std::string text = Chat(rubric, "candidate " + std::to_string(i));
+    EXPECT_EQ(pt.Tokenize(text, rubric), FakeTokenize(text, true)) << i;
+  }
+  const auto st = pt.stats();
+  EXPECT_EQ(st.misses, 1);
+  EXPECT_EQ(st.hits, 19);
+  EXPECT_EQ(st.mismatches, 0);
+  // After the checked uses, only the short rest is tokenized.
+  EXPECT_LT(bytes, 5 * static_cast<int64_t>(rubric.size()));
+}
+
+TEST(PrefixTokens, NoUsableBoundaryFallsBackToTheWholeText) {
+  PrefixTokens pt(FakeTokenize, kFakeSpecials);
+  const std::string rubric = Rubric();
+  const std::string no_special = "system " + rubric + " user hi";
+  EXPECT_EQ(pt.Tokenize(no_special, rubric), FakeTokenize(no_special, true));
+  const std::string text = Chat(rubric, "hi");
+  EXPECT_EQ(pt.Tokenize(text, "short"), FakeTokenize(text, true));             // too short to bother
+  EXPECT_EQ(pt.Tokenize(text, rubric + "x"), FakeTokenize(text, true));        // not in the text
+  EXPECT_EQ(pt.stats().whole, 3);
+}
+
+// A tokenizer whose pieces are not independent (a token merging "</s>\n<s>u"
+// across the boundary): the check catches it and the start is retired.
+TEST(PrefixTokens, ATokenizerThatMergesAcrossTheBoundaryIsCaughtAndNotUsedAgain) {
+  auto merging = [](std::string_view text, bool add) {
+    std::vector<Token> out = FakeTokenize(text, add);
+    for (size_t i = 0; i + 3 < out.size(); ++i)
+      if (out[i] == 2 && out[i + 1] == 3 && out[i + 2] == 10 + '\n' && out[i + 3] == 1) {
+        out.erase(out.begin() + static_cast<long>(i), out.begin() + static_cast<long>(i) + 4);
+        out.insert(out.begin() + static_cast<long>(i), 99);
+      }
+    return out;
+  };
+  PrefixTokens pt(merging, kFakeSpecials);
+  const std::string rubric = Rubric();
+  for (int i = 0; i < 5; ++i) {
+    const std::string text = Chat(rubric, "c" + std::to_string(i));
+    EXPECT_EQ(pt.Tokenize(text, rubric), merging(text, true)) << i;
+  }
+  EXPECT_EQ(pt.stats().mismatches, 1);
+  EXPECT_EQ(pt.stats().whole, 4);
+}
+
+// Every vocabulary in llama.cpp's models/ (the pinned source), loaded alone:
+// a chat built from its own special tokens tokenizes the same both ways.
+TEST(PrefixTokens, RealVocabulariesGiveTheWholeTextTokens) {
+  const char* dir = std::getenv("KVBATCH_VOCAB_DIR");
+  if (!dir || !*dir) GTEST_SKIP() << "KVBATCH_VOCAB_DIR is not set";
+  llama_backend_init();
+  int tested = 0;
+  for (const auto& e : std::filesystem::directory_iterator(dir)) {
+    llama_model_params mp = llama_model_default_params();
+    mp.vocab_only = true;
+    llama_model* m = llama_model_load_from_file(e.path().c_str(), mp);
+    if (!m) continue;
+    const llama_vocab* v = llama_model_get_vocab(m);
+    auto tokenize = [v](std::string_view t, bool add) {
+      std::vector<Token> out(t.size() + 16);
+      int n = llama_tokenize(v, t.data(), static_cast<int32_t>(t.size()), out.data(), static_cast<int32_t>(out.size()),
+                             add, true);
+      out.resize(n > 0 ? n : 0);
+      return out;
+    };
+    std::vector<std::pair<std::string, Token>> specials;
+    for (Token t = 0; t < llama_vocab_n_tokens(v); ++t)
+      if (llama_vocab_get_attr(v, t) & (LLAMA_TOKEN_ATTR_CONTROL | LLAMA_TOKEN_ATTR_USER_DEFINED))
+        specials.emplace_back(llama_vocab_get_text(v, t), t);
+    // Two of its special tokens as the turn markers (end of turn, start of turn).
+    std::string end, begin;
+    for (const auto& [text, id] : specials) {
+      if (text.empty() || id == llama_vocab_bos(v)) continue;
+      if (end.empty()) end = text;
+      else if (begin.empty() && text != end) begin = text;
+    }
+    if (end.empty() || begin.empty() || llama_vocab_get_add_eos(v) || llama_vocab_get_add_sep(v)) {
+      llama_model_free(m);
+      continue;
+    }
+    PrefixTokens pt(tokenize, specials);
+    const std::string rubric = Rubric() + " Ünïcödé, 数字 ٣ and  double  spaces.";
+    for (int i = 0; i < 4; ++i) {
+      const std::string text = begin + "system\n" + rubric + end + "\n" + begin + "user\n Candidate #" +
+                               std::to_string(i) + " wrote:   code" + end + "\n" + begin + "assistant\n";
+      EXPECT_EQ(pt.Tokenize(text, rubric), tokenize(text, true)) << e.path().filename() << " " << i;
+    }
+    EXPECT_EQ(pt.stats().hits, 3) << e.path().filename();
+    std::printf("[ report ] %s: %lld hits, %lld mismatches\n", e.path().filename().c_str(),
+                static_cast<long long>(pt.stats().hits), static_cast<long long>(pt.stats().mismatches));
+    ++tested;
+    llama_model_free(m);
+  }
+  EXPECT_GE(tested, 10);
+}
+
+}  // namespace
+}  // namespace kvb::engine
