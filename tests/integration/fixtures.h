@@ -58,6 +58,8 @@ inline const std::string& TinyModel() {
 }
 
 // Runs `reqs` through a fresh engine on `model` until each has its Result.
+// They are submitted at once, so which requests share an anchor does not
+// depend on thread timing.
 inline std::map<uint64_t, engine::Result> RunEngine(const engine::Model& model, const std::vector<engine::Request>& reqs,
                                                     const engine::EngineOptions& opts) {
   std::mutex mu;
@@ -70,7 +72,7 @@ inline std::map<uint64_t, engine::Result> RunEngine(const engine::Model& model, 
   });
   EXPECT_TRUE(eng.ok()) << eng.status().ToString();
   if (!eng.ok()) return {};
-  for (const auto& r : reqs) (*eng)->Submit(r);
+  (*eng)->SubmitAll(reqs);  // at once: the scheduler sees them together, as a batch's are
   {
     std::unique_lock<std::mutex> lock(mu);
     EXPECT_TRUE(cv.wait_for(lock, std::chrono::seconds(300), [&] { return results.size() >= reqs.size(); }));
