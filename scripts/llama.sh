@@ -71,6 +71,7 @@ if [ -n "${KVBATCH_LLAMA_SRC:-}" ]; then
   # A copy, so that the patches never touch the user's tree.
   rm -rf "$work/src" && mkdir "$work/src"
   tar -C "$KVBATCH_LLAMA_SRC" --exclude=./.git --exclude='./build*' -cf - . | tar -C "$work/src" -xf -
+  git -C "$work/src" init -q  # its own root for git apply, wherever the cache lies
 elif [ ! -d "$work/src/.git" ]; then
   log "fetching node-llama-cpp@$NLC_VERSION from the npm registry"
   (cd "$work" && rm -rf pkg && mkdir pkg && cd pkg &&
