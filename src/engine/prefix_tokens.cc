@@ -40,8 +40,30 @@ void PrefixTokens::Record(std::string_view start, const std::vector<Token>& toke
   }
 }
 
+namespace {
+
+// Where `shared` starts in `text`, looking at most `max_offset` bytes in and
+// comparing at most a few times the bytes involved: a hostile text built to
+// make a naive search quadratic only loses the cache (npos), never time.
+size_t FindBounded(std::string_view text, std::string_view shared, size_t max_offset) {
+  if (shared.empty() || text.size() < shared.size()) return std::string_view::npos;
+  const size_t last = std::min(text.size() - shared.size(), max_offset);
+  size_t budget = 4 * (last + shared.size());
+  for (size_t p = 0; p <= last; ++p) {
+    size_t k = 0;
+    while (k < shared.size() && text[p + k] == shared[k]) ++k;
+    if (k == shared.size()) return p;
+    if (k + 1 > budget) break;
+    budget -= k + 1;
+  }
+  return std::string_view::npos;
+}
+
+}  // namespace
+
 std::vector<Token> PrefixTokens::Tokenize(std::string_view text, std::string_view shared) {
-  const size_t at = shared.size() >= options_.min_shared ? text.find(shared) : std::string_view::npos;
+  const size_t at = shared.size() >= options_.min_shared ? FindBounded(text, shared, options_.max_offset)
+                                                          : std::string_view::npos;
   const auto [special, end] =
       at == std::string_view::npos ? std::pair<int32_t, size_t>{-1, 0} : Boundary(text, at + shared.size());
   bool usable = special >= 0 && end < text.size();

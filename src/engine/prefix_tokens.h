@@ -35,6 +35,7 @@ class PrefixTokens {
     size_t capacity = 8;        // cached starts, least recently used dropped
     size_t min_shared = 512;    // shorter shared texts are not worth it (bytes)
     size_t max_gap = 64;        // bytes between the shared text and the special token
+    size_t max_offset = 65536;  // bytes of the text before the shared text (template, tools)
     int32_t verify_uses = 2;    // uses of a start checked against whole-text tokenization
   };
   struct Stats {

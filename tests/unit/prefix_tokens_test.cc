@@ -83,6 +83,24 @@ TEST(PrefixTokens, NoUsableBoundaryFallsBackToTheWholeText) {
   EXPECT_EQ(pt.stats().whole, 3);
 }
 
+// A text built to make a naive search quadratic (the shared text almost
+// matches at every offset): the search gives up within its budget and the
+// whole text is tokenized, with the same result.
+TEST(PrefixTokens, AHostileNearMatchGivesUpQuicklyAndStaysCorrect) {
+  int64_t calls = 0;
+  PrefixTokens pt(
+      [&](std::string_view t, bool add) {
+        ++calls;
+        return FakeTokenize(t, add);
+      },
+      kFakeSpecials);
+  const std::string shared(200000, 'a');
+  const std::string text = std::string(60000, 'a') + "b" + std::string(199999, 'a') + "</s>x";
+  EXPECT_EQ(pt.Tokenize(text, shared), FakeTokenize(text, true));
+  EXPECT_EQ(pt.stats().whole, 1);
+  EXPECT_EQ(calls, 1);
+}
+
 // A tokenizer whose pieces are not independent (a token merging "</s>\n<s>u"
 // across the boundary): the check catches it and the start is retired.
 TEST(PrefixTokens, ATokenizerThatMergesAcrossTheBoundaryIsCaughtAndNotUsedAgain) {
