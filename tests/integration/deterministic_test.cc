@@ -3,10 +3,8 @@
 // tokens and the same float log-probabilities, not merely close ones.
 #include <gtest/gtest.h>
 
-#include <condition_variable>
 #include <cstring>
 #include <map>
-#include <mutex>
 
 #include "engine/engine.h"
 #include "fixtures.h"
@@ -14,21 +12,15 @@
 namespace kvb::testing {
 namespace {
 
-using engine::Engine;
 using engine::EngineOptions;
 using engine::Model;
 using engine::Request;
 using engine::Result;
 using json = nlohmann::json;
 
+// Greedy, with logprobs and the first token's logits: every float to compare.
 Request RubricRequest(const Model& model, int i, int max_tokens) {
-  auto prompt = model.FormatChat({{"system", Rubric(24)}, {"user", Candidate(i)}});
-  EXPECT_TRUE(prompt.ok());
-  Request r;
-  r.id = static_cast<uint64_t>(i);
-  r.prompt = model.Tokenize(*prompt);
-  r.sampling.temperature = 0.0f;
-  r.sampling.max_tokens = max_tokens;
+  Request r = kvb::testing::RubricRequest(model, i, 24, max_tokens, 0.0f);
   r.logprobs = true;
   r.capture_top_logits = 8;
   return r;
@@ -51,17 +43,7 @@ bool SameBits(const Result& a, const Result& b, std::string* why) {
   return true;
 }
 
-class Deterministic : public ::testing::Test {
- protected:
-  static void SetUpTestSuite() {
-    auto m = Model::Load({TinyModel(), 0});
-    ASSERT_TRUE(m.ok()) << m.status().ToString();
-    model_ = std::move(m).value().release();
-  }
-  static void TearDownTestSuite() { delete model_; }
-  static Model* model_;
-};
-Model* Deterministic::model_ = nullptr;
+using Deterministic = TinyModelSuite;
 
 // Requests of different lengths finish at different steps (holes in the
 // cache), the cache is small enough to fill and drain during the run, and

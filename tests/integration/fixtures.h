@@ -136,4 +136,33 @@ inline std::string Candidate(int i) {
          " years, strongest in " + skills[(i * 5) % 8] + ", lives in timezone UTC+" + std::to_string(i % 12) + ".";
 }
 
+// A chat request on `model`: the shared rubric (repeated `rubric` times) as
+// the system message, candidate `i` as the user message.
+inline engine::Request RubricRequest(const engine::Model& model, int i, int rubric, int max_tokens,
+                                     float temperature) {
+  auto prompt = model.FormatChat({{"system", Rubric(rubric)}, {"user", Candidate(i)}});
+  EXPECT_TRUE(prompt.ok());
+  engine::Request r;
+  r.id = static_cast<uint64_t>(i);
+  r.prompt = model.Tokenize(prompt.ok() ? *prompt : "");
+  r.sampling.temperature = temperature;
+  r.sampling.max_tokens = max_tokens;
+  return r;
+}
+
+// A suite whose tests share the tiny model, loaded once (model_).
+class TinyModelSuite : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    auto m = engine::Model::Load({TinyModel(), 0});
+    ASSERT_TRUE(m.ok()) << m.status().ToString();
+    model_ = std::move(m).value().release();
+  }
+  static void TearDownTestSuite() {
+    delete model_;
+    model_ = nullptr;
+  }
+  static inline engine::Model* model_ = nullptr;
+};
+
 }  // namespace kvb::testing

@@ -5,9 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
-#include <condition_variable>
 #include <map>
-#include <mutex>
 #include <set>
 
 #include "engine/engine.h"
@@ -16,36 +14,12 @@
 namespace kvb::testing {
 namespace {
 
-using engine::Engine;
 using engine::EngineOptions;
 using engine::Model;
 using engine::Request;
 using engine::Result;
 
-// A chat request: the shared rubric (repeated `rubric` times) as the system
-// message, candidate `i` as the user message.
-Request RubricRequest(const Model& model, int i, int rubric, int max_tokens, float temperature) {
-  auto prompt = model.FormatChat({{"system", Rubric(rubric)}, {"user", Candidate(i)}});
-  EXPECT_TRUE(prompt.ok());
-  Request r;
-  r.id = static_cast<uint64_t>(i);
-  r.prompt = model.Tokenize(*prompt);
-  r.sampling.temperature = temperature;
-  r.sampling.max_tokens = max_tokens;
-  return r;
-}
-
-class SharedPrefix : public ::testing::Test {
- protected:
-  static void SetUpTestSuite() {
-    auto m = Model::Load({TinyModel(), 0});
-    ASSERT_TRUE(m.ok()) << m.status().ToString();
-    model_ = std::move(m).value().release();
-  }
-  static void TearDownTestSuite() { delete model_; }
-  static Model* model_;
-};
-Model* SharedPrefix::model_ = nullptr;
+using SharedPrefix = TinyModelSuite;
 
 TEST_F(SharedPrefix, BatchedLogitsMatchEachRequestRunAloneAndOnlyTheFirstComputesThePrefix) {
   constexpr int kRequests = 40;
