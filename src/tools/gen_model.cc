@@ -325,6 +325,7 @@ bool WriteTensorData(const TensorSpec& spec, uint64_t seed, size_t alignment, FI
 
 StatusOr<GenModelOptions> ModelPreset(std::string_view name) {
   GenModelOptions o;
+  o.weight_type = GGML_TYPE_Q8_0;
   if (name == "tiny") {
     o.name = "kvbatch-tiny";
     o.n_embd = 64;
@@ -352,7 +353,6 @@ StatusOr<GenModelOptions> ModelPreset(std::string_view name) {
     o.n_ff = 14336;
     o.n_ctx_train = 8192;
     o.weight_type = GGML_TYPE_Q4_K;
-    return o;
   } else if (name == "bert" || name == "bert-small") {
     // bert: tests. bert-small: bge-small's shape (33M parameters), benchmarks.
     const bool small = name == "bert-small";
@@ -370,7 +370,6 @@ StatusOr<GenModelOptions> ModelPreset(std::string_view name) {
     return Status::InvalidArgument("unknown model preset '" + std::string(name) +
                                    "' (expected tiny, bench, llama3-8b, bert or bert-small)");
   }
-  o.weight_type = GGML_TYPE_Q8_0;
   return o;
 }
 
