@@ -100,15 +100,10 @@ StatusOr<std::unique_ptr<Model>> Model::Load(const ModelOptions& options) {
   }
   m->on_gpu_ = m->gpu_ != nullptr;
   if (!llama_vocab_get_add_eos(m->vocab_) && !llama_vocab_get_add_sep(m->vocab_)) {
-    // The texts llama.cpp splits a prompt at before tokenizing the pieces.
-    std::vector<std::pair<std::string, Token>> specials;
-    for (Token t = 0; t < llama_vocab_n_tokens(m->vocab_); ++t)
-      if (llama_vocab_get_attr(m->vocab_, t) & (LLAMA_TOKEN_ATTR_CONTROL | LLAMA_TOKEN_ATTR_USER_DEFINED))
-        specials.emplace_back(llama_vocab_get_text(m->vocab_, t), t);
     const Model* raw = m.get();
     m->prefix_tokens_ = std::make_unique<PrefixTokens>(
         [raw](std::string_view text, bool add_special) { return raw->TokenizeWith(text, add_special); },
-        std::move(specials));
+        SpecialTokenTexts(m->vocab_));
   }
   return m;
 }

@@ -2,7 +2,17 @@
 
 #include <algorithm>
 
+#include "llama.h"
+
 namespace kvb::engine {
+
+std::vector<std::pair<std::string, Token>> SpecialTokenTexts(const llama_vocab* vocab) {
+  std::vector<std::pair<std::string, Token>> out;
+  for (Token t = 0; t < llama_vocab_n_tokens(vocab); ++t)
+    if (llama_vocab_get_attr(vocab, t) & (LLAMA_TOKEN_ATTR_CONTROL | LLAMA_TOKEN_ATTR_USER_DEFINED))
+      out.emplace_back(llama_vocab_get_text(vocab, t), t);
+  return out;
+}
 
 PrefixTokens::PrefixTokens(TokenizeFn tokenize, std::vector<std::pair<std::string, Token>> specials, Options options)
     : tokenize_(std::move(tokenize)), specials_(std::move(specials)), options_(options) {

@@ -25,7 +25,13 @@
 
 #include "engine/types.h"
 
+struct llama_vocab;
+
 namespace kvb::engine {
+
+// A vocabulary's control and user-defined tokens, as (text, id): the texts
+// llama.cpp splits a prompt at before tokenizing the pieces between them.
+std::vector<std::pair<std::string, Token>> SpecialTokenTexts(const llama_vocab* vocab);
 
 class PrefixTokens {
  public:

@@ -143,10 +143,7 @@ TEST(PrefixTokens, RealVocabulariesGiveTheWholeTextTokens) {
       out.resize(n > 0 ? n : 0);
       return out;
     };
-    std::vector<std::pair<std::string, Token>> specials;
-    for (Token t = 0; t < llama_vocab_n_tokens(v); ++t)
-      if (llama_vocab_get_attr(v, t) & (LLAMA_TOKEN_ATTR_CONTROL | LLAMA_TOKEN_ATTR_USER_DEFINED))
-        specials.emplace_back(llama_vocab_get_text(v, t), t);
+    const auto specials = SpecialTokenTexts(v);
     // Two of its special tokens as the turn markers (end of turn, start of turn).
     std::string end, begin;
     for (const auto& [text, id] : specials) {
