@@ -119,11 +119,11 @@ def run_kvbatch(args, model, workload, out, output_args=("-q",)):
     return secs, toks, finish, lines, " ".join(cmd)
 
 
-def batched_bench(binary, model, args, npp, ntg, npl, extra=()):
+def batched_bench(binary, model, args, npp, ntg, npl):
     """One llama-batched-bench row: {PP, TG, B, N_KV, T_PP s, S_PP t/s, T_TG s, S_TG t/s, ...}."""
     cmd = [binary, "-m", model, "-c", str(max(4096, npl * (npp + ntg) + 256)), "-b", "2048", "-ub", "512",
            "-npp", str(npp), "-ntg", str(ntg), "-npl", str(npl), "-fa", "on", "-t", str(args.threads),
-           "--kv-unified", *extra] + (["-ngl", "999"] if args.gpu else ["-ngl", "0"])
+           "--kv-unified"] + (["-ngl", "999"] if args.gpu else ["-ngl", "0"])
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     rows = [l for l in out.splitlines() if l.startswith("|") and l.split("|")[1].strip().isdigit()]
     head = [h.strip() for h in next(l for l in out.splitlines() if l.startswith("|") and "PP" in l).split("|")[1:-1]]
@@ -137,7 +137,7 @@ def prefix_bound(args, binary, model, out_path):
     lines = [json.loads(l)["response"]["body"]["usage"] for l in open(out_path)]
     n = len(lines)
     prompt = sum(u["prompt_tokens"] for u in lines) / n
-    shared = round(max(u.get("prompt_tokens_details", {}).get("cached_tokens", 0) for u in lines))
+    shared = max(u.get("prompt_tokens_details", {}).get("cached_tokens", 0) for u in lines)
     own = max(1, round(prompt - shared))
     gen = max(1, round(sum(u["completion_tokens"] for u in lines) / n))
     seqs = 128 if args.gpu else 32
@@ -248,10 +248,8 @@ def main():
                               "command": cmd}
         print(f"kvbatch run: {args.requests} requests in {secs:.1f} s = {args.requests / secs:.2f} req/s", flush=True)
         if args.deterministic:
-            saved = args.kvbatch_args
-            args.kvbatch_args = (saved + " --deterministic").strip()
-            dsecs, _, _, dlines, dcmd = run_kvbatch(args, model, workload, os.path.join(work, "kvbatch-det-out.jsonl"))
-            args.kvbatch_args = saved
+            dsecs, _, _, _, dcmd = run_kvbatch(args, model, workload, os.path.join(work, "kvbatch-det-out.jsonl"),
+                                               output_args=("-q", "--deterministic"))
             results["kvbatch_deterministic"] = {"seconds": dsecs, "req_s": args.requests / dsecs, "command": dcmd}
             print(f"kvbatch run --deterministic: {args.requests} requests in {dsecs:.1f} s = "
                   f"{args.requests / dsecs:.2f} req/s ({dsecs / secs:.2f}x the default's time)", flush=True)
