@@ -26,6 +26,9 @@ struct Shape {
   float max_bias = 0.0f;
   float softcap = 0.0f;
   bool hide_first = false;  // one row does not see column 0 (no shared prefix)
+  int threads = 2;
+  bool cache_layout = false;  // K and V as llama.cpp's cache holds them: a row per cell, every head in it
+  int base_step = 0;          // the rows' first decode step (each has seen this many own cells before)
 };
 
 struct Case {
@@ -36,7 +39,8 @@ struct Case {
 void PrintTo(const Shape& s, std::ostream* os) {
   *os << s.rows << " rows of " << s.seqs << " sequences, prefix " << s.prefix << ", own " << s.own << ", heads "
       << s.heads << "/" << s.kv_heads << ", max_bias " << s.max_bias << ", softcap " << s.softcap
-      << (s.hide_first ? ", column 0 hidden from one row" : "");
+      << (s.hide_first ? ", column 0 hidden from one row" : "") << ", " << s.threads << " threads"
+      << (s.cache_layout ? ", cache layout" : "") << ", base step " << s.base_step;
 }
 
 Case MakeCase(const Shape& s, uint32_t seed) {
@@ -54,7 +58,7 @@ Case MakeCase(const Shape& s, uint32_t seed) {
   c.mask.assign(size_t(c.n_kv) * s.rows, -INFINITY);
   for (int r = 0; r < s.rows; ++r) {
     const int seq = r % s.seqs;
-    const int step = r / s.seqs;  // the row's position among its sequence's rows
+    const int step = r / s.seqs + s.base_step;  // the row's decode step in its sequence
     for (int col = 0; col < c.n_kv; ++col) {
       bool visible;
       int distance;
@@ -118,7 +122,7 @@ std::vector<float> RunGgml(const Shape& s, const Case& c, float scale, bool use_
   ggml_backend_reg_t reg = ggml_backend_dev_backend_reg(dev);
   using SetThreads = void (*)(ggml_backend_t, int);
   using SetRef = void (*)(ggml_backend_t, bool);
-  if (auto f = reinterpret_cast<SetThreads>(ggml_backend_reg_get_proc_address(reg, "ggml_backend_set_n_threads"))) f(backend, 2);
+  if (auto f = reinterpret_cast<SetThreads>(ggml_backend_reg_get_proc_address(reg, "ggml_backend_set_n_threads"))) f(backend, s.threads);
   auto set_ref = reinterpret_cast<SetRef>(ggml_backend_reg_get_proc_address(reg, "ggml_backend_cpu_set_use_ref"));
   EXPECT_TRUE(set_ref != nullptr || !use_ref);
   if (set_ref) set_ref(backend, use_ref);
@@ -126,8 +130,16 @@ std::vector<float> RunGgml(const Shape& s, const Case& c, float scale, bool use_
   ggml_init_params ip{ggml_tensor_overhead() * 16 + ggml_graph_overhead(), nullptr, true};
   ggml_context* ctx = ggml_init(ip);
   ggml_tensor* q = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, c.dk, s.rows, s.heads, 1);
-  ggml_tensor* k = ggml_new_tensor_4d(ctx, GGML_TYPE_F16, c.dk, c.n_kv, s.kv_heads, 1);
-  ggml_tensor* v = ggml_new_tensor_4d(ctx, GGML_TYPE_F16, c.dv, c.n_kv, s.kv_heads, 1);
+  ggml_tensor *k_store, *v_store, *k, *v;
+  if (s.cache_layout) {  // [dk * kv_heads, n_kv] viewed as [dk, n_kv, kv_heads]
+    k_store = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, c.dk * s.kv_heads, c.n_kv);
+    v_store = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, c.dv * s.kv_heads, c.n_kv);
+    k = ggml_view_3d(ctx, k_store, c.dk, c.n_kv, s.kv_heads, k_store->nb[1], c.dk * sizeof(ggml_fp16_t), 0);
+    v = ggml_view_3d(ctx, v_store, c.dv, c.n_kv, s.kv_heads, v_store->nb[1], c.dv * sizeof(ggml_fp16_t), 0);
+  } else {
+    k = k_store = ggml_new_tensor_4d(ctx, GGML_TYPE_F16, c.dk, c.n_kv, s.kv_heads, 1);
+    v = v_store = ggml_new_tensor_4d(ctx, GGML_TYPE_F16, c.dv, c.n_kv, s.kv_heads, 1);
+  }
   ggml_tensor* mask = ggml_new_tensor_4d(ctx, GGML_TYPE_F16, c.n_kv, s.rows, 1, 1);
   ggml_tensor* out = ggml_flash_attn_ext(ctx, q, k, v, mask, scale, s.max_bias, s.softcap);
   ggml_flash_attn_ext_set_prec(out, GGML_PREC_F32);
@@ -140,10 +152,19 @@ std::vector<float> RunGgml(const Shape& s, const Case& c, float scale, bool use_
     for (size_t i = 0; i < x.size(); ++i) h[i] = ggml_fp32_to_fp16(x[i]);
     return h;
   };
+  // c.k and c.v are [kv_heads][n_kv][d]; the cache layout is [n_kv][kv_heads][d]
+  auto layout = [&](const std::vector<float>& x, int d) {
+    if (!s.cache_layout) return to_f16(x);
+    std::vector<float> y(x.size());
+    for (int h = 0; h < s.kv_heads; ++h)
+      for (int col = 0; col < c.n_kv; ++col)
+        for (int i = 0; i < d; ++i) y[(size_t(col) * s.kv_heads + h) * d + i] = x[(size_t(h) * c.n_kv + col) * d + i];
+    return to_f16(y);
+  };
   ggml_backend_tensor_set(q, c.q.data(), 0, ggml_nbytes(q));
-  auto k16 = to_f16(c.k), v16 = to_f16(c.v), m16 = to_f16(c.mask);
-  ggml_backend_tensor_set(k, k16.data(), 0, ggml_nbytes(k));
-  ggml_backend_tensor_set(v, v16.data(), 0, ggml_nbytes(v));
+  auto k16 = layout(c.k, c.dk), v16 = layout(c.v, c.dv), m16 = to_f16(c.mask);
+  ggml_backend_tensor_set(k_store, k16.data(), 0, ggml_nbytes(k_store));
+  ggml_backend_tensor_set(v_store, v16.data(), 0, ggml_nbytes(v_store));
   ggml_backend_tensor_set(mask, m16.data(), 0, ggml_nbytes(mask));
   EXPECT_EQ(ggml_backend_graph_compute(backend, gf), GGML_STATUS_SUCCESS);
   std::vector<float> result(ggml_nelements(out));  // [dv, heads, rows]
@@ -188,7 +209,15 @@ INSTANTIATE_TEST_SUITE_P(
         Shape{32, 32, 63, 64, 4, 4},            // too short a prefix: the per-row path
         Shape{24, 24, 700, 48, 8, 8, 8.0f},     // ALiBi: the mask carries distances
         Shape{16, 16, 300, 32, 4, 4, 0.0f, 30.0f},  // logit soft-capping
-        Shape{32, 32, 900, 64, 4, 4, 0.0f, 0.0f, true}  // column 0 hidden from one row: no shared prefix
+        Shape{32, 32, 900, 64, 4, 4, 0.0f, 0.0f, true},  // column 0 hidden from one row: no shared prefix
+        // llama.cpp's cache layout (a row per cell holding every head), where a
+        // ubatch of few rows over many cells splits the cells between threads
+        Shape{32, 32, 1900, 1024, 8, 8, 0.0f, 0.0f, false, 2, true, 31},  // the rubric at step 31
+        Shape{32, 32, 1900, 64, 8, 2, 0.0f, 0.0f, false, 3, true},        // GQA, 3 threads
+        Shape{32, 32, 64, 1024, 8, 8, 0.0f, 0.0f, false, 2, true, 31},    // short prefix: own cells only, sparse
+        Shape{17, 5, 300, 40, 4, 4, 8.0f, 0.0f, false, 1, true, 2},       // ALiBi, several rows per sequence, 1 thread
+        Shape{24, 24, 500, 48, 4, 2, 0.0f, 30.0f, true, 4, true},         // soft-capping, GQA, column 0 hidden, 4 threads
+        Shape{63, 63, 2000, 63, 2, 1, 0.0f, 0.0f, false, 2, true}         // one row short of a full tile
         ));
 
 }  // namespace
