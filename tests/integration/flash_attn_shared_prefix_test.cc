@@ -192,9 +192,11 @@ TEST_P(FlashAttnSharedPrefix, MatchesDoubleReference) {
   const auto ref = RunGgml(s, c, scale, /*use_ref=*/true);
   ASSERT_EQ(fast.size(), want.size());
   const double e_fast = MaxError(fast, want), e_ref = MaxError(ref, want);
-  // The reference kernel accumulates V in f16; the tiled one in f32.
+  // The reference kernel accumulates V in f16 (up to 6.4e-3 off here, on the
+  // 200-row prompt chunk); the tiled ones in f32.
   EXPECT_LT(e_fast, 4e-3) << "default kernel vs double reference";
-  EXPECT_LT(e_ref, 4e-3) << "per-row reference kernel vs double reference";
+  EXPECT_LT(e_ref, 1e-2) << "per-row reference kernel vs double reference";
+  EXPECT_LE(e_fast, e_ref * 1.5 + 1e-4) << "default kernel less exact than the reference one";
 }
 
 INSTANTIATE_TEST_SUITE_P(
@@ -210,14 +212,16 @@ INSTANTIATE_TEST_SUITE_P(
         Shape{24, 24, 700, 48, 8, 8, 8.0f},     // ALiBi: the mask carries distances
         Shape{16, 16, 300, 32, 4, 4, 0.0f, 30.0f},  // logit soft-capping
         Shape{32, 32, 900, 64, 4, 4, 0.0f, 0.0f, true},  // column 0 hidden from one row: no shared prefix
-        // llama.cpp's cache layout (a row per cell holding every head), where a
-        // ubatch of few rows over many cells splits the cells between threads
+        // llama.cpp's cache layout (a row per cell holding every head), where
+        // the threads split the cells (patches/0003)
         Shape{32, 32, 1900, 1024, 8, 8, 0.0f, 0.0f, false, 2, true, 31},  // the rubric at step 31
         Shape{32, 32, 1900, 64, 8, 2, 0.0f, 0.0f, false, 3, true},        // GQA, 3 threads
         Shape{32, 32, 64, 1024, 8, 8, 0.0f, 0.0f, false, 2, true, 31},    // short prefix: own cells only, sparse
         Shape{17, 5, 300, 40, 4, 4, 8.0f, 0.0f, false, 1, true, 2},       // ALiBi, several rows per sequence, 1 thread
         Shape{24, 24, 500, 48, 4, 2, 0.0f, 30.0f, true, 4, true},         // soft-capping, GQA, column 0 hidden, 4 threads
-        Shape{63, 63, 2000, 63, 2, 1, 0.0f, 0.0f, false, 2, true}         // one row short of a full tile
+        Shape{63, 63, 2000, 63, 2, 1, 0.0f, 0.0f, false, 2, true},        // one row short of a full tile
+        Shape{96, 32, 1900, 96, 8, 2, 0.0f, 0.0f, false, 2, true},        // more than a tile: 3 rows per sequence
+        Shape{200, 1, 300, 200, 4, 4, 0.0f, 0.0f, false, 3, true}         // one sequence's prompt chunk, causal
         ));
 
 }  // namespace
