@@ -1,0 +1,140 @@
+// Flash attention alone, on the shapes kvbatch gives ggml's CPU kernel: a
+// ubatch of sequences decoding after one shared prompt (and, optionally, a
+// new request's prompt chunk in the same ubatch), K and V laid out as
+// llama.cpp's cache holds them (a row per cell, every head in it), one
+// buffer per layer so that the cache does not stay in the CPU's caches.
+// Prints the best and mean time of the default kernel and of ggml's
+// reference row-by-row kernel (use_ref), measured alternately in one run.
+// To compare two builds of llama.cpp, run it with LD_LIBRARY_PATH pointing
+// at each (bench/README.md).
+#include <ggml-backend.h>
+#include <ggml-cpu.h>
+#include <ggml.h>
+
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <vector>
+
+namespace {
+
+struct Options {
+  int rows = 32;      // decoding sequences, one row each
+  int prompt = 0;     // rows of a new request's prompt chunk in the same ubatch
+  int prefix = 1900;  // cells every row sees
+  int own = 32;       // cells of each decoding sequence after the prefix (interleaved)
+  int heads = 8, kv_heads = 8, head_dim = 64;
+  int layers = 8, threads = 2, iters = 20;
+};
+
+struct Timing {
+  double best = 1e30, total = 0;
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Options o;
+  CLI::App app{"ggml CPU flash attention on kvbatch's ubatch shapes"};
+  app.add_option("--rows", o.rows, "decoding sequences (one row each)");
+  app.add_option("--prompt", o.prompt, "rows of a new prompt chunk in the same ubatch (causal)");
+  app.add_option("--prefix", o.prefix, "shared prefix cells");
+  app.add_option("--own", o.own, "each decoding sequence's own cells");
+  app.add_option("--heads", o.heads, "query heads");
+  app.add_option("--kv-heads", o.kv_heads, "KV heads");
+  app.add_option("--head-dim", o.head_dim, "head size");
+  app.add_option("--layers", o.layers, "layers (one cache buffer each)");
+  app.add_option("--threads", o.threads, "threads");
+  app.add_option("--iters", o.iters, "timed runs of each kernel");
+  CLI11_PARSE(app, argc, argv);
+  if (o.heads % o.kv_heads != 0 || o.rows + o.prompt < 1) {
+    std::fprintf(stderr, "heads must be a multiple of kv-heads, and there must be rows\n");
+    return 2;
+  }
+
+  const int n_rows = o.rows + o.prompt;
+  const int n_used = o.prefix + o.rows * o.own + o.prompt;
+  const int n_kv = (n_used + 255) / 256 * 256;  // llama.cpp pads the cache view to 256
+
+  ggml_backend_t backend = ggml_backend_cpu_init();
+  ggml_backend_cpu_set_n_threads(backend, o.threads);
+  ggml_init_params ip{ggml_tensor_overhead() * size_t(8 * o.layers + 8) + ggml_graph_overhead(), nullptr, true};
+  ggml_context* ctx = ggml_init(ip);
+  ggml_cgraph* graph = ggml_new_graph(ctx);
+  ggml_tensor* mask = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, n_kv, n_rows);
+  std::vector<ggml_tensor*> inputs;
+  for (int l = 0; l < o.layers; ++l) {
+    ggml_tensor* q = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, o.head_dim, n_rows, o.heads);
+    ggml_tensor* k_cache = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, o.head_dim * o.kv_heads, n_kv);
+    ggml_tensor* v_cache = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, o.head_dim * o.kv_heads, n_kv);
+    const size_t head_bytes = size_t(o.head_dim) * sizeof(ggml_fp16_t);
+    ggml_tensor* k = ggml_view_3d(ctx, k_cache, o.head_dim, n_kv, o.kv_heads, k_cache->nb[1], head_bytes, 0);
+    ggml_tensor* v = ggml_view_3d(ctx, v_cache, o.head_dim, n_kv, o.kv_heads, v_cache->nb[1], head_bytes, 0);
+    ggml_tensor* out = ggml_flash_attn_ext(ctx, q, k, v, mask, 1.0f / std::sqrt(float(o.head_dim)), 0.0f, 0.0f);
+    ggml_build_forward_expand(graph, out);
+    inputs.insert(inputs.end(), {q, k_cache, v_cache});
+  }
+  ggml_backend_buffer_t buffer = ggml_backend_alloc_ctx_tensors(ctx, backend);
+
+  std::mt19937 rng(1);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  for (ggml_tensor* t : inputs) {
+    if (t->type == GGML_TYPE_F32) {
+      std::vector<float> x(size_t(ggml_nelements(t)));
+      for (auto& f : x) f = nd(rng);
+      ggml_backend_tensor_set(t, x.data(), 0, ggml_nbytes(t));
+    } else {
+      std::vector<ggml_fp16_t> x(size_t(ggml_nelements(t)));
+      for (auto& f : x) f = ggml_fp32_to_fp16(nd(rng));
+      ggml_backend_tensor_set(t, x.data(), 0, ggml_nbytes(t));
+    }
+  }
+  // Decoding row r sees the prefix and its own cells (every o.rows-th after
+  // the prefix, as sequences decoding side by side fill them); prompt row p
+  // sees the prefix and the prompt's cells up to its own.
+  const ggml_fp16_t visible = ggml_fp32_to_fp16(0.0f);
+  std::vector<ggml_fp16_t> m(size_t(ggml_nelements(mask)), ggml_fp32_to_fp16(-INFINITY));
+  for (int r = 0; r < n_rows; ++r) {
+    ggml_fp16_t* row = &m[size_t(r) * size_t(n_kv)];
+    std::fill(row, row + o.prefix, visible);
+    if (r < o.rows) {
+      for (int s = 0; s < o.own; ++s) row[o.prefix + s * o.rows + r] = visible;
+    } else {
+      const int first = o.prefix + o.rows * o.own;
+      std::fill(row + first, row + first + (r - o.rows) + 1, visible);
+    }
+  }
+  ggml_backend_tensor_set(mask, m.data(), 0, ggml_nbytes(mask));
+
+  Timing t_default, t_ref;
+  auto run = [&](bool use_ref, Timing* t, bool timed) {
+    ggml_backend_cpu_set_use_ref(backend, use_ref);
+    const auto start = std::chrono::steady_clock::now();
+    ggml_backend_graph_compute(backend, graph);
+    const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+    if (timed) {
+      t->best = std::min(t->best, ms);
+      t->total += ms;
+    }
+  };
+  run(false, &t_default, false);
+  run(true, &t_ref, false);
+  for (int i = 0; i < o.iters; ++i) {
+    run(false, &t_default, true);
+    run(true, &t_ref, true);
+  }
+  std::printf(
+      "flash attention, %d layers: %d decoding rows + %d prompt rows, prefix %d, own %d, %d cells; heads %d/%d of %d; "
+      "%d threads\n",
+      o.layers, o.rows, o.prompt, o.prefix, o.own, n_kv, o.heads, o.kv_heads, o.head_dim, o.threads);
+  std::printf("  default kernel:   best %8.2f ms  mean %8.2f ms\n", t_default.best, t_default.total / o.iters);
+  std::printf("  reference kernel: best %8.2f ms  mean %8.2f ms  (%.2fx the default's best)\n", t_ref.best,
+              t_ref.total / o.iters, t_ref.best / t_default.best);
+  ggml_backend_buffer_free(buffer);
+  ggml_free(ctx);
+  ggml_backend_free(backend);
+  return 0;
+}
