@@ -221,7 +221,8 @@ INSTANTIATE_TEST_SUITE_P(
         Shape{24, 24, 500, 48, 4, 2, 0.0f, 30.0f, true, 4, true},         // soft-capping, GQA, column 0 hidden, 4 threads
         Shape{63, 63, 2000, 63, 2, 1, 0.0f, 0.0f, false, 2, true},        // one row short of a full tile
         Shape{96, 32, 1900, 96, 8, 2, 0.0f, 0.0f, false, 2, true},        // more than a tile: 3 rows per sequence
-        Shape{200, 1, 300, 200, 4, 4, 0.0f, 0.0f, false, 3, true}         // one sequence's prompt chunk, causal
+        Shape{200, 1, 300, 200, 4, 4, 0.0f, 0.0f, false, 3, true},        // one sequence's prompt chunk, causal
+        Shape{300, 4, 256, 300, 32, 8, 0.0f, 0.0f, false, 2, true}        // rows in two chunks (scratch-bound)
         ));
 
 }  // namespace
