@@ -15,6 +15,7 @@ import os
 import queue
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -119,15 +120,22 @@ def run_kvbatch(args, model, workload, out, output_args=("-q",)):
     return secs, toks, finish, lines, " ".join(cmd)
 
 
+BOUND_RUNS = 5  # llama-batched-bench runs per rate of the shared-prefix bound
+
+
 def batched_bench(binary, model, args, npp, ntg, npl):
     """One llama-batched-bench row: {PP, TG, B, N_KV, T_PP s, S_PP t/s, T_TG s, S_TG t/s, ...}."""
     cmd = [binary, "-m", model, "-c", str(max(4096, npl * (npp + ntg) + 256)), "-b", "2048", "-ub", "512",
            "-npp", str(npp), "-ntg", str(ntg), "-npl", str(npl), "-fa", "on", "-t", str(args.threads),
            "--kv-unified"] + (["-ngl", "999"] if args.gpu else ["-ngl", "0"])
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    rows = [l for l in out.splitlines() if l.startswith("|") and l.split("|")[1].strip().isdigit()]
-    head = [h.strip() for h in next(l for l in out.splitlines() if l.startswith("|") and "PP" in l).split("|")[1:-1]]
-    return dict(zip(head, (float(x) for x in rows[-1].split("|")[1:-1]))), " ".join(cmd)
+    runs = []
+    for _ in range(BOUND_RUNS):
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        rows = [l for l in out.splitlines() if l.startswith("|") and l.split("|")[1].strip().isdigit()]
+        head = [h.strip() for h in next(l for l in out.splitlines() if l.startswith("|") and "PP" in l).split("|")[1:-1]]
+        runs.append(dict(zip(head, (float(x) for x in rows[-1].split("|")[1:-1]))))
+    # A run takes seconds, so one noisy moment moves it: each rate is the median of the runs.
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}, " ".join(cmd)
 
 
 def prefix_bound(args, binary, model, out_path):
