@@ -6,8 +6,10 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <functional>
 #include <memory>
 #include <random>
+#include <thread>
 #include <vector>
 
 #include "gguf.h"
@@ -114,6 +116,9 @@ Status ValidateOptions(const GenModelOptions& o) {
   if (o.n_embd <= 0 || o.n_layer <= 0 || o.n_head <= 0 || o.n_head_kv <= 0 || o.n_ff <= 0 ||
       o.n_ctx_train <= 0) {
     return Status::InvalidArgument("gen_model: all dimensions must be positive");
+  }
+  if (o.stream_elements <= 0 || o.threads < 0) {
+    return Status::InvalidArgument("gen_model: stream_elements must be positive and threads not negative");
   }
   if (o.n_embd % o.n_head != 0) {
     return Status::InvalidArgument("gen_model: n_embd must be a multiple of n_head");
@@ -294,31 +299,76 @@ bool WriteZeros(FILE* f, size_t n) {
   return true;
 }
 
-// Generates, converts and appends one tensor a chunk of rows at a time, then
-// pads to the alignment gguf assumed when it laid out the offsets.
-bool WriteTensorData(const TensorSpec& spec, uint64_t seed, size_t alignment, FILE* f) {
-  const ggml_tensor* t = spec.tensor;
+// A tensor's weights come from independent streams of up to
+// GenModelOptions::stream_elements elements each (whole rows): stream 0 is seeded with the tensor's seed, so a
+// tensor that fits one stream (every tensor of the tiny, bench and bert
+// presets) is what it always was; larger ones (llama3-8b's) are generated
+// and converted by several threads. The file does not depend on how many.
+// One stream's rows of one tensor, converted to the tensor's type.
+struct Unit {
+  const TensorSpec* spec;
+  int64_t stream;
+  int64_t row0, rows;
+  bool last;  // the tensor's last unit: padding follows it
+  std::vector<uint8_t> bytes;
+};
+
+std::vector<Unit> PlanUnits(const std::vector<TensorSpec>& specs, int64_t stream_elements) {
+  std::vector<Unit> units;
+  for (const TensorSpec& spec : specs) {
+    const int64_t n_per_row = spec.tensor->ne[0];
+    const int64_t n_rows = ggml_nrows(spec.tensor);
+    const int64_t per_stream = std::max<int64_t>(1, stream_elements / n_per_row);
+    for (int64_t row = 0, k = 0; row < n_rows; row += per_stream, ++k)
+      units.push_back({&spec, k, row, std::min(per_stream, n_rows - row), row + per_stream >= n_rows, {}});
+  }
+  return units;
+}
+
+// Generates and converts one unit a chunk of rows at a time (bounded float staging).
+void FillUnit(Unit& u, uint64_t seed) {
+  const ggml_tensor* t = u.spec->tensor;
   const int64_t n_per_row = t->ne[0];
-  const int64_t n_rows = ggml_nrows(t);
   const int64_t rows_per_chunk = std::max<int64_t>(1, kChunkElements / n_per_row);
   const size_t row_size = ggml_row_size(t->type, n_per_row);
-
-  NormalSource normal(TensorSeed(seed, t->name));
-  std::vector<float> src(static_cast<size_t>(std::min(n_rows, rows_per_chunk) * n_per_row));
-  std::vector<uint8_t> dst(static_cast<size_t>(std::min(n_rows, rows_per_chunk)) * row_size);
-
-  for (int64_t row = 0; row < n_rows; row += rows_per_chunk) {
-    const int64_t nr = std::min(rows_per_chunk, n_rows - row);
+  const uint64_t tensor_seed = TensorSeed(seed, t->name);
+  NormalSource normal(u.stream == 0 ? tensor_seed : Mix(tensor_seed ^ Mix(static_cast<uint64_t>(u.stream))));
+  std::vector<float> src(static_cast<size_t>(std::min(u.rows, rows_per_chunk) * n_per_row));
+  u.bytes.resize(static_cast<size_t>(u.rows) * row_size);
+  for (int64_t row = 0; row < u.rows; row += rows_per_chunk) {
+    const int64_t nr = std::min(rows_per_chunk, u.rows - row);
     const size_t n = static_cast<size_t>(nr * n_per_row);
-    for (size_t i = 0; i < n; ++i) {
-      src[i] = spec.std_dev == 0.0f ? 1.0f : spec.std_dev * normal.Next();
-    }
-    const size_t bytes =
-        ggml_quantize_chunk(t->type, src.data(), dst.data(), 0, nr, n_per_row, nullptr);
-    if (std::fwrite(dst.data(), 1, bytes, f) != bytes) return false;
+    for (size_t i = 0; i < n; ++i) src[i] = u.spec->std_dev == 0.0f ? 1.0f : u.spec->std_dev * normal.Next();
+    ggml_quantize_chunk(t->type, src.data(), u.bytes.data() + static_cast<size_t>(row) * row_size, 0, nr,
+                        n_per_row, nullptr);
   }
-  const size_t nbytes = ggml_nbytes(t);
-  return WriteZeros(f, GGML_PAD(nbytes, alignment) - nbytes);
+}
+
+// Generates every tensor's data, `threads` units at a time, and appends it in
+// order, each tensor padded to the alignment gguf assumed for the offsets.
+bool WriteTensorData(const std::vector<TensorSpec>& specs, const GenModelOptions& o, size_t alignment, FILE* f) {
+  std::vector<Unit> units = PlanUnits(specs, o.stream_elements);
+  const uint64_t seed = o.seed;
+  const int n_threads = o.threads;
+  const size_t threads = n_threads > 0 ? static_cast<size_t>(n_threads)
+                                       : std::max(1u, std::min(16u, std::thread::hardware_concurrency()));
+  for (size_t begin = 0; begin < units.size(); begin += threads) {
+    const size_t end = std::min(units.size(), begin + threads);
+    std::vector<std::thread> pool;
+    for (size_t i = begin + 1; i < end; ++i) pool.emplace_back(FillUnit, std::ref(units[i]), seed);
+    FillUnit(units[begin], seed);
+    for (std::thread& th : pool) th.join();
+    for (size_t i = begin; i < end; ++i) {
+      Unit& u = units[i];
+      if (std::fwrite(u.bytes.data(), 1, u.bytes.size(), f) != u.bytes.size()) return false;
+      std::vector<uint8_t>().swap(u.bytes);
+      if (u.last) {
+        const size_t nbytes = ggml_nbytes(u.spec->tensor);
+        if (!WriteZeros(f, GGML_PAD(nbytes, alignment) - nbytes)) return false;
+      }
+    }
+  }
+  return true;
 }
 
 }  // namespace
@@ -403,9 +453,7 @@ Status GenerateModel(const GenModelOptions& opts) {
       return fail("cannot write");
     }
     const size_t alignment = gguf_get_alignment(out.get());
-    for (const TensorSpec& spec : specs) {
-      if (!WriteTensorData(spec, opts.seed, alignment, f.get())) return fail("cannot write");
-    }
+    if (!WriteTensorData(specs, opts, alignment, f.get())) return fail("cannot write");
     if (std::fflush(f.get()) != 0) return fail("cannot write");
     if (std::fclose(f.release()) != 0) return fail("cannot close");
   }

@@ -49,6 +49,12 @@ struct GenModelOptions {
 
   // The file is a pure function of all options: same options, same bytes.
   uint64_t seed = 42;
+  // Threads generating the weights (0: one per core, at most 16). The file
+  // does not depend on it.
+  int threads = 0;
+  // Elements per random stream (whole rows): a tensor larger than this is
+  // drawn from several streams, in parallel. Part of what fixes the weights.
+  int64_t stream_elements = int64_t{1} << 24;
 
   std::string chat_template = std::string(kChatMlTemplate);  // tokenizer.chat_template
 };

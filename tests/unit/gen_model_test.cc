@@ -206,6 +206,26 @@ TEST_F(GenModelTest, SameSeedGivesByteIdenticalFilesAndOtherSeedsDiffer) {
   EXPECT_FALSE(ReadFile(TinyPath()) == ReadFile(opts->out_path));
 }
 
+// Tensors larger than one random stream are drawn by several threads; the
+// file is the same with any number of them, and tensors within one stream
+// are the same as ever (the tiny file above).
+TEST_F(GenModelTest, ManyStreamsGiveTheSameFileWithAnyNumberOfThreads) {
+  StatusOr<GenModelOptions> opts = ModelPreset("tiny");
+  ASSERT_TRUE(opts.ok());
+  opts->vocab_path = VocabPath();
+  opts->stream_elements = 4096;  // 64 rows of 64: token_embd alone takes 500 streams
+  opts->threads = 1;
+  opts->out_path = (*dir_ / "one.gguf").string();
+  ASSERT_TRUE(GenerateModel(*opts).ok());
+  opts->threads = 3;
+  opts->out_path = (*dir_ / "three.gguf").string();
+  ASSERT_TRUE(GenerateModel(*opts).ok());
+  const std::string one = ReadFile(opts->out_path);
+  EXPECT_TRUE(ReadFile((*dir_ / "one.gguf").string()) == one) << "the thread count changed the weights";
+  EXPECT_EQ(one.size(), ReadFile(TinyPath()).size());
+  EXPECT_FALSE(ReadFile(TinyPath()) == one) << "streams past the first must not repeat the first";
+}
+
 TEST(GenModel, PresetsAreTinyAndBench) {
   StatusOr<GenModelOptions> tiny = ModelPreset("tiny");
   ASSERT_TRUE(tiny.ok());
