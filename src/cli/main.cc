@@ -93,6 +93,10 @@ void AddEngineFlags(CLI::App* cmd, kvb::engine::EngineOptions& e, int32_t& n_gpu
   cmd->add_option("--anchors", e.context.anchors, "Sequences reserved for shared prefixes")->capture_default_str();
   cmd->add_option("--kv-type", e.context.kv_type, "KV cache type: f16, f32 or q8_0")->capture_default_str();
   cmd->add_option("--flash-attn", e.context.flash_attn, "Flash attention (true/false)")->capture_default_str();
+  cmd->add_option("--device-sampling", e.context.device_sampling,
+                  "Greedy picks on the device, so that greedy steps copy no logits back: auto (on a GPU), on, off")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"auto", "on", "off"}));
   cmd->add_flag("--deterministic", e.context.deterministic,
                 "Batch-invariant answers: bitwise the same alone, in any batch or order, after a resume "
                 "(CPU only; slower, see docs/DETERMINISM.md)");

@@ -217,6 +217,17 @@ void PrintSummary(const RunOptions& o, const EngineRun& run, const std::map<std:
                static_cast<long long>(e.prompt_tokens - e.prefill_tokens),
                e.prefill_tokens ? static_cast<double>(e.prompt_tokens) / static_cast<double>(e.prefill_tokens) : 0.0);
   std::fprintf(stderr, "  KV cells     peak %d in use of %d\n", e.cells_peak, e.cells_total);
+  if (e.steps > 0) {
+    // Decode: llama_decode until its outputs are ready (the device's work on
+    // a GPU); host: the rest of the step (admission, sampling, output).
+    const double step_ms = 1e3 * e.step_seconds / static_cast<double>(e.steps);
+    const double decode_ms = 1e3 * e.decode_seconds / static_cast<double>(e.steps);
+    std::fprintf(stderr, "  steps        %lld, %.2f ms each: decode %.2f ms, host %.2f ms", static_cast<long long>(e.steps),
+                 step_ms, decode_ms, std::max(0.0, step_ms - decode_ms));
+    if (e.device_picks > 0)
+      std::fprintf(stderr, "; %.0f%% of tokens picked on the device", pct(e.device_picks, e.generated_tokens));
+    std::fprintf(stderr, "\n");
+  }
   if (!run.device_memory.empty()) std::fprintf(stderr, "  device       %s\n", run.device_memory.c_str());
   std::fprintf(stderr, "  output       %s%s%s\n", o.output.c_str(), o.errors.empty() ? "" : ", errors in ",
                o.errors.c_str());

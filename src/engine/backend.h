@@ -29,6 +29,10 @@ class Sampler {
   // Picks the next token from the logits (read-only; not modified by the
   // caller later) and advances the sampler's state with it; or kNoToken.
   virtual Token Sample(const float* logits) = 0;
+  // Whether the pick is the plain argmax of the logits (temperature 0, no
+  // bias, penalties or grammar) and the sampler keeps no state: the device
+  // may then pick it (Backend::SetDeviceGreedy) and the caller skips Sample.
+  virtual bool PlainGreedy() const { return false; }
 };
 
 class Backend {
@@ -53,8 +57,18 @@ class Backend {
   // other error is a failed step (the scheduler retries its requests in
   // isolation, a bounded number of times).
   virtual Status Decode(const std::vector<BatchToken>& batch) = 0;
-  // Logits of the i-th token of the last Decode (which must have asked for them).
+  // Logits of the i-th token of the last Decode (which must have asked for
+  // them), unless DeviceToken gave that token's pick.
   virtual const float* Logits(int32_t batch_index) = 0;
+  // Device sampling: `seq`'s next tokens are picked by argmax where the
+  // logits are computed (llama.cpp's backend sampling), so they need not be
+  // copied back to the host when every output of a step is picked so. The
+  // scheduler sets it when a request takes the sequence id. A backend that
+  // cannot ignores it and DeviceToken returns kNoToken.
+  virtual void SetDeviceGreedy(int32_t /*seq*/, bool /*on*/) {}
+  // The device's pick for the i-th token of the last Decode, or kNoToken
+  // (its sequence is not device-greedy: read Logits).
+  virtual Token DeviceToken(int32_t /*batch_index*/) { return kNoToken; }
 
   // Null when params.grammar does not parse (callers validate grammars
   // first, see engine::CheckGrammar; the request then fails, never aborts).

@@ -78,6 +78,7 @@ void Engine::Loop() {
       cv_.wait(lock, [&] { return stop_ || !inbox_.empty() || !cancels_.empty() || !scheduler_->Idle(); });
       if (stop_) {
         stats_ = scheduler_->stats();  // final: what Stop()'s caller reads
+        stats_.step_seconds = step_seconds_;
         return;
       }
       incoming.swap(inbox_);
@@ -94,13 +95,18 @@ void Engine::Loop() {
     } catch (const std::exception& e) {
       scheduler_->RecoverFromException(e.what());
     }
-    if (on_step_ && scheduler_->stats().steps != steps) {
-      StepInfo step = scheduler_->last_step();
-      step.seconds = static_cast<double>(SteadyNowNs() - start) * 1e-9;
-      on_step_(step);
+    const double seconds = static_cast<double>(SteadyNowNs() - start) * 1e-9;
+    if (scheduler_->stats().steps != steps) {
+      step_seconds_ += seconds;
+      if (on_step_) {
+        StepInfo step = scheduler_->last_step();
+        step.seconds = seconds;
+        on_step_(step);
+      }
     }
     std::lock_guard<std::mutex> lock(mu_);
     stats_ = scheduler_->stats();
+    stats_.step_seconds = step_seconds_;
   }
 }
 

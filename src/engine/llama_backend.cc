@@ -82,6 +82,12 @@ StatusOr<std::unique_ptr<LlamaBackend>> LlamaBackend::Create(const Model* model,
           "scripts/llama.sh applies them");
   }
 
+  bool device_sampling = gpu != nullptr;
+  if (o.device_sampling == "on") device_sampling = true;
+  else if (o.device_sampling == "off") device_sampling = false;
+  else if (o.device_sampling != "auto")
+    return Status::InvalidArgument("unknown device sampling mode " + o.device_sampling + " (auto, on, off)");
+
   llama_context_params cp = llama_context_default_params();
   cp.n_ctx = static_cast<uint32_t>(cells);
   cp.n_batch = static_cast<uint32_t>(o.n_batch);
@@ -102,6 +108,9 @@ StatusOr<std::unique_ptr<LlamaBackend>> LlamaBackend::Create(const Model* model,
     cp.op_offload = false;
     cp.offload_kqv = false;
   }
+  // The scheduler asks for at most one output per sequence and step; the
+  // device samplers' buffers are sized by it.
+  if (device_sampling) cp.n_outputs_max_per_seq = 1;
   if (set_use_ref) set_use_ref(true);  // for this context's CPU backend only
   b->ctx_ = llama_init_from_model(model->raw(), cp);
   if (set_use_ref) set_use_ref(false);
@@ -118,6 +127,17 @@ StatusOr<std::unique_ptr<LlamaBackend>> LlamaBackend::Create(const Model* model,
   b->info_.kv_bytes = per_cell * b->info_.kv_cells;
   b->info_.device = gpu ? ggml_backend_dev_description(gpu) : "CPU";
   b->batch_ = std::make_unique<BatchBuffer>(b->info_.n_batch);
+  if (device_sampling) {
+    // Chains are attached when a greedy request takes the sequence id
+    // (SetDeviceGreedy), so a job without greedy requests adds nothing to the graph.
+    for (int32_t s = 0; s < b->info_.n_seq_max; ++s) {
+      llama_sampler* chain = llama_sampler_chain_init(llama_sampler_chain_default_params());
+      llama_sampler_chain_add(chain, llama_sampler_init_greedy());
+      b->device_chains_.push_back(chain);
+    }
+    b->device_on_.assign(b->device_chains_.size(), 0);
+    b->info_.device_sampling = true;
+  }
   return b;
 }
 
@@ -125,6 +145,29 @@ LlamaBackend::~LlamaBackend() {
   ClearGrammars();
   batch_.reset();
   if (ctx_) llama_free(ctx_);
+  for (llama_sampler* chain : device_chains_) llama_sampler_free(chain);  // after the context that used them
+}
+
+void LlamaBackend::SetDeviceGreedy(int32_t seq, bool on) {
+  if (seq < 0 || seq >= static_cast<int32_t>(device_chains_.size()) || device_on_[seq] == on) return;
+  // A change of the set re-plans llama.cpp's graph at the next decode (once,
+  // however many changed): a job of greedy requests pays it once per id.
+  if (!llama_set_sampler(ctx_, seq, on ? device_chains_[seq] : nullptr)) {
+    // This backend cannot run the sampler (llama.cpp logged why): host picks for good.
+    for (size_t s = 0; s < device_chains_.size(); ++s) llama_set_sampler(ctx_, static_cast<llama_seq_id>(s), nullptr);
+    for (llama_sampler* chain : device_chains_) llama_sampler_free(chain);
+    device_chains_.clear();
+    device_on_.clear();
+    info_.device_sampling = false;
+    return;
+  }
+  device_on_[seq] = on;
+}
+
+Token LlamaBackend::DeviceToken(int32_t batch_index) {
+  if (device_chains_.empty()) return kNoToken;
+  const llama_token t = llama_get_sampled_token_ith(ctx_, batch_index);
+  return t == LLAMA_TOKEN_NULL ? kNoToken : t;
 }
 
 void LlamaBackend::CopySeq(int32_t src, int32_t dst, int32_t n) {
@@ -149,6 +192,9 @@ Status LlamaBackend::Decode(const std::vector<BatchToken>& tokens) {
   } catch (const std::exception& e) {
     return Status::Internal(std::string("llama_decode threw: ") + e.what());
   }
+  // The outputs are read next anyway: waiting here makes the step's decode
+  // time the device's (EngineStats::decode_seconds), not the host's.
+  if (rc == 0) llama_synchronize(ctx_);
   if (rc == 0) return Status::Ok();
   if (rc == 1) return Status::ResourceExhausted("no KV slot for the batch");
   return Status::Internal("llama_decode failed with code " + std::to_string(rc));

@@ -5,6 +5,7 @@
 #include <memory>
 #include <string>
 #include <unordered_map>
+#include <vector>
 
 #include "engine/backend.h"
 #include "engine/model.h"
@@ -30,6 +31,10 @@ struct ContextOptions {
   // cells in position order (SchedulerOptions::monotonic_cells).
   bool deterministic = false;
   std::string kv_type = "f16";  // K/V cache type: f16, f32 (less rounding noise), q8_0 (half the memory)
+  // Greedy picks on the device (llama.cpp's backend sampling), so that a
+  // step whose outputs are all greedy copies no logits back: "auto" (on a
+  // GPU), "on" or "off".
+  std::string device_sampling = "auto";
   // Embeddings' pooling: "" the model's own (last for a decoder that
   // declares none), or mean, last, cls.
   std::string pooling;
@@ -43,6 +48,7 @@ struct ContextInfo {
   int32_t n_batch = 0;
   int64_t kv_bytes = 0;
   std::string device;  // "CPU" or the GPU's description
+  bool device_sampling = false;  // greedy picks on the device (ContextOptions::device_sampling)
 };
 
 // The host memory the kernel can still give (MemAvailable), in bytes; 4 GiB
@@ -65,6 +71,8 @@ class LlamaBackend : public Backend {
   void RemoveSeq(int32_t seq) override;
   Status Decode(const std::vector<BatchToken>& batch) override;
   const float* Logits(int32_t batch_index) override;
+  void SetDeviceGreedy(int32_t seq, bool on) override;
+  Token DeviceToken(int32_t batch_index) override;
   std::unique_ptr<Sampler> NewSampler(const SamplingParams& params) override;
   bool IsEndOfGeneration(Token t) const override;
   std::string Piece(Token t) const override { return model_->Piece(t); }
@@ -90,6 +98,10 @@ class LlamaBackend : public Backend {
   ContextInfo info_;
   struct BatchBuffer;
   std::unique_ptr<BatchBuffer> batch_;
+  // Device sampling: a greedy sampler chain per request sequence id (kept
+  // alive for the context), and which are attached now.
+  std::vector<llama_sampler*> device_chains_;
+  std::vector<char> device_on_;
 };
 
 }  // namespace kvb::engine

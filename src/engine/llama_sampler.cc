@@ -105,6 +105,8 @@ class LlamaSampler : public Sampler {
     if (grammar_) llama_sampler_free(grammar_);
   }
 
+  bool PlainGreedy() const override { return greedy_ && bias_.empty() && !grammar_; }
+
   Token Sample(const float* logits) override {
     Token t = greedy_ ? Argmax(logits) : Draw(logits, false);
     if (grammar_ && !Allowed(t)) t = greedy_ ? ConstrainedArgmax(logits) : Draw(logits, true);

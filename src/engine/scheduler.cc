@@ -194,6 +194,10 @@ bool Scheduler::TryAdmit(Request& r) {
       return true;
     }
   }
+  // A lone greedy choice whose logits nobody reads is picked on the device.
+  const bool device_greedy =
+      n_choices == 1 && samplers[0]->PlainGreedy() && !r.logprobs && r.capture_top_logits == 0;
+  for (int32_t slot : slots) backend_->SetDeviceGreedy(slot, device_greedy);
   admitted_.push_back(r.id);
   if (r.test_abort) {
     std::fprintf(stderr, "kvbatch: KVBATCH_TEST_CRASH_ON: aborting on request %llu once admitted (test hook)\n",
@@ -224,6 +228,7 @@ bool Scheduler::TryAdmit(Request& r) {
     s->order = order;
     s->max_new = max_new;
     s->sampler = std::move(samplers[i]);
+    s->device_greedy = device_greedy;
     s->streamed = streamed[i];
     if (i == 0) {
       s->n_past = m.length;
@@ -427,6 +432,7 @@ bool Scheduler::Step() {
   Status st = backend_->Decode(batch);
   last_step_ = {};
   last_step_.decode_seconds = static_cast<double>(SteadyNowNs() - decode_start) * 1e-9;
+  stats_.decode_seconds += last_step_.decode_seconds;
   last_step_.tokens = static_cast<int32_t>(batch.size());
   last_step_.ok = st.ok();
   ++stats_.steps;
@@ -468,6 +474,13 @@ bool Scheduler::Step() {
     }
     if (s.batch_index < 0) continue;
     ++last_step_.sequences;
+    if (s.device_greedy) {
+      if (const Token t = backend_->DeviceToken(s.batch_index); t != kNoToken) {
+        ++stats_.device_picks;
+        Take(s, t, nullptr);
+        continue;
+      }
+    }
     const float* logits = backend_->Logits(s.batch_index);
     const bool first = s.out.empty() && s.chunk > 0;  // logits after the prompt
     if (first && s.req().capture_top_logits > 0) {

@@ -45,7 +45,10 @@ struct EngineStats {
   int64_t prefill_tokens = 0;       // prompt tokens actually decoded (anchors included)
   int64_t completion_tokens = 0;   // over finished requests
   int64_t generated_tokens = 0;    // every token sampled, as it is (cancelled and requeued work included)
+  int64_t device_picks = 0;         // of those, picked on the device (Backend::SetDeviceGreedy)
   int64_t steps = 0;
+  double step_seconds = 0;          // engine steps' wall time (admission, decode, sampling, output)
+  double decode_seconds = 0;        // of that, in the backend's Decode (llama_decode until its outputs are ready)
   int64_t requeued = 0;             // sequences pushed back after a failed decode
   int64_t failed_steps = 0;         // steps whose decode failed (not for lack of cells)
   int32_t active = 0;               // sequences running
@@ -125,6 +128,7 @@ class Scheduler {
   bool AnyRunning() const;  // a request holds a sequence
   bool FailedBefore(const Request& r) const { return failures_.count(r.id) != 0; }
   void Sample(Seq& s, const float* logits);
+  void Take(Seq& s, Token t, const float* logits);
   void Fork(Seq& leader, const float* logits);
   void FinishChoice(Seq& s);
   void Requeue(Seq& s);

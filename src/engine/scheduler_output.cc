@@ -116,8 +116,14 @@ void Scheduler::Sample(Seq& s, const float* logits) {
     FailGroup(s, Status::Internal(std::string("sampling failed: ") + e.what()));
     return;
   }
+  Take(s, t, logits);
+}
+
+// Accepts a choice's next token (sampled here or picked on the device, when
+// `logits` is null) and finishes or streams the choice.
+void Scheduler::Take(Seq& s, Token t, const float* logits) {
   const Request& r = s.req();
-  if (r.logprobs && t != kNoToken && !backend_->IsEndOfGeneration(t))
+  if (r.logprobs && logits && t != kNoToken && !backend_->IsEndOfGeneration(t))
     s.logprobs.push_back(ComputeLogprobs(logits, backend_->n_vocab(), t, r.top_logprobs, *backend_));
   if (s.max_new == 0 || Accept(s, t)) {
     FinishChoice(s);

@@ -27,6 +27,9 @@ void AddStats(engine::EngineStats& into, const engine::EngineStats& s, bool gaug
   into.prompt_tokens += s.prompt_tokens;
   into.cached_tokens += s.cached_tokens;
   into.prefill_tokens += s.prefill_tokens;
+  into.device_picks += s.device_picks;
+  into.step_seconds += s.step_seconds;
+  into.decode_seconds += s.decode_seconds;
   into.completion_tokens += s.completion_tokens;
   into.generated_tokens += s.generated_tokens;
   into.steps += s.steps;

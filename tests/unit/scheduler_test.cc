@@ -78,19 +78,35 @@ class FakeBackend : public Backend {
       seen.push_back(b.token);
       if (b.logits) logits_[i] = LogitsFor(seen);
     }
+    device_tokens_.assign(batch.size(), kNoToken);
+    for (size_t i = 0; i < batch.size(); ++i)
+      if (batch[i].logits && device_sampling && device_seqs.count(batch[i].seq))
+        device_tokens_[i] = static_cast<Token>(std::max_element(logits_[i].begin(), logits_[i].end()) - logits_[i].begin());
     int32_t used = 0;
     for (auto& c : cells_) used += !c.seqs.empty();
     peak_cells = std::max(peak_cells, used);
     decoded_tokens += static_cast<int64_t>(batch.size());
     return Status::Ok();
   }
-  const float* Logits(int32_t i) override { return logits_.at(i).data(); }
+  const float* Logits(int32_t i) override {
+    // A device pick's logits stay on the device: reading them is a bug.
+    EXPECT_EQ(device_tokens_.at(i), kNoToken) << "logits read for a token picked on the device";
+    ++logits_reads;
+    return logits_.at(i).data();
+  }
+  void SetDeviceGreedy(int32_t seq, bool on) override {
+    if (!device_sampling) return;
+    if (on) device_seqs.insert(seq);
+    else device_seqs.erase(seq);
+  }
+  Token DeviceToken(int32_t i) override { return device_tokens_.at(i); }
 
   // The argmax, shifted by a seed-dependent offset when the seed is not 0:
   // choices of one request (different seeds) then differ.
   class Argmax : public Sampler {
    public:
     explicit Argmax(uint64_t seed) : shift_(static_cast<Token>(seed % 61)) {}
+    bool PlainGreedy() const override { return shift_ == 0; }
     Token Sample(const float* l) override {
       const Token t = static_cast<Token>(std::max_element(l, l + kVocab) - l);
       return shift_ == 0 ? t : 1 + (t + shift_) % (kVocab - 1);
@@ -101,7 +117,7 @@ class FakeBackend : public Backend {
   };
   std::unique_ptr<Sampler> NewSampler(const SamplingParams& p) override {
     sampler_max_tokens = std::max(sampler_max_tokens, p.max_tokens);
-    return std::make_unique<Argmax>(p.seed);
+    return std::make_unique<Argmax>(p.top_k == 1 ? 0 : p.seed);  // top_k 1: the plain argmax
   }
   bool IsEndOfGeneration(Token t) const override { return t == 0; }
   std::string Piece(Token t) const override { return std::string(1, static_cast<char>('a' + t % 26)); }
@@ -138,6 +154,9 @@ class FakeBackend : public Backend {
   int32_t copies = 0;
   int64_t decoded_tokens = 0;
   int64_t out_of_order = 0;  // tokens placed in a cell before one their sequence sees
+  bool device_sampling = false;  // honour SetDeviceGreedy: argmax picks made in Decode
+  std::set<int32_t> device_seqs;
+  int64_t logits_reads = 0;
 
  private:
   struct Cell {
@@ -148,6 +167,7 @@ class FakeBackend : public Backend {
   int32_t seqs_, n_cells_, ctx_, batch_;
   std::vector<Cell> cells_;
   std::vector<std::vector<float>> logits_;
+  std::vector<Token> device_tokens_;
 };
 
 Request MakeRequest(uint64_t id, std::vector<Token> prompt, int32_t max_tokens) {
@@ -211,6 +231,40 @@ TEST(Scheduler, SharedPrefixIsDecodedOnceAndForkedIntoEverySequence) {
   }
   EXPECT_EQ(results[0].cached_tokens, 0);  // its prefix was computed for it
   EXPECT_EQ(with_cache, 19);
+}
+
+// Device sampling: plain greedy requests (top_k 1 here) get their tokens from
+// Backend::DeviceToken and never read logits (FakeBackend fails the test if
+// they do); n > 1, logprobs and shifted samplers keep reading logits. The
+// answers are those of the same run without device sampling.
+TEST(Scheduler, PlainGreedyRequestsTakeTheDevicesPicksAndOthersReadLogits) {
+  std::vector<Request> reqs;
+  for (uint64_t i = 0; i < 16; ++i) {
+    Request r = MakeRequest(i, SharedPrompt(100, i, 5), 6 + static_cast<int32_t>(i % 3));
+    if (i % 4 != 3) r.sampling.top_k = 1;
+    if (i % 4 == 1) r.logprobs = true;
+    if (i % 4 == 2) r.n = 2;
+    reqs.push_back(std::move(r));
+  }
+  FakeBackend host(6, 4096, 4096, 512);
+  FakeBackend device(6, 4096, 4096, 512);
+  device.device_sampling = true;
+  auto a = RunAll(host, reqs);
+  auto b = RunAll(device, reqs);
+  ASSERT_EQ(b.size(), reqs.size());
+  for (auto& [id, r] : a) {
+    ASSERT_TRUE(b[id].status.ok()) << b[id].status.ToString();
+    ASSERT_EQ(r.choices.size(), b[id].choices.size());
+    for (size_t c = 0; c < r.choices.size(); ++c) EXPECT_EQ(r.choices[c].tokens, b[id].choices[c].tokens) << id;
+    EXPECT_EQ(r.choices[0].logprobs.size(), b[id].choices[0].logprobs.size()) << id;
+  }
+  // Only the four plain greedy requests (i % 4 == 0) skipped the logits.
+  EXPECT_LT(device.logits_reads, host.logits_reads);
+  int64_t plain = 0;
+  for (auto& [id, r] : b)
+    if (id % 4 == 0) plain += static_cast<int64_t>(r.tokens.size());
+  EXPECT_GE(host.logits_reads - device.logits_reads, plain);
+  EXPECT_TRUE(device.device_seqs.size() <= 6u);
 }
 
 TEST(Scheduler, AdmissionNeverOverflowsTheCacheAndEveryRequestFinishes) {
