@@ -13,6 +13,7 @@ import datetime
 import json
 import os
 import queue
+import re
 import shutil
 import socket
 import statistics
@@ -101,15 +102,58 @@ def run_clients(url, bodies, clients):
     return time.time() - t0, tokens[0]
 
 
-def run_kvbatch(args, model, workload, out, output_args=("-q",)):
-    """One `kvbatch run`; returns (seconds, completion tokens, finish reasons, output lines, command)."""
+class GpuMonitor:
+    """Samples nvidia-smi (GPU utilisation %, memory used MiB) every 200 ms while a run lasts."""
+
+    def __init__(self, enabled):
+        self.proc = None
+        if enabled and shutil.which("nvidia-smi"):
+            self.proc = subprocess.Popen(["nvidia-smi", "--query-gpu=utilization.gpu,memory.used",
+                                          "--format=csv,noheader,nounits", "-lms", "200"],
+                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+    def stop(self):
+        if not self.proc:
+            return {}
+        self.proc.terminate()
+        out, _ = self.proc.communicate()
+        samples = []
+        for line in out.splitlines():
+            try:
+                util, mem = (float(x) for x in line.split(","))
+                samples.append((util, mem))
+            except ValueError:
+                pass
+        if not samples:
+            return {}
+        busy = [u for u, _ in samples]
+        return {"gpu_util_mean": statistics.mean(busy), "gpu_util_median": statistics.median(busy),
+                "gpu_mem_peak_mib": max(m for _, m in samples), "gpu_samples": len(samples)}
+
+
+STEP_LINE = re.compile(r"steps\s+(\d+), ([\d.]+) ms each: decode ([\d.]+) ms, host ([\d.]+) ms"
+                       r"(?:; (\d+)% of tokens picked on the device)?")
+
+
+def run_kvbatch(args, model, workload, out, output_args=("-q",), extra=()):
+    """One `kvbatch run`; returns (seconds, completion tokens, finish reasons, output lines, command, info):
+    info holds the step split from kvbatch's summary and, with --gpu, the GPU's utilisation."""
     if os.path.exists(out):
         os.remove(out)
     cmd = [args.kvbatch, "run", workload, "-o", out, "-m", model, "--threads", str(args.threads), *output_args] + \
-        (["--gpu-layers", "0"] if not args.gpu else []) + args.kvbatch_args.split()
+        (["--gpu-layers", "0"] if not args.gpu else []) + args.kvbatch_args.split() + list(extra)
+    mon = GpuMonitor(args.gpu)
     t0 = time.time()
-    sh(cmd)
+    proc = subprocess.run(cmd, stderr=subprocess.PIPE, text=True)
     secs = time.time() - t0
+    info = mon.stop()
+    sys.stderr.write(proc.stderr[-4000:])
+    if proc.returncode != 0:
+        raise RuntimeError(f"kvbatch run failed ({proc.returncode}): {' '.join(cmd)}")
+    m = STEP_LINE.search(proc.stderr)
+    if m:
+        info.update({"steps": int(m.group(1)), "step_ms": float(m.group(2)), "decode_ms": float(m.group(3)),
+                     "host_ms": float(m.group(4)), "device_picks_pct": float(m.group(5) or 0)})
     lines = [json.loads(l) for l in open(out)]
     assert len(lines) == args.requests, "kvbatch did not answer every request"
     toks = sum(l["response"]["body"]["usage"]["completion_tokens"] for l in lines)
@@ -117,10 +161,10 @@ def run_kvbatch(args, model, workload, out, output_args=("-q",)):
     for l in lines:
         r = l["response"]["body"]["choices"][0]["finish_reason"]
         finish[r] = finish.get(r, 0) + 1
-    return secs, toks, finish, lines, " ".join(cmd)
+    return secs, toks, finish, lines, " ".join(cmd), info
 
 
-BOUND_RUNS = 5  # llama-batched-bench runs per rate of the shared-prefix bound
+BOUND_RUNS = 5  # llama-batched-bench runs per rate of the shared-prefix bound (--bound-runs)
 
 
 def batched_bench(binary, model, args, npp, ntg, npl):
@@ -129,7 +173,7 @@ def batched_bench(binary, model, args, npp, ntg, npl):
            "-npp", str(npp), "-ntg", str(ntg), "-npl", str(npl), "-fa", "on", "-t", str(args.threads),
            "--kv-unified"] + (["-ngl", "999"] if args.gpu else ["-ngl", "0"])
     runs = []
-    for _ in range(BOUND_RUNS):
+    for _ in range(args.bound_runs):
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         rows = [l for l in out.splitlines() if l.startswith("|") and l.split("|")[1].strip().isdigit()]
         head = [h.strip() for h in next(l for l in out.splitlines() if l.startswith("|") and "PP" in l).split("|")[1:-1]]
@@ -172,7 +216,8 @@ def schema_bench(args, work):
     valid = None
     for rnd in range(args.rounds):
         for mode in ("plain", "schema"):
-            secs, toks, finish, lines, cmd = run_kvbatch(args, model, files[mode], os.path.join(work, f"out-{mode}.jsonl"))
+            secs, toks, finish, lines, cmd, _ = run_kvbatch(args, model, files[mode],
+                                                             os.path.join(work, f"out-{mode}.jsonl"))
             runs[mode].append({"seconds": secs, "req_s": args.requests / secs, "tok_s": toks / secs,
                                "completion_tokens": toks, "finish": finish, "command": cmd})
             print(f"round {rnd + 1} {mode:6s}: {secs:6.1f} s  {args.requests / secs:6.2f} req/s  "
@@ -208,7 +253,16 @@ def main():
     ap.add_argument("--requests", type=int, default=400)
     ap.add_argument("--naive-requests", type=int, default=40, help="the naive baseline runs this many (it is slow)")
     ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--parallel", type=int, default=16, help="llama-server slots and concurrent clients")
+    ap.add_argument("--parallel", default="16",
+                    help="llama-server slots and concurrent clients; a comma list sweeps them (the best is compared)")
+    ap.add_argument("--server-kv", default="split",
+                    help="llama-server KV layout(s), comma list of split (--no-kv-unified) and unified")
+    ap.add_argument("--bound-runs", type=int, default=BOUND_RUNS,
+                    help="llama-batched-bench runs per rate of the bound (the median is taken)")
+    ap.add_argument("--ab-args", default="",
+                    help="also run kvbatch with these extra arguments on the same file and report the ratio")
+    ap.add_argument("--time-budget", type=float, default=0,
+                    help="seconds: once spent, the remaining llama-server configurations are skipped (0: none)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--gpu", action="store_true", help="offload all layers (llama-server -ngl 999)")
     ap.add_argument("--kvbatch", default=os.path.join(ROOT, "build", "kvbatch"))
@@ -249,33 +303,62 @@ def main():
                "gpu": args.gpu, "parallel": args.parallel}
     ngl = ["-ngl", "999"] if args.gpu else ["-ngl", "0"]
 
+    started = time.time()
     if "kvbatch" not in skip:
-        secs, toks, _, _, cmd = run_kvbatch(args, model, workload, os.path.join(work, "kvbatch-out.jsonl"),
-                                            output_args=("--progress-interval", "5"))
+        secs, toks, _, _, cmd, info = run_kvbatch(args, model, workload, os.path.join(work, "kvbatch-out.jsonl"),
+                                                  output_args=("--progress-interval", "5"))
         results["kvbatch"] = {"seconds": secs, "req_s": args.requests / secs, "completion_tokens": toks,
-                              "command": cmd}
-        print(f"kvbatch run: {args.requests} requests in {secs:.1f} s = {args.requests / secs:.2f} req/s", flush=True)
+                              "command": cmd, **info}
+        print(f"kvbatch run: {args.requests} requests in {secs:.1f} s = {args.requests / secs:.2f} req/s {info}",
+              flush=True)
         if args.deterministic:
-            dsecs, _, _, _, dcmd = run_kvbatch(args, model, workload, os.path.join(work, "kvbatch-det-out.jsonl"),
-                                               output_args=("-q", "--deterministic"))
+            dsecs, _, _, _, dcmd, _ = run_kvbatch(args, model, workload, os.path.join(work, "kvbatch-det-out.jsonl"),
+                                                  output_args=("-q", "--deterministic"))
             results["kvbatch_deterministic"] = {"seconds": dsecs, "req_s": args.requests / dsecs, "command": dcmd}
             print(f"kvbatch run --deterministic: {args.requests} requests in {dsecs:.1f} s = "
                   f"{args.requests / dsecs:.2f} req/s ({dsecs / secs:.2f}x the default's time)", flush=True)
+        if args.ab_args:
+            asecs, _, _, alines, acmd, ainfo = run_kvbatch(args, model, workload,
+                                                           os.path.join(work, "kvbatch-ab-out.jsonl"),
+                                                           output_args=("--progress-interval", "1000"),
+                                                           extra=args.ab_args.split())
+            base_lines = {json.loads(l)["custom_id"]: json.loads(l) for l in open(os.path.join(work, "kvbatch-out.jsonl"))}
+            same = sum(1 for l in alines if l["response"]["body"]["choices"][0]["message"]["content"] ==
+                       base_lines[l["custom_id"]]["response"]["body"]["choices"][0]["message"]["content"])
+            results["kvbatch_ab"] = {"args": args.ab_args, "seconds": asecs, "req_s": args.requests / asecs,
+                                     "command": acmd, "same_answers": same, **ainfo}
+            print(f"kvbatch run {args.ab_args}: {args.requests} requests in {asecs:.1f} s = "
+                  f"{args.requests / asecs:.2f} req/s ({asecs / secs:.2f}x the default's time; "
+                  f"{same}/{args.requests} answers the same) {ainfo}", flush=True)
 
     if "server" not in skip:
         ctx_per_slot = 2304
-        srv_args = ["-np", str(args.parallel), "-c", str(ctx_per_slot * args.parallel), "--no-kv-unified",
-                    "-fa", "on", "-t", str(args.threads), "-tb", str(args.threads), "--no-webui"] + ngl
-        srv = LlamaServer(server_bin, model, srv_args, os.path.join(work, "llama-server.log"))
-        try:
-            reqs = [dict(b, cache_prompt=True) for b in bodies]
-            secs, toks = run_clients(f"http://127.0.0.1:{srv.port}/v1/chat/completions", reqs, args.parallel)
-        finally:
-            srv.close()
-        results["llama_server"] = {"seconds": secs, "req_s": args.requests / secs, "completion_tokens": toks,
-                                   "command": "llama-server " + " ".join(srv_args)}
-        print(f"llama-server -np {args.parallel}: {args.requests} requests in {secs:.1f} s = "
-              f"{args.requests / secs:.2f} req/s", flush=True)
+        sweep = []
+        for np_ in (int(x) for x in str(args.parallel).split(",")):
+            for kv in args.server_kv.split(","):
+                sweep.append((np_, kv))
+        runs = []
+        for np_, kv in sweep:
+            if args.time_budget and time.time() - started > args.time_budget:
+                print(f"llama-server -np {np_} {kv} KV: skipped (--time-budget {args.time_budget:.0f} s spent)",
+                      flush=True)
+                continue
+            srv_args = ["-np", str(np_), "-c", str(ctx_per_slot * np_),
+                        "--no-kv-unified" if kv == "split" else "--kv-unified",
+                        "-fa", "on", "-t", str(args.threads), "-tb", str(args.threads), "--no-webui"] + ngl
+            srv = LlamaServer(server_bin, model, srv_args, os.path.join(work, f"llama-server-{np_}-{kv}.log"))
+            try:
+                reqs = [dict(b, cache_prompt=True) for b in bodies]
+                secs, toks = run_clients(f"http://127.0.0.1:{srv.port}/v1/chat/completions", reqs, np_)
+            finally:
+                srv.close()
+            runs.append({"parallel": np_, "kv": kv, "seconds": secs, "req_s": args.requests / secs,
+                         "completion_tokens": toks, "command": "llama-server " + " ".join(srv_args)})
+            print(f"llama-server -np {np_} ({kv} KV): {args.requests} requests in {secs:.1f} s = "
+                  f"{args.requests / secs:.2f} req/s", flush=True)
+        if runs:
+            best = max(runs, key=lambda r: r["req_s"])
+            results["llama_server"] = dict(best, sweep=runs)
 
     if "naive" not in skip:
         n = min(args.naive_requests, args.requests)
@@ -304,7 +387,10 @@ def main():
     print("\n| system | req/s | vs kvbatch |")
     print("|---|---|---|")
     base = results.get("kvbatch", {}).get("req_s")
-    for key, label in [("kvbatch", "kvbatch run"), ("llama_server", f"llama-server -np {args.parallel}"),
+    server_label = "llama-server"
+    if "llama_server" in results:
+        server_label = f"llama-server -np {results['llama_server']['parallel']} ({results['llama_server']['kv']} KV)"
+    for key, label in [("kvbatch", "kvbatch run"), ("llama_server", server_label),
                        ("naive", "naive, one at a time")]:
         if key in results:
             r = results[key]["req_s"]

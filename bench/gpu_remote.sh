@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# The GPU benchmark on a lent machine that has CUDA but not kvbatch's build
+# dependencies: run from the repository root with .gpu/ packed by
+# bench/gpu_pack.sh. Phases, each skipped when already done on this machine
+# (state in $GPU_WORK, so a second call continues where a cut one stopped):
+#
+#   build  llama.cpp (pinned, patches applied) with CUDA: llama-server,
+#          llama-batched-bench and the libraries kvbatch loads
+#   model  gen-model --preset llama3-8b (Llama 3 8B's shape, Q4_K, 4.6 GB)
+#   bench  bench/run_bench.py --gpu: kvbatch (device sampling on, then off),
+#          llama-server's -np/KV sweep, the shared-prefix bound
+#   alone  greedy answers batched vs each request alone, on the GPU
+#
+#   bash bench/gpu_remote.sh [phase...]      (default: all four)
+# Results and logs go to $OUT (default $GPU_WORK/out).
+set -uo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+pack=$root/.gpu
+W=${GPU_WORK:-/root/kvb-gpu}
+OUT=${OUT:-$W/out}
+REQUESTS=${REQUESTS:-2000}
+BUDGET=${BUDGET:-240}   # seconds of run_bench.py before the rest of the llama-server sweep is skipped
+mkdir -p "$W" "$OUT"
+log() { echo "[$(date +%T) +${SECONDS}s] $*" | tee -a "$OUT/phases.log"; }
+phases=("$@")
+[ ${#phases[@]} -gt 0 ] || phases=(build model bench alone)
+want() { local p; for p in "${phases[@]}"; do [ "$p" = "$1" ] && return 0; done; return 1; }
+export PATH=$PATH:/usr/local/cuda/bin
+
+# kvbatch's own libraries where this machine lacks them.
+mkdir -p "$W/fallback"
+for f in "$pack"/syslib/*; do
+  n=$(basename "$f")
+  ldconfig -p | grep -q " $n " || cp -n "$f" "$W/fallback/"
+done
+export LD_LIBRARY_PATH=$W/build/bin:$W/fallback${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+kvb=$pack/kvbatch
+
+gen_model() {  # $1: library path to run kvbatch with
+  LD_LIBRARY_PATH=$1 KVBATCH_VOCAB_DIR=$pack/vocab "$kvb" gen-model --preset "${MODEL_PRESET:-llama3-8b}" -o "$W/model.gguf" \
+    >"$W/gen.log" 2>&1
+}
+genpid=
+if want model && [ ! -f "$W/model.gguf" ] && [ ! -f "$W/build/.done" ]; then
+  # With the CPU build of llama.cpp packed here, at low priority while CUDA compiles.
+  nice -n 19 bash -c "$(declare -f gen_model); kvb=$kvb pack=$pack W=$W gen_model $pack/cpulib:$W/fallback" &
+  genpid=$!
+  log "generating the model in the background"
+fi
+
+if want build && [ ! -f "$W/build/.done" ]; then
+  log "machine: $(nproc) cores; $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader)"
+  log "nvcc: $(nvcc --version | tail -1); cmake: $(cmake --version | head -1); ninja: $(command -v ninja || echo none)"
+  [ -d "$W/src" ] || { mkdir -p "$W/src" && tar -C "$W/src" -xJf "$pack/llama-src.tar.xz"; }
+  gen=(); command -v ninja >/dev/null && gen=(-G Ninja)
+  cmake -S "$W/src" -B "$W/build" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \
+    -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCH:-90} -DGGML_NATIVE=ON \
+    -DLLAMA_BUILD_COMMON=ON -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TESTS=OFF \
+    -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_UI=OFF \
+    -DLLAMA_USE_PREBUILT_UI=OFF >"$OUT/configure.log" 2>&1 || { tail -30 "$OUT/configure.log"; exit 1; }
+  log "configured"
+  cmake --build "$W/build" -j "$(nproc)" --target llama llama-common llama-server llama-batched-bench \
+    >"$W/build.log" 2>&1 || { tail -40 "$W/build.log" | tee "$OUT/build-tail.log"; exit 1; }
+  touch "$W/build/.done"
+  log "built"
+fi
+
+if want model; then
+  [ -z "$genpid" ] || { wait "$genpid"; log "background generation: $(tail -1 "$W/gen.log")"; }
+  if [ ! -f "$W/model.gguf" ]; then
+    "$kvb" --help >/dev/null || { log "kvbatch does not start here:"; ldd "$kvb" | grep -i "not found"; exit 1; }
+    gen_model "$LD_LIBRARY_PATH"
+    log "generated: $(tail -1 "$W/gen.log")"
+  fi
+  log "model: $(du -h "$W/model.gguf" | cut -f1)"
+fi
+
+if want bench && [ ! -f "$W/bench.done" ]; then
+  nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
+  log "bench: $REQUESTS requests"
+  PYTHONUNBUFFERED=1 python3 "$root/bench/run_bench.py" --gpu --requests "$REQUESTS" --threads "$(nproc)" \
+    --model "$W/model.gguf" --kvbatch "$kvb" --llama-server "$W/build/bin/llama-server" --skip naive \
+    --ab-args "--device-sampling off" --parallel "${PARALLEL:-128,64}" --server-kv split,unified \
+    --bound-runs 1 --time-budget "$BUDGET" --out-dir "$W/bench" 2>&1 |
+    grep -v '^progress:' | tee "$OUT/bench.log" | grep -v '^\(llama\|load\|print_info\|srv\|slot\|que\)'
+  cp "$W"/bench/2*.json "$OUT/" 2>/dev/null && touch "$W/bench.done"
+  log "bench done"
+fi
+
+if want alone && [ -f "$W/bench/work/kvbatch-out.jsonl" ]; then
+  # The first 32 requests each alone (one sequence, no shared prefix), against their batched answers.
+  head -32 "$W/bench/work/rubric.jsonl" >"$W/alone-in.jsonl"
+  rm -f "$W/alone-out.jsonl"
+  "$kvb" run "$W/alone-in.jsonl" -o "$W/alone-out.jsonl" -m "$W/model.gguf" --max-seqs 1 --anchors 0 -q \
+    >"$OUT/alone.log" 2>&1
+  python3 - "$W/bench/work/kvbatch-out.jsonl" "$W/alone-out.jsonl" <<'PY' | tee -a "$OUT/alone.log"
+import json, sys
+text = lambda l: l["response"]["body"]["choices"][0]["message"]["content"]
+batched = {json.loads(l)["custom_id"]: text(json.loads(l)) for l in open(sys.argv[1])}
+alone = {json.loads(l)["custom_id"]: text(json.loads(l)) for l in open(sys.argv[2])}
+same = sum(batched[k] == v for k, v in alone.items())
+prefix = sum(len(__import__("os").path.commonprefix([batched[k], v])) for k, v in alone.items())
+total = sum(len(v) for v in alone.values())
+print(f"batched vs alone on the GPU: {same}/{len(alone)} answers identical, {prefix}/{total} characters agree before the first difference")
+PY
+  log "alone done"
+fi
