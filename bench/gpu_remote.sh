@@ -91,7 +91,7 @@ if want bench && [ ! -f "$W/bench.done" ]; then
     --model "$W/model.gguf" --kvbatch "$kvb" --llama-server "$W/build/bin/llama-server" --skip naive \
     "${ab[@]}" --parallel "${PARALLEL:-128,64}" --server-kv split,unified \
     --bound-runs 1 --time-budget "$BUDGET" --out-dir "$W/bench" 2>&1 |
-    grep -v '^progress:' | tee "$OUT/bench.log" | grep -v '^\(llama\|load\|print_info\|srv\|slot\|que\)'
+    grep -v '^progress:' | tee "$OUT/bench.log" | grep -v -E '^(llama_|load|print_info|srv |slot |que |common_|ggml_|main:)'
   cp "$W"/bench/2*.json "$OUT/" 2>/dev/null && touch "$W/bench.done"
   log "bench done"
 fi
