@@ -35,7 +35,7 @@ done
 # what a CUDA build of the library, llama-server and llama-batched-bench skips.
 tmp=$(mktemp -d)
 git -C "$work/src" archive --format=tar HEAD -- . ':!models' ':!docs' ':!media' ':!gguf-py' ':!examples' \
-  ':!tests' ':!.devops' ':!scripts' ':!grammars' ':!benches' | tar -C "$tmp" -xf -
+  ':!tests' ':!.devops' ':!grammars' ':!benches' | tar -C "$tmp" -xf -
 for p in "$root"/patches/*.patch; do (cd "$tmp" && git apply "$p"); done
 tar -C "$tmp" -cf - . | xz -T2 -6 >"$pack/llama-src.tar.xz"
 rm -rf "$tmp"

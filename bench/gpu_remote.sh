@@ -31,7 +31,7 @@ export PATH=$PATH:/usr/local/cuda/bin
 mkdir -p "$W/fallback"
 for f in "$pack"/syslib/*; do
   n=$(basename "$f")
-  ldconfig -p | grep -q " $n " || cp -n "$f" "$W/fallback/"
+  ldconfig -p | grep -q " $n " || [ -e "$W/fallback/$n" ] || cp "$f" "$W/fallback/"
 done
 export LD_LIBRARY_PATH=$W/build/bin:$W/fallback${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 kvb=$pack/kvbatch
