@@ -66,6 +66,8 @@ class Backend {
   // scheduler sets it when a request takes the sequence id. A backend that
   // cannot ignores it and DeviceToken returns kNoToken.
   virtual void SetDeviceGreedy(int32_t /*seq*/, bool /*on*/) {}
+  // Whether `seq` is device-greedy now (what SetDeviceGreedy last set).
+  virtual bool DeviceGreedy(int32_t /*seq*/) const { return false; }
   // The device's pick for the i-th token of the last Decode, or kNoToken
   // (its sequence is not device-greedy: read Logits).
   virtual Token DeviceToken(int32_t /*batch_index*/) { return kNoToken; }

@@ -72,6 +72,9 @@ class LlamaBackend : public Backend {
   Status Decode(const std::vector<BatchToken>& batch) override;
   const float* Logits(int32_t batch_index) override;
   void SetDeviceGreedy(int32_t seq, bool on) override;
+  bool DeviceGreedy(int32_t seq) const override {
+    return seq >= 0 && seq < static_cast<int32_t>(device_on_.size()) && device_on_[seq];
+  }
   Token DeviceToken(int32_t batch_index) override;
   std::unique_ptr<Sampler> NewSampler(const SamplingParams& params) override;
   bool IsEndOfGeneration(Token t) const override;

@@ -166,7 +166,7 @@ bool Scheduler::TryAdmit(Request& r) {
     }
   }
 
-  const std::vector<int32_t> slots = FreeSlots(n_choices);
+  std::vector<int32_t> slots = FreeSlots(n_choices);
   if (static_cast<int32_t>(slots.size()) < n_choices) return false;
   const int32_t max_new = MaxNew(r);
   // The prompt's own cells once (choices share them), generated ones per choice.
@@ -197,6 +197,7 @@ bool Scheduler::TryAdmit(Request& r) {
   // A lone greedy choice whose logits nobody reads is picked on the device.
   const bool device_greedy =
       n_choices == 1 && samplers[0]->PlainGreedy() && !r.logprobs && r.capture_top_logits == 0;
+  slots = PreferSlots(std::move(slots), device_greedy);
   for (int32_t slot : slots) backend_->SetDeviceGreedy(slot, device_greedy);
   admitted_.push_back(r.id);
   if (r.test_abort) {

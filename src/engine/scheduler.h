@@ -115,6 +115,10 @@ class Scheduler {
   int32_t SharedWithWaiting(const Request& r, size_t max_len, size_t floor) const;
   std::optional<int32_t> FreeSlot(bool anchor) const;
   std::vector<int32_t> FreeSlots(int32_t n) const;
+  // `slots` (free) replaced by free ids already set to `device` greedy, as
+  // far as there are: a change re-plans llama.cpp's graph, so a job mixing
+  // greedy and other requests keeps each id on one side.
+  std::vector<int32_t> PreferSlots(std::vector<int32_t> slots, bool device) const;
   bool MakeRoom(int32_t cells, int32_t keep_anchor);
   void EvictAnchor(int32_t seq);
   void Retire(int32_t seq, int32_t n_past, int32_t created);

@@ -41,6 +41,16 @@ std::vector<int32_t> Scheduler::FreeSlots(int32_t n) const {
   return out;
 }
 
+std::vector<int32_t> Scheduler::PreferSlots(std::vector<int32_t> slots, bool device) const {
+  std::vector<int32_t> same;
+  for (size_t i = 0; i < seqs_.size() && same.size() < slots.size(); ++i)
+    if (!seqs_[i] && !anchors_[i] && backend_->DeviceGreedy(static_cast<int32_t>(i)) == device)
+      same.push_back(static_cast<int32_t>(i));
+  for (int32_t s : slots)
+    if (same.size() < slots.size() && std::find(same.begin(), same.end(), s) == same.end()) same.push_back(s);
+  return same;
+}
+
 // Drops an anchor nobody is forked from: ready ones leave the prefix cache,
 // unfinished ones were never in it.
 void Scheduler::EvictAnchor(int32_t seq) {

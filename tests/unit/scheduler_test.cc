@@ -95,10 +95,12 @@ class FakeBackend : public Backend {
     return logits_.at(i).data();
   }
   void SetDeviceGreedy(int32_t seq, bool on) override {
-    if (!device_sampling) return;
+    if (!device_sampling || DeviceGreedy(seq) == on) return;
+    ++device_changes;
     if (on) device_seqs.insert(seq);
     else device_seqs.erase(seq);
   }
+  bool DeviceGreedy(int32_t seq) const override { return device_seqs.count(seq) > 0; }
   Token DeviceToken(int32_t i) override { return device_tokens_.at(i); }
 
   // The argmax, shifted by a seed-dependent offset when the seed is not 0:
@@ -157,6 +159,7 @@ class FakeBackend : public Backend {
   bool device_sampling = false;  // honour SetDeviceGreedy: argmax picks made in Decode
   std::set<int32_t> device_seqs;
   int64_t logits_reads = 0;
+  int64_t device_changes = 0;  // SetDeviceGreedy calls that changed an id's side
 
  private:
   struct Cell {
@@ -265,6 +268,27 @@ TEST(Scheduler, PlainGreedyRequestsTakeTheDevicesPicksAndOthersReadLogits) {
     if (id % 4 == 0) plain += static_cast<int64_t>(r.tokens.size());
   EXPECT_GE(host.logits_reads - device.logits_reads, plain);
   EXPECT_TRUE(device.device_seqs.size() <= 6u);
+}
+
+// A job alternating greedy requests and requests that need logits: ids stay
+// on their side (each change re-plans llama.cpp's graph), so the changes are
+// bounded by the ids, not by the requests.
+TEST(Scheduler, MixedJobsKeepEachSequenceIdOnOneSideOfDeviceSampling) {
+  std::vector<Request> reqs;
+  for (uint64_t i = 0; i < 120; ++i) {
+    // Staggered lengths: requests finish one by one and ids are reused at random.
+    Request r = MakeRequest(i, SharedPrompt(50, i, 4), 1 + static_cast<int32_t>((i * 7) % 11));
+    r.sampling.top_k = 1;
+    r.logprobs = (i * 5) % 3 == 1;
+    reqs.push_back(std::move(r));
+  }
+  FakeBackend backend(6, 4096, 4096, 512);
+  backend.device_sampling = true;
+  auto results = RunAll(backend, reqs);
+  ASSERT_EQ(results.size(), reqs.size());
+  for (auto& [id, r] : results) EXPECT_TRUE(r.status.ok());
+  EXPECT_LE(backend.device_changes, 12) << "ids flip sides with the requests";
+  EXPECT_GT(backend.device_changes, 0);
 }
 
 TEST(Scheduler, AdmissionNeverOverflowsTheCacheAndEveryRequestFinishes) {
