@@ -13,6 +13,11 @@
 #
 #   bash bench/gpu_remote.sh [phase...]      (default: all four)
 # Results and logs go to $OUT (default $GPU_WORK/out).
+#
+# On an H200 with 16 cores (2026-11-30): the build about 250 s, the model
+# 135 s (alongside the build), the bench about 390 s, of which llama-server
+# -np 128 with split KV alone took 301 s; hence unified KV first and a
+# time budget (BUDGET) on the sweep.
 set -uo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 pack=$root/.gpu
@@ -89,7 +94,7 @@ if want bench && [ ! -f "$W/bench.done" ]; then
   log "bench: $REQUESTS requests"
   PYTHONUNBUFFERED=1 python3 "$root/bench/run_bench.py" --gpu --requests "$REQUESTS" --threads "$(nproc)" \
     --model "$W/model.gguf" --kvbatch "$kvb" --llama-server "$W/build/bin/llama-server" --skip naive \
-    "${ab[@]}" --parallel "${PARALLEL:-128,64}" --server-kv split,unified \
+    "${ab[@]}" --parallel "${PARALLEL:-128,64}" --server-kv "${SERVER_KV:-unified,split}" \
     --bound-runs 1 --time-budget "$BUDGET" --out-dir "$W/bench" 2>&1 |
     grep -v '^progress:' | tee "$OUT/bench.log" | grep -v -E '^(llama_|load|print_info|srv |slot |que |common_|ggml_|main:)'
   cp "$W"/bench/2*.json "$OUT/" 2>/dev/null && touch "$W/bench.done"
