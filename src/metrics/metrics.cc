@@ -7,6 +7,7 @@
 #include <prometheus/text_serializer.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <set>
 #include <sstream>
@@ -60,6 +61,7 @@ struct Metrics::EngineSeries {
       *mem_total;
   Counter* cells_total;
   Counter *prompt, *cached, *prefill, *generated, *done, *failed, *steps, *failed_steps, *requeued;
+  Counter *device_picks, *step_decode, *step_host;
   Histogram *duration, *queue, *ttft, *step_seconds, *step_tokens;
   Gauge* info = nullptr;  // kvbatch_engine_info{engine,model,device} 1
 };
@@ -89,6 +91,11 @@ Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()), starte
                                    "Prompt tokens actually computed (shared prefixes once, requeues again).");
   generation_tokens_ = Build<Counter>(r, "kvbatch_generation_tokens_total",
                                       "Tokens generated, counted as they are sampled.");
+  device_picks_ = Build<Counter>(r, "kvbatch_generation_tokens_device_picked_total",
+                                 "Generated tokens picked on the device (greedy, --device-sampling): no logits copied.");
+  step_time_ = Build<Counter>(r, "kvbatch_step_time_seconds_total",
+                              "Engine steps' time by part: decode (llama_decode until its outputs are ready) "
+                              "and host (admission, sampling, output).");
   engine_requests_ = Build<Counter>(r, "kvbatch_engine_requests_total", "Requests the engine finished, by result.");
   steps_ = Build<Counter>(r, "kvbatch_decode_steps_total", "Decode steps run.");
   failed_steps_ = Build<Counter>(r, "kvbatch_decode_steps_failed_total", "Decode steps that failed.");
@@ -157,6 +164,12 @@ Metrics::EngineSeries& Metrics::Engine(int index) {
     e->cached = &cached_tokens_->Add(l);
     e->prefill = &prefill_tokens_->Add(l);
     e->generated = &generation_tokens_->Add(l);
+    e->device_picks = &device_picks_->Add(l);
+    Labels decode = l, host = l;
+    decode["part"] = "decode";
+    host["part"] = "host";
+    e->step_decode = &step_time_->Add(decode);
+    e->step_host = &step_time_->Add(host);
     Labels ok = l, failed = l;
     ok["result"] = "ok";
     failed["result"] = "failed";
@@ -224,6 +237,9 @@ void Metrics::Refresh() {
     Advance(*e.cached, static_cast<double>(s.cached_tokens));
     Advance(*e.prefill, static_cast<double>(s.prefill_tokens));
     Advance(*e.generated, static_cast<double>(s.generated_tokens));
+    Advance(*e.device_picks, static_cast<double>(s.device_picks));
+    Advance(*e.step_decode, s.decode_seconds);
+    Advance(*e.step_host, std::max(0.0, s.step_seconds - s.decode_seconds));
     Advance(*e.done, static_cast<double>(s.requests_done));
     Advance(*e.failed, static_cast<double>(s.requests_failed));
     Advance(*e.steps, static_cast<double>(s.steps));

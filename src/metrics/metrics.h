@@ -119,6 +119,8 @@ class Metrics {
   prometheus::Family<prometheus::Counter>* cached_tokens_;
   prometheus::Family<prometheus::Counter>* prefill_tokens_;
   prometheus::Family<prometheus::Counter>* generation_tokens_;
+  prometheus::Family<prometheus::Counter>* device_picks_;
+  prometheus::Family<prometheus::Counter>* step_time_;
   prometheus::Family<prometheus::Counter>* engine_requests_;
   prometheus::Family<prometheus::Counter>* steps_;
   prometheus::Family<prometheus::Counter>* failed_steps_;

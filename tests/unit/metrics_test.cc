@@ -44,6 +44,9 @@ TEST(Metrics, ScrapeShowsTheEngineAsItIsNow) {
   f.engine.stats.prompt_tokens = 1000;
   f.engine.stats.cached_tokens = 800;
   f.engine.stats.generated_tokens = 50;
+  f.engine.stats.device_picks = 40;
+  f.engine.stats.step_seconds = 2.5;
+  f.engine.stats.decode_seconds = 2.0;
   f.engine.memory_total = 1000;
   f.engine.memory_free = 250;
   f.online = 2;
@@ -57,6 +60,9 @@ TEST(Metrics, ScrapeShowsTheEngineAsItIsNow) {
   EXPECT_EQ(Value(text, R"(kvbatch_prompt_tokens_total{engine="0"})"), 1000);
   EXPECT_EQ(Value(text, R"(kvbatch_prompt_tokens_cached_total{engine="0"})"), 800);
   EXPECT_EQ(Value(text, R"(kvbatch_generation_tokens_total{engine="0"})"), 50);
+  EXPECT_EQ(Value(text, R"(kvbatch_generation_tokens_device_picked_total{engine="0"})"), 40);
+  EXPECT_DOUBLE_EQ(Value(text, R"(kvbatch_step_time_seconds_total{engine="0",part="decode"})"), 2.0);
+  EXPECT_DOUBLE_EQ(Value(text, R"(kvbatch_step_time_seconds_total{engine="0",part="host"})"), 0.5);
   EXPECT_EQ(Value(text, R"(kvbatch_device_memory_used_bytes{engine="0"})"), 750);
   EXPECT_EQ(Value(text, R"(kvbatch_device_memory_total_bytes{engine="0"})"), 1000);
   EXPECT_EQ(Value(text, R"(kvbatch_engine_info{device="CPU",engine="0",model="tiny"})"), 1);
