@@ -9,6 +9,9 @@
 #   .gpu/vocab/             the llama-bpe vocabulary (gen-model --preset llama3-8b)
 #   .gpu/cpulib/            this machine's CPU build of llama.cpp, so that the
 #                           model is generated there while the CUDA build runs
+#   .gpu/kvb_integration_tests, .gpu/test-paths
+#                           the integration tests and the paths compiled into
+#                           them (gpu_remote.sh's tests phase recreates them)
 #
 #   bash bench/gpu_pack.sh [build-dir]
 set -euo pipefail
@@ -26,7 +29,15 @@ objcopy --strip-debug "$build/kvbatch" "$pack/kvbatch"
 ldd "$build/kvbatch" | awk '$3 ~ /^\// {print $3}' | grep -v "$(dirname "$prefix")" |
   grep -Ev '/(libc|libm|libstdc\+\+|libgcc_s|libgomp|ld-linux[^/]*)\.so' |
   while read -r lib; do cp -L "$lib" "$pack/syslib/"; done
-cp "$prefix/share/vocab/ggml-vocab-llama-bpe.gguf" "$pack/vocab/"
+cp "$prefix/share/vocab/ggml-vocab-llama-bpe.gguf" "$prefix/share/vocab/ggml-vocab-llama-spm.gguf" "$pack/vocab/"
+objcopy --strip-debug "$build/tests/kvb_integration_tests" "$pack/kvb_integration_tests"
+# The tests find kvbatch, the vocabularies and their scratch folder at paths
+# fixed when they were built.
+compiled() {
+  grep -o "$1=\\\\\"[^\\\\]*" "$build/tests/CMakeFiles/kvb_integration_tests.dir/flags.make" | head -1 | cut -d'"' -f2
+}
+printf 'TEST_BIN=%q\nTEST_TMP=%q\nTEST_VOCAB=%q\n' "$(compiled KVBATCH_BIN)" "$(compiled KVBATCH_TEST_TMP)" \
+  "$(compiled KVBATCH_VOCAB_DIR)" >"$pack/test-paths"
 for l in libggml-base libggml-cpu libggml libllama libllama-common; do
   objcopy --strip-debug "$prefix/lib/$l.so.0" "$pack/cpulib/$l.so.0"
 done

@@ -9,9 +9,11 @@
 #   model  gen-model --preset llama3-8b (Llama 3 8B's shape, Q4_K, 4.6 GB)
 #   bench  bench/run_bench.py --gpu: kvbatch (device sampling on, then off),
 #          llama-server's -np/KV sweep, the shared-prefix bound
+#   tests  the integration tests' batched-vs-alone logit checks on the GPU
+#          (SharedPrefix*, or TEST_FILTER), KVBATCH_TEST_GPU_LAYERS=-1
 #   alone  greedy answers batched vs each request alone, on the GPU
 #
-#   bash bench/gpu_remote.sh [phase...]      (default: all four)
+#   bash bench/gpu_remote.sh [phase...]      (default: build tests model bench alone)
 # Results and logs go to $OUT (default $GPU_WORK/out).
 #
 # On an H200 with 16 cores (2026-11-30): the build about 250 s, the model
@@ -28,7 +30,7 @@ BUDGET=${BUDGET:-200}   # seconds of run_bench.py before the rest of the llama-s
 mkdir -p "$W" "$OUT"
 log() { echo "[$(date +%T) +${SECONDS}s] $*" | tee -a "$OUT/phases.log"; }
 phases=("$@")
-[ ${#phases[@]} -gt 0 ] || phases=(build model bench alone)
+[ ${#phases[@]} -gt 0 ] || phases=(build tests model bench alone)
 want() { local p; for p in "${phases[@]}"; do [ "$p" = "$1" ] && return 0; done; return 1; }
 export PATH=$PATH:/usr/local/cuda/bin
 
@@ -68,6 +70,17 @@ if want build && [ ! -f "$W/build/.done" ]; then
     >"$W/build.log" 2>&1 || { tail -40 "$W/build.log" | tee "$OUT/build-tail.log"; exit 1; }
   touch "$W/build/.done"
   log "built"
+fi
+
+if want tests && [ -f "$W/build/.done" ]; then
+  # The paths compiled into the tests (gpu_pack.sh wrote them down).
+  . "$pack/test-paths"
+  mkdir -p "$TEST_TMP" "$TEST_VOCAB" "$(dirname "$TEST_BIN")"
+  [ -e "$TEST_BIN" ] || cp "$kvb" "$TEST_BIN"
+  for f in "$pack"/vocab/*; do [ -e "$TEST_VOCAB/$(basename "$f")" ] || cp "$f" "$TEST_VOCAB/"; done
+  KVBATCH_TEST_GPU_LAYERS=-1 timeout 300 "$pack/kvb_integration_tests" --gtest_filter="${TEST_FILTER:-SharedPrefix*}" \
+    >"$OUT/tests.log" 2>&1
+  log "tests on the GPU (${TEST_FILTER:-SharedPrefix*}): $(grep -E '^\[  (PASSED|FAILED) |tests? ran' "$OUT/tests.log" | tr '\n' ' ')"
 fi
 
 if want model; then

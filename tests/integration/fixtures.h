@@ -6,6 +6,7 @@
 #include <sys/wait.h>
 
 #include <chrono>
+#include <cstdlib>
 #include <condition_variable>
 #include <filesystem>
 #include <fstream>
@@ -150,11 +151,19 @@ inline engine::Request RubricRequest(const engine::Model& model, int i, int rubr
   return r;
 }
 
+// Layers of the suites' tiny model on a GPU: 0 (the CPU) unless
+// KVBATCH_TEST_GPU_LAYERS says otherwise (-1: all), which runs the same
+// checks on a GPU build of llama.cpp (bench/gpu_remote.sh's tests phase).
+inline int32_t TestGpuLayers() {
+  const char* env = std::getenv("KVBATCH_TEST_GPU_LAYERS");
+  return env && *env ? static_cast<int32_t>(std::strtol(env, nullptr, 10)) : 0;
+}
+
 // A suite whose tests share the tiny model, loaded once (model_).
 class TinyModelSuite : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
-    auto m = engine::Model::Load({TinyModel(), 0});
+    auto m = engine::Model::Load({TinyModel(), TestGpuLayers()});
     ASSERT_TRUE(m.ok()) << m.status().ToString();
     model_ = std::move(m).value().release();
   }
