@@ -157,6 +157,12 @@ std::vector<Token> Model::Tokenize(std::string_view text, std::string_view share
   return prefix_tokens_ ? prefix_tokens_->Tokenize(text, shared) : TokenizeWith(text, true);
 }
 
+Model::PrefixTokenStats Model::prefix_token_stats() const {
+  if (!prefix_tokens_) return {};
+  const PrefixTokens::Stats s = prefix_tokens_->stats();
+  return {s.hits, s.misses, s.whole, s.mismatches};
+}
+
 std::vector<Token> Model::TokenizeWith(std::string_view text, bool add_special) const {
   std::vector<Token> out(text.size() / 2 + 16);
   int32_t n = llama_tokenize(vocab_, text.data(), static_cast<int32_t>(text.size()), out.data(),

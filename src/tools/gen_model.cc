@@ -403,6 +403,7 @@ StatusOr<GenModelOptions> ModelPreset(std::string_view name) {
     o.n_ff = 14336;
     o.n_ctx_train = 8192;
     o.weight_type = GGML_TYPE_Q4_K;
+    o.chat_template = std::string(kLlama3Template);
   } else if (name == "bert" || name == "bert-small") {
     // bert: tests. bert-small: bge-small's shape (33M parameters), benchmarks.
     const bool small = name == "bert-small";

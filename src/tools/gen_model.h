@@ -22,6 +22,15 @@ inline constexpr std::string_view kChatMlTemplate =
     "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
     "{% endif %}";
 
+// Llama 3's chat format (the llama3-8b preset): its turn markers are special
+// tokens of the llama-bpe vocabulary, as in the real model, so llama.cpp
+// splits prompts at them and a shared system message is tokenized once
+// (engine/prefix_tokens.h). BOS comes from the tokenizer, not the template.
+inline constexpr std::string_view kLlama3Template =
+    "{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + "
+    "message['content'] + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}";
+
 struct GenModelOptions {
   // A ggml-vocab-*.gguf (llama.cpp ships them in models/); every tokenizer.*
   // key is copied, so the model tokenizes exactly like the model the vocab

@@ -147,3 +147,42 @@ TEST(ChatTemplate, EveryShippedTemplateRendersAndKeepsTheSystemPrefixShared) {
 
 }  // namespace
 }  // namespace kvb::testing
+
+namespace kvb::testing {
+namespace {
+
+// The rubric workload's prompts (a long system message, then each
+// candidate) through a real tokenizer whose chat markers are special tokens
+// (the llama3-8b preset's: llama-bpe and Llama 3's format; the tiny preset's
+// ChatML markers are plain text in llama-spm, so nothing can be cached there):
+// after the first prompt, the rendered system part comes from PrefixTokens'
+// cache, its checks against whole-text tokenization pass, and the tokens are
+// exactly the whole text's.
+TEST(PrefixTokensOnTheRubric, TheSharedStartIsTokenizedOnceAndMatchesWholeText) {
+  auto dir = TestDir("prefix_tokens_rubric");
+  auto opts = tools::ModelPreset("tiny");
+  ASSERT_TRUE(opts.ok());
+  auto llama3 = tools::ModelPreset("llama3-8b");
+  ASSERT_TRUE(llama3.ok());
+  opts->vocab_path = std::string(KVBATCH_VOCAB_DIR) + "/" + llama3->vocab_file;
+  opts->chat_template = llama3->chat_template;
+  opts->out_path = (dir / "tiny-llama3.gguf").string();
+  ASSERT_TRUE(tools::GenerateModel(*opts).ok());
+  auto m = engine::Model::Load({opts->out_path, 0});
+  ASSERT_TRUE(m.ok()) << m.status().ToString();
+  const std::string system = Rubric(24);
+  for (int i = 0; i < 10; ++i) {
+    auto prompt = (*m)->FormatChat({{"system", system}, {"user", Candidate(i)}});
+    ASSERT_TRUE(prompt.ok()) << prompt.status().ToString();
+    ASSERT_NE(prompt->find("<|eot_id|>"), std::string::npos) << *prompt;
+    EXPECT_EQ((*m)->Tokenize(*prompt, system), (*m)->Tokenize(*prompt)) << "candidate " << i;
+  }
+  const engine::Model::PrefixTokenStats s = (*m)->prefix_token_stats();
+  EXPECT_EQ(s.mismatches, 0);
+  EXPECT_EQ(s.whole, 0);
+  EXPECT_EQ(s.misses, 1);
+  EXPECT_EQ(s.hits, 9);
+}
+
+}  // namespace
+}  // namespace kvb::testing
