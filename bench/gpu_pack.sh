@@ -7,6 +7,7 @@
 #                           libstdc++ (used there only where missing)
 #   .gpu/llama-src.tar.xz   the pinned llama.cpp source with patches/*.patch applied
 #   .gpu/vocab/             the llama-bpe vocabulary (gen-model --preset llama3-8b)
+#                           and llama-spm (the tests' tiny model)
 #   .gpu/cpulib/            this machine's CPU build of llama.cpp, so that the
 #                           model is generated there while the CUDA build runs
 #   .gpu/kvb_integration_tests, .gpu/test-paths

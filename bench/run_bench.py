@@ -164,6 +164,24 @@ def run_kvbatch(args, model, workload, out, output_args=("-q",), extra=()):
     return secs, toks, finish, lines, " ".join(cmd), info
 
 
+def answers(lines):
+    return {l["custom_id"]: l["response"]["body"]["choices"][0]["message"]["content"] for l in lines}
+
+
+def run_variant(args, model, workload, work, name, extra, base_secs):
+    """kvbatch on the default run's file with `extra` arguments: its time against the default's and how many
+    answers are the same as the default run's (kvbatch-out.jsonl)."""
+    secs, _, _, lines, cmd, info = run_kvbatch(args, model, workload, os.path.join(work, f"kvbatch-{name}-out.jsonl"),
+                                               output_args=("--progress-interval", "1000"), extra=extra)
+    base = answers(json.loads(l) for l in open(os.path.join(work, "kvbatch-out.jsonl")))
+    same = sum(1 for k, v in answers(lines).items() if base.get(k) == v)
+    label = " ".join(extra)
+    print(f"kvbatch run {label}: {args.requests} requests in {secs:.1f} s = {args.requests / secs:.2f} req/s "
+          f"({secs / base_secs:.2f}x the default's time; {same}/{args.requests} answers the same) {info}", flush=True)
+    return {"args": label, "seconds": secs, "req_s": args.requests / secs, "command": cmd, "same_answers": same,
+            **info}
+
+
 BOUND_RUNS = 5  # llama-batched-bench runs per rate of the shared-prefix bound (--bound-runs)
 
 
@@ -311,25 +329,12 @@ def main():
                               "command": cmd, **info}
         print(f"kvbatch run: {args.requests} requests in {secs:.1f} s = {args.requests / secs:.2f} req/s {info}",
               flush=True)
-        if args.deterministic:
-            dsecs, _, _, _, dcmd, _ = run_kvbatch(args, model, workload, os.path.join(work, "kvbatch-det-out.jsonl"),
-                                                  output_args=("-q", "--deterministic"))
-            results["kvbatch_deterministic"] = {"seconds": dsecs, "req_s": args.requests / dsecs, "command": dcmd}
-            print(f"kvbatch run --deterministic: {args.requests} requests in {dsecs:.1f} s = "
-                  f"{args.requests / dsecs:.2f} req/s ({dsecs / secs:.2f}x the default's time)", flush=True)
+        # The same file run another way: --deterministic, --ab-args.
+        variants = [("kvbatch_deterministic", "det", ["--deterministic"])] if args.deterministic else []
         if args.ab_args:
-            asecs, _, _, alines, acmd, ainfo = run_kvbatch(args, model, workload,
-                                                           os.path.join(work, "kvbatch-ab-out.jsonl"),
-                                                           output_args=("--progress-interval", "1000"),
-                                                           extra=args.ab_args.split())
-            base_lines = {json.loads(l)["custom_id"]: json.loads(l) for l in open(os.path.join(work, "kvbatch-out.jsonl"))}
-            same = sum(1 for l in alines if l["response"]["body"]["choices"][0]["message"]["content"] ==
-                       base_lines[l["custom_id"]]["response"]["body"]["choices"][0]["message"]["content"])
-            results["kvbatch_ab"] = {"args": args.ab_args, "seconds": asecs, "req_s": args.requests / asecs,
-                                     "command": acmd, "same_answers": same, **ainfo}
-            print(f"kvbatch run {args.ab_args}: {args.requests} requests in {asecs:.1f} s = "
-                  f"{args.requests / asecs:.2f} req/s ({asecs / secs:.2f}x the default's time; "
-                  f"{same}/{args.requests} answers the same) {ainfo}", flush=True)
+            variants.append(("kvbatch_ab", "ab", args.ab_args.split()))
+        for key, name, extra in variants:
+            results[key] = run_variant(args, model, workload, work, name, extra, secs)
 
     if "server" not in skip:
         ctx_per_slot = 2304

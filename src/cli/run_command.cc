@@ -222,8 +222,9 @@ void PrintSummary(const RunOptions& o, const EngineRun& run, const std::map<std:
     // a GPU); host: the rest of the step (admission, sampling, output).
     const double step_ms = 1e3 * e.step_seconds / static_cast<double>(e.steps);
     const double decode_ms = 1e3 * e.decode_seconds / static_cast<double>(e.steps);
+    const double host_ms = 1e3 * e.host_seconds() / static_cast<double>(e.steps);
     std::fprintf(stderr, "  steps        %lld, %.2f ms each: decode %.2f ms, host %.2f ms", static_cast<long long>(e.steps),
-                 step_ms, decode_ms, std::max(0.0, step_ms - decode_ms));
+                 step_ms, decode_ms, host_ms);
     if (e.device_picks > 0)
       std::fprintf(stderr, "; %.0f%% of tokens picked on the device", pct(e.device_picks, e.generated_tokens));
     std::fprintf(stderr, "\n");

@@ -78,7 +78,6 @@ void Engine::Loop() {
       cv_.wait(lock, [&] { return stop_ || !inbox_.empty() || !cancels_.empty() || !scheduler_->Idle(); });
       if (stop_) {
         stats_ = scheduler_->stats();  // final: what Stop()'s caller reads
-        stats_.step_seconds = step_seconds_;
         return;
       }
       incoming.swap(inbox_);
@@ -97,7 +96,7 @@ void Engine::Loop() {
     }
     const double seconds = static_cast<double>(SteadyNowNs() - start) * 1e-9;
     if (scheduler_->stats().steps != steps) {
-      step_seconds_ += seconds;
+      scheduler_->RecordStepTime(seconds);
       if (on_step_) {
         StepInfo step = scheduler_->last_step();
         step.seconds = seconds;
@@ -106,7 +105,6 @@ void Engine::Loop() {
     }
     std::lock_guard<std::mutex> lock(mu_);
     stats_ = scheduler_->stats();
-    stats_.step_seconds = step_seconds_;
   }
 }
 

@@ -56,7 +56,6 @@ class Engine {
   std::unique_ptr<Scheduler> scheduler_;
   ContextInfo info_;
   std::function<void(const StepInfo&)> on_step_;
-  double step_seconds_ = 0;  // engine thread only: the steps' wall time so far
 
   mutable std::mutex mu_;
   std::condition_variable cv_;

@@ -136,7 +136,6 @@ StatusOr<std::unique_ptr<LlamaBackend>> LlamaBackend::Create(const Model* model,
       b->device_chains_.push_back(chain);
     }
     b->device_on_.assign(b->device_chains_.size(), 0);
-    b->info_.device_sampling = true;
   }
   return b;
 }
@@ -158,7 +157,6 @@ void LlamaBackend::SetDeviceGreedy(int32_t seq, bool on) {
     for (llama_sampler* chain : device_chains_) llama_sampler_free(chain);
     device_chains_.clear();
     device_on_.clear();
-    info_.device_sampling = false;
     return;
   }
   device_on_[seq] = on;

@@ -48,7 +48,6 @@ struct ContextInfo {
   int32_t n_batch = 0;
   int64_t kv_bytes = 0;
   std::string device;  // "CPU" or the GPU's description
-  bool device_sampling = false;  // greedy picks on the device (ContextOptions::device_sampling)
 };
 
 // The host memory the kernel can still give (MemAvailable), in bytes; 4 GiB

@@ -157,10 +157,8 @@ std::vector<Token> Model::Tokenize(std::string_view text, std::string_view share
   return prefix_tokens_ ? prefix_tokens_->Tokenize(text, shared) : TokenizeWith(text, true);
 }
 
-Model::PrefixTokenStats Model::prefix_token_stats() const {
-  if (!prefix_tokens_) return {};
-  const PrefixTokens::Stats s = prefix_tokens_->stats();
-  return {s.hits, s.misses, s.whole, s.mismatches};
+PrefixTokens::Stats Model::prefix_token_stats() const {
+  return prefix_tokens_ ? prefix_tokens_->stats() : PrefixTokens::Stats{};
 }
 
 std::vector<Token> Model::TokenizeWith(std::string_view text, bool add_special) const {

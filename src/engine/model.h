@@ -8,6 +8,7 @@
 #include <string_view>
 #include <vector>
 
+#include "engine/prefix_tokens.h"
 #include "engine/types.h"
 
 struct llama_model;
@@ -18,7 +19,6 @@ struct ggml_backend_device;
 
 namespace kvb::engine {
 
-class PrefixTokens;
 
 struct ModelOptions {
   std::string path;
@@ -48,12 +48,9 @@ class Model {
   // is text near its start (a system message). That start is tokenized once
   // and reused (engine/prefix_tokens.h).
   std::vector<Token> Tokenize(std::string_view text, std::string_view shared) const;
-  // How Tokenize(text, shared) went so far: starts from the cache, tokenized,
-  // whole texts, failed checks (all 0 when the tokenizer appends tokens).
-  struct PrefixTokenStats {
-    int64_t hits = 0, misses = 0, whole = 0, mismatches = 0;
-  };
-  PrefixTokenStats prefix_token_stats() const;
+  // How Tokenize(text, shared) went so far (all 0 when the tokenizer
+  // appends tokens and nothing is cached).
+  PrefixTokens::Stats prefix_token_stats() const;
   // A token's text; `special`: control tokens as their text, else as nothing.
   std::string Piece(Token t, bool special = false) const;
 

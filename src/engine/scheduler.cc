@@ -229,7 +229,6 @@ bool Scheduler::TryAdmit(Request& r) {
     s->order = order;
     s->max_new = max_new;
     s->sampler = std::move(samplers[i]);
-    s->device_greedy = device_greedy;
     s->streamed = streamed[i];
     if (i == 0) {
       s->n_past = m.length;
@@ -475,7 +474,7 @@ bool Scheduler::Step() {
     }
     if (s.batch_index < 0) continue;
     ++last_step_.sequences;
-    if (s.device_greedy) {
+    if (backend_->DeviceGreedy(s.id)) {
       if (const Token t = backend_->DeviceToken(s.batch_index); t != kNoToken) {
         ++stats_.device_picks;
         Take(s, t, nullptr);

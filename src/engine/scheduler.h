@@ -49,6 +49,7 @@ struct EngineStats {
   int64_t steps = 0;
   double step_seconds = 0;          // engine steps' wall time (admission, decode, sampling, output)
   double decode_seconds = 0;        // of that, in the backend's Decode (llama_decode until its outputs are ready)
+  double host_seconds() const { return step_seconds > decode_seconds ? step_seconds - decode_seconds : 0.0; }
   int64_t requeued = 0;             // sequences pushed back after a failed decode
   int64_t failed_steps = 0;         // steps whose decode failed (not for lack of cells)
   int32_t active = 0;               // sequences running
@@ -102,6 +103,8 @@ class Scheduler {
   const EngineStats& stats() const { return stats_; }
   // The last decode of Step (StepInfo::seconds is the caller's to fill).
   const StepInfo& last_step() const { return last_step_; }
+  // The caller's wall time of a Step that decoded (EngineStats::step_seconds).
+  void RecordStepTime(double seconds) { stats_.step_seconds += seconds; }
   // Max sequences that may run at once (excluding anchors).
   int32_t max_running() const { return max_running_; }
 

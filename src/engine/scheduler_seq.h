@@ -44,7 +44,6 @@ struct Scheduler::Seq {
   int32_t chunk = 0;      // prompt tokens in the current batch
   bool awaiting_fork = false;  // choice > 0 whose leader has not finished the prompt
   bool done = false;           // this choice finished; its siblings have not
-  bool device_greedy = false;  // its tokens are picked on the device (Backend::SetDeviceGreedy)
   std::unique_ptr<Sampler> sampler;
   std::vector<Token> out;
   std::string text;

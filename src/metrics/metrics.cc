@@ -239,7 +239,7 @@ void Metrics::Refresh() {
     Advance(*e.generated, static_cast<double>(s.generated_tokens));
     Advance(*e.device_picks, static_cast<double>(s.device_picks));
     Advance(*e.step_decode, s.decode_seconds);
-    Advance(*e.step_host, std::max(0.0, s.step_seconds - s.decode_seconds));
+    Advance(*e.step_host, s.host_seconds());
     Advance(*e.done, static_cast<double>(s.requests_done));
     Advance(*e.failed, static_cast<double>(s.requests_failed));
     Advance(*e.steps, static_cast<double>(s.steps));

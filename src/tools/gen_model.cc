@@ -300,15 +300,17 @@ bool WriteZeros(FILE* f, size_t n) {
 }
 
 // A tensor's weights come from independent streams of up to
-// GenModelOptions::stream_elements elements each (whole rows): stream 0 is seeded with the tensor's seed, so a
-// tensor that fits one stream (every tensor of the tiny, bench and bert
-// presets) is what it always was; larger ones (llama3-8b's) are generated
-// and converted by several threads. The file does not depend on how many.
-// One stream's rows of one tensor, converted to the tensor's type.
+// GenModelOptions::stream_elements elements each (whole rows): stream 0 is
+// seeded with the tensor's seed, so a tensor that fits one stream (every
+// tensor of the tiny, bench and bert presets) is what it always was; larger
+// ones (llama3-8b's) are generated and converted by several threads. The
+// file does not depend on how many.
+
+// One stream's rows of one tensor (units are written in order), converted to the tensor's type.
 struct Unit {
   const TensorSpec* spec;
   int64_t stream;
-  int64_t row0, rows;
+  int64_t rows;
   bool last;  // the tensor's last unit: padding follows it
   std::vector<uint8_t> bytes;
 };
@@ -320,7 +322,7 @@ std::vector<Unit> PlanUnits(const std::vector<TensorSpec>& specs, int64_t stream
     const int64_t n_rows = ggml_nrows(spec.tensor);
     const int64_t per_stream = std::max<int64_t>(1, stream_elements / n_per_row);
     for (int64_t row = 0, k = 0; row < n_rows; row += per_stream, ++k)
-      units.push_back({&spec, k, row, std::min(per_stream, n_rows - row), row + per_stream >= n_rows, {}});
+      units.push_back({&spec, k, std::min(per_stream, n_rows - row), row + per_stream >= n_rows, {}});
   }
   return units;
 }
@@ -348,15 +350,13 @@ void FillUnit(Unit& u, uint64_t seed) {
 // order, each tensor padded to the alignment gguf assumed for the offsets.
 bool WriteTensorData(const std::vector<TensorSpec>& specs, const GenModelOptions& o, size_t alignment, FILE* f) {
   std::vector<Unit> units = PlanUnits(specs, o.stream_elements);
-  const uint64_t seed = o.seed;
-  const int n_threads = o.threads;
-  const size_t threads = n_threads > 0 ? static_cast<size_t>(n_threads)
+  const size_t threads = o.threads > 0 ? static_cast<size_t>(o.threads)
                                        : std::max(1u, std::min(16u, std::thread::hardware_concurrency()));
   for (size_t begin = 0; begin < units.size(); begin += threads) {
     const size_t end = std::min(units.size(), begin + threads);
     std::vector<std::thread> pool;
-    for (size_t i = begin + 1; i < end; ++i) pool.emplace_back(FillUnit, std::ref(units[i]), seed);
-    FillUnit(units[begin], seed);
+    for (size_t i = begin + 1; i < end; ++i) pool.emplace_back(FillUnit, std::ref(units[i]), o.seed);
+    FillUnit(units[begin], o.seed);
     for (std::thread& th : pool) th.join();
     for (size_t i = begin; i < end; ++i) {
       Unit& u = units[i];

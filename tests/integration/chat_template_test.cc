@@ -145,12 +145,6 @@ TEST(ChatTemplate, EveryShippedTemplateRendersAndKeepsTheSystemPrefixShared) {
 #endif
 }
 
-}  // namespace
-}  // namespace kvb::testing
-
-namespace kvb::testing {
-namespace {
-
 // The rubric workload's prompts (a long system message, then each
 // candidate) through a real tokenizer whose chat markers are special tokens
 // (the llama3-8b preset's: llama-bpe and Llama 3's format; the tiny preset's
@@ -177,7 +171,7 @@ TEST(PrefixTokensOnTheRubric, TheSharedStartIsTokenizedOnceAndMatchesWholeText) 
     ASSERT_NE(prompt->find("<|eot_id|>"), std::string::npos) << *prompt;
     EXPECT_EQ((*m)->Tokenize(*prompt, system), (*m)->Tokenize(*prompt)) << "candidate " << i;
   }
-  const engine::Model::PrefixTokenStats s = (*m)->prefix_token_stats();
+  const engine::PrefixTokens::Stats s = (*m)->prefix_token_stats();
   EXPECT_EQ(s.mismatches, 0);
   EXPECT_EQ(s.whole, 0);
   EXPECT_EQ(s.misses, 1);
