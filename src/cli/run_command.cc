@@ -115,6 +115,9 @@ int Execute(const RunOptions& o, std::vector<store::PendingRequest> rows, batch:
   auto runner = std::make_unique<worker::ChunkRunner>(&store, hub.get(), d);
   runner->Start();
 
+  // Before the metrics line is printed: whoever reads it may interrupt at once.
+  auto prev_int = std::signal(SIGINT, OnSignal);
+  auto prev_term = std::signal(SIGTERM, OnSignal);
   // --metrics-port: the same series as serve's /metrics, the run as batch "run".
   std::unique_ptr<api::MetricsServer> metrics_server;
   if (o.metrics_port >= 0) {
@@ -137,13 +140,13 @@ int Execute(const RunOptions& o, std::vector<store::PendingRequest> rows, batch:
     if (Status st = metrics_server->Start(); !st.ok()) {
       runner->Stop();
       hub.reset();
+      std::signal(SIGINT, prev_int);
+      std::signal(SIGTERM, prev_term);
       return Fail(st);
     }
     std::fprintf(stderr, "kvbatch: metrics on http://%s:%d/metrics\n", o.metrics_host.c_str(), metrics_server->port());
   }
 
-  auto prev_int = std::signal(SIGINT, OnSignal);
-  auto prev_term = std::signal(SIGTERM, OnSignal);
   int exit_code = 0;
   // A group fdatasync every 2 s bounds what a power loss can cost to
   // recomputing that long.

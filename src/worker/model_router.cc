@@ -79,8 +79,15 @@ StatusOr<std::unique_ptr<ModelRouter>> ModelRouter::Start(std::vector<ModelSpec>
 }
 
 ModelRouter::~ModelRouter() {
-  std::lock_guard<std::mutex> lock(mu_);
-  loaded_.clear();
+  // The engines stop outside the lock: an engine thread delivering a result
+  // takes it (SubmitAll's callback), and stopping joins that thread. Under
+  // the lock, an interrupted run deadlocked here.
+  std::vector<std::shared_ptr<Loaded>> loaded;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto& l : loaded_) loaded.push_back(std::move(l));  // loaded_ keeps its size, all null
+  }
+  loaded.clear();
 }
 
 std::string ModelRouter::Names() const {

@@ -164,7 +164,8 @@ test('the event stream sends the batch at once, on each change and every second,
 });
 
 test('a paused batch streams until it is resumed and done; priority is set through its own route', async () => {
-  const batch = await createBatch(chatRows(30, { prefix: 'pz-', body: { max_tokens: 16 } }), 'pause.jsonl');
+  // Big enough that the pause lands while it runs, even on a loaded machine.
+  const batch = await createBatch(chatRows(60, { prefix: 'pz-', body: { max_tokens: 32 } }), 'pause.jsonl');
   await client.post(`/batches/${batch.id}/pause`);
   let resumed = false;
   const events = await readEvents(server.port, batch.id, {
@@ -181,7 +182,9 @@ test('a paused batch streams until it is resumed and done; priority is set throu
 
   const set = await httpCall(server.port, 'POST', `/v1/batches/${batch.id}/priority`, { headers: auth, json: { priority: 7 } });
   assert.equal(set.status, 409, 'a finished batch has no priority to change');
-  const other = await createBatch(chatRows(4, { prefix: 'pr-' }), 'prio.jsonl');
+  // Four short rows finished before the pause landed once in CI: this one
+  // is far longer than the round trip, and is cancelled rather than awaited.
+  const other = await createBatch(chatRows(60, { prefix: 'pr-', body: { max_tokens: 200 } }), 'prio.jsonl');
   await client.post(`/batches/${other.id}/pause`);
   const ok = await httpCall(server.port, 'POST', `/v1/batches/${other.id}/priority`, { headers: auth, json: { priority: 7 } });
   assert.equal(ok.status, 200);
@@ -195,7 +198,8 @@ test('a paused batch streams until it is resumed and done; priority is set throu
   const none = await httpCall(server.port, 'POST', '/v1/batches/batch_nope/priority', { headers: auth, json: { priority: 1 } });
   assert.equal(none.status, 404);
   await client.post(`/batches/${other.id}/resume`);
-  await waitForBatch(client, other.id, 'completed', 60000);
+  await client.batches.cancel(other.id);
+  await waitForBatch(client, other.id, 'cancelled', 60000);
 });
 
 test('/v1/engines describes each engine', async () => {
@@ -217,7 +221,7 @@ test('a server stopping ends its open event streams', async () => {
   const own = await startServer({ model: work.model, dataDir: path.join(work.dir, 'data-stop') });
   try {
     const c = own.client();
-    const file = await uploadFile(c, makeInputFile(work.dir, 'stop.jsonl', chatRows(8, { prefix: 'st-' })));
+    const file = await uploadFile(c, makeInputFile(work.dir, 'stop.jsonl', chatRows(60, { prefix: 'st-', body: { max_tokens: 200 } })));
     const b = await c.batches.create({ input_file_id: file.id, endpoint: '/v1/chat/completions', completion_window: '24h' });
     await c.post(`/batches/${b.id}/pause`);
     const res = await fetch(`http://127.0.0.1:${own.port}/v1/batches/${b.id}/events`);

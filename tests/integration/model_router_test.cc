@@ -4,7 +4,11 @@
 // a busy model never unloaded, and `kvbatch run` over a mixed file.
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
+#include <future>
 #include <chrono>
 #include <mutex>
 #include <thread>
@@ -165,6 +169,43 @@ TEST(ModelRouter, ModelsThatDoNotFitInFreeMemoryUnloadOthers) {
   ASSERT_TRUE(router.ok());
   EXPECT_TRUE(RunOne(**router, Chat("b", "x")).status.ok());
   EXPECT_EQ((*router)->LoadedHub(0), nullptr);
+}
+
+// The router going away while its engine delivers results (an interrupted
+// `kvbatch run`): the engine thread's result callback takes the router's lock,
+// and stopping the engine joins that thread, so the engines must stop outside
+// that lock. The first result holds its thread until the router's destruction
+// has begun; the requests that finished in the same step are delivered next.
+TEST(ModelRouter, GoingAwayWhileResultsAreDeliveredDoesNotDeadlock) {
+  auto started = ModelRouter::Start({{"a", TinyModel()}}, Options(0));
+  ASSERT_TRUE(started.ok());
+  std::unique_ptr<ModelRouter> router = std::move(*started);
+  std::promise<void> first_result;
+  std::atomic<int> results{0};
+  std::vector<std::pair<engine::Request, worker::RequestCallbacks>> batch;
+  for (int i = 0; i < 4; ++i) {
+    auto prepared = router->Prepare(Chat("a", "same length " + std::to_string(i)), 4);
+    ASSERT_TRUE(std::holds_alternative<engine::Request>(prepared));
+    worker::RequestCallbacks cb;
+    cb.on_result = [&](engine::Result&&) {
+      if (results.fetch_add(1) == 0) {
+        first_result.set_value();
+        // Gives the destructor time to reach the engines; not a wait for a
+        // result (the test cannot pass by luck, only miss the race).
+        std::this_thread::sleep_for(std::chrono::milliseconds(200));
+      }
+    };
+    batch.emplace_back(std::get<engine::Request>(std::move(prepared)), std::move(cb));
+  }
+  router->SubmitAll(std::move(batch));
+  first_result.get_future().wait();
+  auto gone = std::async(std::launch::async, [&] { router.reset(); });
+  if (gone.wait_for(std::chrono::seconds(30)) != std::future_status::ready) {
+    ADD_FAILURE() << "the router's destructor deadlocked with its engine thread";
+    std::fflush(nullptr);
+    std::_Exit(1);
+  }
+  EXPECT_GE(results.load(), 1);
 }
 
 TEST(ModelRouter, RunAnswersAMixedFileModelByModel) {
