@@ -28,6 +28,7 @@ struct Options {
   int own = 32;       // cells of each decoding sequence after the prefix (interleaved)
   int heads = 8, kv_heads = 8, head_dim = 64;
   int layers = 8, threads = 2, iters = 20;
+  bool ref = true;  // also time the reference kernel
 };
 
 struct Timing {
@@ -49,6 +50,7 @@ int main(int argc, char** argv) {
   app.add_option("--layers", o.layers, "layers (one cache buffer each)");
   app.add_option("--threads", o.threads, "threads");
   app.add_option("--iters", o.iters, "timed runs of each kernel");
+  app.add_flag("!--no-ref", o.ref, "time the default kernel only (to profile it)");
   CLI11_PARSE(app, argc, argv);
   if (o.heads % o.kv_heads != 0 || o.rows + o.prompt < 1) {
     std::fprintf(stderr, "heads must be a multiple of kv-heads, and there must be rows\n");
@@ -121,18 +123,19 @@ int main(int argc, char** argv) {
     }
   };
   run(false, &t_default, false);
-  run(true, &t_ref, false);
+  if (o.ref) run(true, &t_ref, false);
   for (int i = 0; i < o.iters; ++i) {
     run(false, &t_default, true);
-    run(true, &t_ref, true);
+    if (o.ref) run(true, &t_ref, true);
   }
   std::printf(
       "flash attention, %d layers: %d decoding rows + %d prompt rows, prefix %d, own %d, %d cells; heads %d/%d of %d; "
       "%d threads\n",
       o.layers, o.rows, o.prompt, o.prefix, o.own, n_kv, o.heads, o.kv_heads, o.head_dim, o.threads);
   std::printf("  default kernel:   best %8.2f ms  mean %8.2f ms\n", t_default.best, t_default.total / o.iters);
-  std::printf("  reference kernel: best %8.2f ms  mean %8.2f ms  (%.2fx the default's best)\n", t_ref.best,
-              t_ref.total / o.iters, t_ref.best / t_default.best);
+  if (o.ref)
+    std::printf("  reference kernel: best %8.2f ms  mean %8.2f ms  (%.2fx the default's best)\n", t_ref.best,
+                t_ref.total / o.iters, t_ref.best / t_default.best);
   ggml_backend_buffer_free(buffer);
   ggml_free(ctx);
   ggml_backend_free(backend);
