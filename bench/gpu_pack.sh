@@ -19,7 +19,7 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 build=${1:-$root/build}
 prefix=$(bash "$root/scripts/llama.sh")
-work=$(dirname "$prefix")/work-$(basename "$prefix" | sed -E 's/^llama-//; s/-r[0-9]+-p[0-9a-f]+$//')
+src=$(cat "$prefix/SOURCE")  # the llama.cpp tree llama.sh built from
 pack=$root/.gpu
 rm -rf "$pack" && mkdir -p "$pack/syslib" "$pack/vocab" "$pack/cpulib"
 grep -qx '/.gpu/' "$root/.git/info/exclude" 2>/dev/null || echo '/.gpu/' >>"$root/.git/info/exclude"
@@ -46,7 +46,7 @@ done
 # The source llama.sh built from (the pinned tree plus the patches), without
 # what a CUDA build of the library, llama-server and llama-batched-bench skips.
 tmp=$(mktemp -d)
-git -C "$work/src" archive --format=tar HEAD -- . ':!models' ':!docs' ':!media' ':!gguf-py' ':!examples' \
+git -C "$src" archive --format=tar HEAD -- . ':!models' ':!docs' ':!media' ':!gguf-py' ':!examples' \
   ':!tests' ':!.devops' ':!grammars' ':!benches' | tar -C "$tmp" -xf -
 for p in "$root"/patches/*.patch; do (cd "$tmp" && git apply "$p"); done
 tar -C "$tmp" -cf - . | xz -T2 -6 >"$pack/llama-src.tar.xz"

@@ -58,9 +58,15 @@ copy_templates() {
     mkdir -p "$prefix/share/templates" && cp "$work/src/models/templates/"*.jinja "$prefix/share/templates/"
   fi
 }
+# The source tree the install was built from (bench/gpu_pack.sh packs it);
+# written on reuse too, for installs older than this file.
+record_source() {
+  [ -f "$prefix/SOURCE" ] || echo "$work/src" >"$prefix/SOURCE"
+}
 
 if [ -f "$prefix/.complete" ]; then
   copy_templates
+  record_source
   log "reusing $prefix"
   echo "$prefix"
   exit 0
@@ -145,6 +151,7 @@ find "$work/build" -name 'libllama-common*' -exec cp -a {} "$prefix/lib/" \;
 mkdir -p "$prefix/share" && rm -rf "$prefix/share/vocab" && mkdir "$prefix/share/vocab" &&
   { cp "$work/src/models/"ggml-vocab-*.gguf "$prefix/share/vocab/" 2>/dev/null || true; }
 copy_templates
+record_source
 git -C "$work/src" rev-parse HEAD >"$prefix/COMMIT" 2>/dev/null || echo "$src_tag" >"$prefix/COMMIT"
 printf '%s\n' "${applied[@]}" >"$prefix/PATCHES"
 touch "$prefix/.complete"

@@ -192,7 +192,7 @@ TEST(ModelRouter, GoingAwayWhileResultsAreDeliveredDoesNotDeadlock) {
         first_result.set_value();
         // Gives the destructor time to reach the engines. Not a wait for a
         // result: the fixed code passes however the threads run; the broken
-        // one deadlocked here in every run tried.
+        // one deadlocked here (in the one run tried before the fix).
         std::this_thread::sleep_for(std::chrono::milliseconds(200));
       }
     };
