@@ -66,16 +66,20 @@ StatusOr<std::unique_ptr<LlamaBackend>> LlamaBackend::Create(const Model* model,
   const int32_t extra = o.anchors + (o.deterministic ? 1 : 0);
   const int32_t n_seq_max = std::min<int32_t>(max_seqs + extra, static_cast<int32_t>(llama_max_parallel_sequences()));
   if (n_seq_max <= extra) return Status::InvalidArgument("too many anchors for the sequence limit");
-  using SetDefaultUseRef = void (*)(bool);
-  SetDefaultUseRef set_use_ref = nullptr;
+  using SetDefault = void (*)(bool);
+  SetDefault set_use_ref = nullptr;
+  SetDefault set_batch_invariant = nullptr;  // patches/0004: the faster batch-invariant attention kernel
   if (o.deterministic) {
     if (gpu)
       return Status::InvalidArgument(
           "--deterministic runs on the CPU only: GPU kernels are not batch-invariant yet (add --gpu-layers 0)");
     ggml_backend_reg_t cpu = ggml_backend_reg_by_name("CPU");
-    if (cpu)
-      set_use_ref = reinterpret_cast<SetDefaultUseRef>(
+    if (cpu) {
+      set_use_ref = reinterpret_cast<SetDefault>(
           ggml_backend_reg_get_proc_address(cpu, "ggml_backend_cpu_set_default_use_ref"));
+      set_batch_invariant = reinterpret_cast<SetDefault>(
+          ggml_backend_reg_get_proc_address(cpu, "ggml_backend_cpu_set_default_batch_invariant"));
+    }
     if (!set_use_ref)
       return Status::FailedPrecondition(
           "--deterministic needs llama.cpp with kvbatch's patches/0002 (ggml_backend_cpu_set_default_use_ref); "
@@ -101,9 +105,10 @@ StatusOr<std::unique_ptr<LlamaBackend>> LlamaBackend::Create(const Model* model,
   cp.no_perf = true;
   cp.type_k = cp.type_v = kv_type;
   if (o.deterministic) {
-    // The reference flash-attention kernel goes row by row, each row over
-    // its visible cells in cell order; without flash attention, a cell's
-    // place in the cache would decide its SIMD lane in the sums.
+    // The batch-invariant flash-attention kernel (or, without patches/0004,
+    // the reference one) computes each row over its visible cells in cell
+    // order; without flash attention, a cell's place in the cache would
+    // decide its SIMD lane in the sums.
     cp.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_ENABLED;
     cp.op_offload = false;
     cp.offload_kqv = false;
@@ -111,8 +116,11 @@ StatusOr<std::unique_ptr<LlamaBackend>> LlamaBackend::Create(const Model* model,
   // The scheduler asks for at most one output per sequence and step; the
   // device samplers' buffers are sized by it.
   if (device_sampling) cp.n_outputs_max_per_seq = 1;
-  if (set_use_ref) set_use_ref(true);  // for this context's CPU backend only
+  // for this context's CPU backend only
+  if (set_use_ref) set_use_ref(true);
+  if (set_batch_invariant) set_batch_invariant(true);
   b->ctx_ = llama_init_from_model(model->raw(), cp);
+  if (set_batch_invariant) set_batch_invariant(false);
   if (set_use_ref) set_use_ref(false);
   if (!b->ctx_) {
     return Status::ResourceExhausted("llama.cpp could not create a context with " + std::to_string(cells) +

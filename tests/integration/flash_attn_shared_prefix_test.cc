@@ -9,7 +9,9 @@
 #include <ggml.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <ostream>
 #include <random>
 #include <vector>
@@ -114,8 +116,11 @@ std::vector<double> Reference(const Shape& s, const Case& c, float scale) {
   return out;
 }
 
-// ggml_flash_attn_ext on the CPU backend; use_ref forces the per-row kernel.
-std::vector<float> RunGgml(const Shape& s, const Case& c, float scale, bool use_ref) {
+enum class Kernel { kDefault, kRef, kBatchInvariant };
+
+// ggml_flash_attn_ext on the CPU backend; kRef forces the per-row kernel (use_ref),
+// kBatchInvariant the batch-invariant one (patches/0004).
+std::vector<float> RunGgml(const Shape& s, const Case& c, float scale, Kernel kernel) {
   ggml_backend_dev_t dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
   EXPECT_NE(dev, nullptr);
   ggml_backend_t backend = ggml_backend_dev_init(dev, nullptr);
@@ -124,8 +129,11 @@ std::vector<float> RunGgml(const Shape& s, const Case& c, float scale, bool use_
   using SetRef = void (*)(ggml_backend_t, bool);
   if (auto f = reinterpret_cast<SetThreads>(ggml_backend_reg_get_proc_address(reg, "ggml_backend_set_n_threads"))) f(backend, s.threads);
   auto set_ref = reinterpret_cast<SetRef>(ggml_backend_reg_get_proc_address(reg, "ggml_backend_cpu_set_use_ref"));
-  EXPECT_TRUE(set_ref != nullptr || !use_ref);
-  if (set_ref) set_ref(backend, use_ref);
+  EXPECT_TRUE(set_ref != nullptr || kernel != Kernel::kRef);
+  if (set_ref) set_ref(backend, kernel == Kernel::kRef);
+  auto set_bi = reinterpret_cast<SetRef>(ggml_backend_reg_get_proc_address(reg, "ggml_backend_cpu_set_batch_invariant"));
+  EXPECT_TRUE(set_bi != nullptr || kernel != Kernel::kBatchInvariant);
+  if (set_bi) set_bi(backend, kernel == Kernel::kBatchInvariant);
 
   ggml_init_params ip{ggml_tensor_overhead() * 16 + ggml_graph_overhead(), nullptr, true};
   ggml_context* ctx = ggml_init(ip);
@@ -188,15 +196,69 @@ TEST_P(FlashAttnSharedPrefix, MatchesDoubleReference) {
   const Case c = MakeCase(s, 1234u + uint32_t(s.rows * 7 + s.prefix));
   const float scale = 1.0f / std::sqrt(float(c.dk));
   const auto want = Reference(s, c, scale);
-  const auto fast = RunGgml(s, c, scale, /*use_ref=*/false);
-  const auto ref = RunGgml(s, c, scale, /*use_ref=*/true);
+  const auto fast = RunGgml(s, c, scale, Kernel::kDefault);
+  const auto ref = RunGgml(s, c, scale, Kernel::kRef);
+  const auto invariant = RunGgml(s, c, scale, Kernel::kBatchInvariant);
   ASSERT_EQ(fast.size(), want.size());
+  ASSERT_EQ(invariant.size(), want.size());
   const double e_fast = MaxError(fast, want), e_ref = MaxError(ref, want);
+  EXPECT_LT(MaxError(invariant, want), 4e-3) << "batch-invariant kernel vs double reference";
   // The reference kernel accumulates V in f16 (up to 6.4e-3 off here, on the
   // 200-row prompt chunk); the tiled ones in f32.
   EXPECT_LT(e_fast, 4e-3) << "default kernel vs double reference";
   EXPECT_LT(e_ref, 1e-2) << "per-row reference kernel vs double reference";
   EXPECT_LE(e_fast, e_ref * 1.5 + 1e-4) << "default kernel less exact than the reference one";
+}
+
+// The batch-invariant kernel gives a row, bit for bit, what it gives that row
+// alone: one query row, only the cells it sees (in the same order), after
+// `lead` cells it does not see (so that its cells fall elsewhere in the KV
+// tiles), on another number of threads.
+Case Alone(const Shape& s, const Case& c, int row, int lead, Shape* alone) {
+  *alone = s;
+  alone->rows = alone->seqs = 1;
+  alone->threads = s.threads == 1 ? 3 : 1;
+  std::vector<int> cols;
+  for (int col = 0; col < c.n_kv; ++col)
+    if (c.mask[size_t(row) * c.n_kv + col] != -INFINITY) cols.push_back(col);
+  Case a;
+  a.dk = c.dk;
+  a.dv = c.dv;
+  a.n_kv = lead + int(cols.size());
+  a.q.resize(size_t(a.dk) * s.heads);
+  for (int h = 0; h < s.heads; ++h)
+    std::copy_n(&c.q[(size_t(h) * s.rows + row) * c.dk], c.dk, &a.q[size_t(h) * a.dk]);
+  a.k.assign(size_t(a.dk) * a.n_kv * s.kv_heads, 0.5f);
+  a.v.assign(size_t(a.dv) * a.n_kv * s.kv_heads, -0.25f);
+  a.mask.assign(size_t(a.n_kv), -INFINITY);
+  for (size_t i = 0; i < cols.size(); ++i) {
+    const int col = lead + int(i);
+    a.mask[col] = c.mask[size_t(row) * c.n_kv + cols[i]];
+    for (int h = 0; h < s.kv_heads; ++h) {
+      std::copy_n(&c.k[(size_t(h) * c.n_kv + cols[i]) * c.dk], c.dk, &a.k[(size_t(h) * a.n_kv + col) * a.dk]);
+      std::copy_n(&c.v[(size_t(h) * c.n_kv + cols[i]) * c.dv], c.dv, &a.v[(size_t(h) * a.n_kv + col) * a.dv]);
+    }
+  }
+  return a;
+}
+
+TEST_P(FlashAttnSharedPrefix, BatchInvariantKernelGivesARowWhatItGivesItAlone) {
+  const Shape s = GetParam();
+  const Case c = MakeCase(s, 99u + uint32_t(s.rows * 3 + s.own));
+  const float scale = 1.0f / std::sqrt(float(c.dk));
+  const auto batched = RunGgml(s, c, scale, Kernel::kBatchInvariant);
+  for (const int row : {0, s.rows / 2, s.rows - 1}) {
+    for (const int lead : {0, 37}) {
+      Shape s1;
+      const Case a = Alone(s, c, row, lead, &s1);
+      const auto alone = RunGgml(s1, a, scale, Kernel::kBatchInvariant);
+      ASSERT_EQ(alone.size(), size_t(c.dv) * s.heads);
+      const float* b = &batched[size_t(row) * s.heads * c.dv];
+      EXPECT_EQ(std::memcmp(b, alone.data(), alone.size() * sizeof(float)), 0)
+          << "row " << row << " after " << lead << " hidden cells: first value " << b[0] << " batched, " << alone[0]
+          << " alone";
+    }
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(
