@@ -3,7 +3,9 @@
 // cells. patches/0001 computes the shared columns for all rows at once (a
 // tiled matrix product) and the rest row by row; whatever path the kernel
 // takes, its output must match a double-precision softmax(QK^T)V computed
-// here, as closely as the reference per-row kernel (use_ref) does.
+// here, as closely as the reference per-row kernel (use_ref) does. The
+// batch-invariant kernel (patches/0004, kvbatch --deterministic) must match
+// it too, and give each row bit for bit what it gives that row alone.
 #include <ggml-backend.h>
 #include <ggml-cpu.h>
 #include <ggml.h>
@@ -31,6 +33,7 @@ struct Shape {
   int threads = 2;
   bool cache_layout = false;  // K and V as llama.cpp's cache holds them: a row per cell, every head in it
   int base_step = 0;          // the rows' first decode step (each has seen this many own cells before)
+  int head_dim = 64;          // DK = DV
 };
 
 struct Case {
@@ -42,12 +45,13 @@ void PrintTo(const Shape& s, std::ostream* os) {
   *os << s.rows << " rows of " << s.seqs << " sequences, prefix " << s.prefix << ", own " << s.own << ", heads "
       << s.heads << "/" << s.kv_heads << ", max_bias " << s.max_bias << ", softcap " << s.softcap
       << (s.hide_first ? ", column 0 hidden from one row" : "") << ", " << s.threads << " threads"
-      << (s.cache_layout ? ", cache layout" : "") << ", base step " << s.base_step;
+      << (s.cache_layout ? ", cache layout" : "") << ", base step " << s.base_step << ", head dim " << s.head_dim;
 }
 
 Case MakeCase(const Shape& s, uint32_t seed) {
   Case c;
   c.n_kv = s.prefix + s.own;
+  c.dk = c.dv = s.head_dim;
   std::mt19937 rng(seed);
   std::normal_distribution<float> nd(0.0f, 1.0f);
   c.q.resize(size_t(c.dk) * s.rows * s.heads);
@@ -284,7 +288,9 @@ INSTANTIATE_TEST_SUITE_P(
         Shape{63, 63, 2000, 63, 2, 1, 0.0f, 0.0f, false, 2, true},        // one row short of a full tile
         Shape{96, 32, 1900, 96, 8, 2, 0.0f, 0.0f, false, 2, true},        // more than a tile: 3 rows per sequence
         Shape{200, 1, 300, 200, 4, 4, 0.0f, 0.0f, false, 3, true},        // one sequence's prompt chunk, causal
-        Shape{300, 4, 256, 300, 32, 8, 0.0f, 0.0f, false, 2, true}        // rows in two chunks (scratch-bound)
+        Shape{300, 4, 256, 300, 32, 8, 0.0f, 0.0f, false, 2, true},       // rows in two chunks (scratch-bound)
+        Shape{32, 32, 700, 64, 8, 2, 0.0f, 0.0f, false, 2, true, 3, 128}, // Llama 3 8B's heads (128 wide, GQA 4)
+        Shape{17, 5, 300, 40, 4, 4, 0.0f, 0.0f, false, 2, true, 2, 80}    // heads 80 wide: not a multiple of 32
         ));
 
 }  // namespace
