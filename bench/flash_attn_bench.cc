@@ -3,8 +3,9 @@
 // new request's prompt chunk in the same ubatch), K and V laid out as
 // llama.cpp's cache holds them (a row per cell, every head in it), one
 // buffer per layer so that the cache does not stay in the CPU's caches.
-// Prints the best and mean time of the default kernel and of ggml's
-// reference row-by-row kernel (use_ref), measured alternately in one run.
+// Prints the best and mean time of the default kernel, of ggml's reference
+// row-by-row kernel (use_ref) and of the batch-invariant kernel of
+// patches/0004 (kvbatch --deterministic), measured alternately in one run.
 // To compare two builds of llama.cpp, run it with LD_LIBRARY_PATH pointing
 // at each (bench/README.md).
 #include <ggml-backend.h>
@@ -28,8 +29,10 @@ struct Options {
   int own = 32;       // cells of each decoding sequence after the prefix (interleaved)
   int heads = 8, kv_heads = 8, head_dim = 64;
   int layers = 8, threads = 2, iters = 20;
-  bool ref = true;  // also time the reference kernel
+  bool ref = true;  // also time the reference and batch-invariant kernels
 };
+
+enum class Kernel { kDefault, kRef, kBatchInvariant };
 
 struct Timing {
   double best = 1e30, total = 0;
@@ -50,7 +53,7 @@ int main(int argc, char** argv) {
   app.add_option("--layers", o.layers, "layers (one cache buffer each)");
   app.add_option("--threads", o.threads, "threads");
   app.add_option("--iters", o.iters, "timed runs of each kernel");
-  app.add_flag("!--no-ref", o.ref, "time the default kernel only (to profile it)");
+  app.add_flag("!--no-ref", o.ref, "time the default kernel only (to profile it), not the reference and batch-invariant ones");
   CLI11_PARSE(app, argc, argv);
   if (o.heads % o.kv_heads != 0 || o.rows + o.prompt < 1) {
     std::fprintf(stderr, "heads must be a multiple of kv-heads, and there must be rows\n");
@@ -111,9 +114,10 @@ int main(int argc, char** argv) {
   }
   ggml_backend_tensor_set(mask, m.data(), 0, ggml_nbytes(mask));
 
-  Timing t_default, t_ref;
-  auto run = [&](bool use_ref, Timing* t, bool timed) {
-    ggml_backend_cpu_set_use_ref(backend, use_ref);
+  Timing t_default, t_ref, t_invariant;
+  auto run = [&](Kernel kernel, Timing* t, bool timed) {
+    ggml_backend_cpu_set_use_ref(backend, kernel == Kernel::kRef);
+    ggml_backend_cpu_set_batch_invariant(backend, kernel == Kernel::kBatchInvariant);
     const auto start = std::chrono::steady_clock::now();
     ggml_backend_graph_compute(backend, graph);
     const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
@@ -122,20 +126,29 @@ int main(int argc, char** argv) {
       t->total += ms;
     }
   };
-  run(false, &t_default, false);
-  if (o.ref) run(true, &t_ref, false);
+  run(Kernel::kDefault, &t_default, false);
+  if (o.ref) {
+    run(Kernel::kRef, &t_ref, false);
+    run(Kernel::kBatchInvariant, &t_invariant, false);
+  }
   for (int i = 0; i < o.iters; ++i) {
-    run(false, &t_default, true);
-    if (o.ref) run(true, &t_ref, true);
+    run(Kernel::kDefault, &t_default, true);
+    if (o.ref) {
+      run(Kernel::kRef, &t_ref, true);
+      run(Kernel::kBatchInvariant, &t_invariant, true);
+    }
   }
   std::printf(
       "flash attention, %d layers: %d decoding rows + %d prompt rows, prefix %d, own %d, %d cells; heads %d/%d of %d; "
       "%d threads\n",
       o.layers, o.rows, o.prompt, o.prefix, o.own, n_kv, o.heads, o.kv_heads, o.head_dim, o.threads);
   std::printf("  default kernel:   best %8.2f ms  mean %8.2f ms\n", t_default.best, t_default.total / o.iters);
-  if (o.ref)
+  if (o.ref) {
     std::printf("  reference kernel: best %8.2f ms  mean %8.2f ms  (%.2fx the default's best)\n", t_ref.best,
                 t_ref.total / o.iters, t_ref.best / t_default.best);
+    std::printf("  batch-invariant:  best %8.2f ms  mean %8.2f ms  (%.2fx the default's best)\n", t_invariant.best,
+                t_invariant.total / o.iters, t_invariant.best / t_default.best);
+  }
   ggml_backend_buffer_free(buffer);
   ggml_free(ctx);
   ggml_backend_free(backend);
