@@ -290,7 +290,9 @@ INSTANTIATE_TEST_SUITE_P(
         Shape{200, 1, 300, 200, 4, 4, 0.0f, 0.0f, false, 3, true},        // one sequence's prompt chunk, causal
         Shape{300, 4, 256, 300, 32, 8, 0.0f, 0.0f, false, 2, true},       // rows in two chunks (scratch-bound)
         Shape{32, 32, 700, 64, 8, 2, 0.0f, 0.0f, false, 2, true, 3, 128}, // Llama 3 8B's heads (128 wide, GQA 4)
-        Shape{17, 5, 300, 40, 4, 4, 0.0f, 0.0f, false, 2, true, 2, 80}    // heads 80 wide: not a multiple of 32
+        Shape{17, 5, 300, 40, 4, 4, 0.0f, 0.0f, false, 2, true, 2, 80},   // heads 80 wide: not a multiple of 32
+        Shape{8, 8, 300, 8, 256, 1, 0.0f, 0.0f, false, 2, true}           // 256 query heads on one KV head: a block
+                                                                          // outgrows the other kernels' scratch
         ));
 
 }  // namespace
