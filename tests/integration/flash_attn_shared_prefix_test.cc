@@ -34,10 +34,13 @@ struct Shape {
   bool cache_layout = false;  // K and V as llama.cpp's cache holds them: a row per cell, every head in it
   int base_step = 0;          // the rows' first decode step (each has seen this many own cells before)
   int head_dim = 64;          // DK = DV
+  bool sinks = false;         // attention sinks (a logit per head in the denominator only, as gpt-oss has)
+  bool f32_kv = false;        // K and V in F32 instead of F16
 };
 
 struct Case {
   std::vector<float> q, k, v, mask;  // mask as float; 0 or -INF (ALiBi: -distance)
+  std::vector<float> sinks;          // per head, when the shape has them
   int n_kv = 0, dk = 64, dv = 64;
 };
 
@@ -45,7 +48,8 @@ void PrintTo(const Shape& s, std::ostream* os) {
   *os << s.rows << " rows of " << s.seqs << " sequences, prefix " << s.prefix << ", own " << s.own << ", heads "
       << s.heads << "/" << s.kv_heads << ", max_bias " << s.max_bias << ", softcap " << s.softcap
       << (s.hide_first ? ", column 0 hidden from one row" : "") << ", " << s.threads << " threads"
-      << (s.cache_layout ? ", cache layout" : "") << ", base step " << s.base_step << ", head dim " << s.head_dim;
+      << (s.cache_layout ? ", cache layout" : "") << ", base step " << s.base_step << ", head dim " << s.head_dim
+      << (s.sinks ? ", sinks" : "") << (s.f32_kv ? ", F32 K and V" : "");
 }
 
 Case MakeCase(const Shape& s, uint32_t seed) {
@@ -80,6 +84,10 @@ Case MakeCase(const Shape& s, uint32_t seed) {
     }
   }
   if (s.hide_first) c.mask[size_t(s.rows / 2) * c.n_kv] = -INFINITY;
+  if (s.sinks) {
+    c.sinks.resize(size_t(s.heads));
+    for (auto& x : c.sinks) x = 3.0f * nd(rng);
+  }
   return c;
 }
 
@@ -107,7 +115,8 @@ std::vector<double> Reference(const Shape& s, const Case& c, float scale) {
         w[col] = x + slope * m;
         mx = std::max(mx, w[col]);
       }
-      double sum = 0;
+      if (s.sinks) mx = std::max(mx, double(c.sinks[h]));
+      double sum = s.sinks ? std::exp(double(c.sinks[h]) - mx) : 0.0;
       for (auto& x : w) { x = x == -INFINITY ? 0.0 : std::exp(x - mx); sum += x; }
       double* o = &out[(size_t(r) * s.heads + h) * c.dv];
       for (int col = 0; col < c.n_kv; ++col) {
@@ -143,18 +152,25 @@ std::vector<float> RunGgml(const Shape& s, const Case& c, float scale, Kernel ke
   ggml_context* ctx = ggml_init(ip);
   ggml_tensor* q = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, c.dk, s.rows, s.heads, 1);
   ggml_tensor *k_store, *v_store, *k, *v;
+  const ggml_type kv_type = s.f32_kv ? GGML_TYPE_F32 : GGML_TYPE_F16;
+  const size_t kv_size = ggml_type_size(kv_type);
   if (s.cache_layout) {  // [dk * kv_heads, n_kv] viewed as [dk, n_kv, kv_heads]
-    k_store = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, c.dk * s.kv_heads, c.n_kv);
-    v_store = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, c.dv * s.kv_heads, c.n_kv);
-    k = ggml_view_3d(ctx, k_store, c.dk, c.n_kv, s.kv_heads, k_store->nb[1], c.dk * sizeof(ggml_fp16_t), 0);
-    v = ggml_view_3d(ctx, v_store, c.dv, c.n_kv, s.kv_heads, v_store->nb[1], c.dv * sizeof(ggml_fp16_t), 0);
+    k_store = ggml_new_tensor_2d(ctx, kv_type, c.dk * s.kv_heads, c.n_kv);
+    v_store = ggml_new_tensor_2d(ctx, kv_type, c.dv * s.kv_heads, c.n_kv);
+    k = ggml_view_3d(ctx, k_store, c.dk, c.n_kv, s.kv_heads, k_store->nb[1], c.dk * kv_size, 0);
+    v = ggml_view_3d(ctx, v_store, c.dv, c.n_kv, s.kv_heads, v_store->nb[1], c.dv * kv_size, 0);
   } else {
-    k = k_store = ggml_new_tensor_4d(ctx, GGML_TYPE_F16, c.dk, c.n_kv, s.kv_heads, 1);
-    v = v_store = ggml_new_tensor_4d(ctx, GGML_TYPE_F16, c.dv, c.n_kv, s.kv_heads, 1);
+    k = k_store = ggml_new_tensor_4d(ctx, kv_type, c.dk, c.n_kv, s.kv_heads, 1);
+    v = v_store = ggml_new_tensor_4d(ctx, kv_type, c.dv, c.n_kv, s.kv_heads, 1);
   }
   ggml_tensor* mask = ggml_new_tensor_4d(ctx, GGML_TYPE_F16, c.n_kv, s.rows, 1, 1);
   ggml_tensor* out = ggml_flash_attn_ext(ctx, q, k, v, mask, scale, s.max_bias, s.softcap);
   ggml_flash_attn_ext_set_prec(out, GGML_PREC_F32);
+  ggml_tensor* sinks = nullptr;
+  if (s.sinks) {
+    sinks = ggml_new_tensor_1d(ctx, GGML_TYPE_F32, s.heads);
+    ggml_flash_attn_ext_add_sinks(out, sinks);
+  }
   ggml_cgraph* gf = ggml_new_graph(ctx);
   ggml_build_forward_expand(gf, out);
   ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors(ctx, backend);
@@ -166,18 +182,24 @@ std::vector<float> RunGgml(const Shape& s, const Case& c, float scale, Kernel ke
   };
   // c.k and c.v are [kv_heads][n_kv][d]; the cache layout is [n_kv][kv_heads][d]
   auto layout = [&](const std::vector<float>& x, int d) {
-    if (!s.cache_layout) return to_f16(x);
+    if (!s.cache_layout) return x;
     std::vector<float> y(x.size());
     for (int h = 0; h < s.kv_heads; ++h)
       for (int col = 0; col < c.n_kv; ++col)
         for (int i = 0; i < d; ++i) y[(size_t(col) * s.kv_heads + h) * d + i] = x[(size_t(h) * c.n_kv + col) * d + i];
-    return to_f16(y);
+    return y;
+  };
+  auto set_kv = [&](ggml_tensor* t, const std::vector<float>& x) {
+    if (s.f32_kv) return ggml_backend_tensor_set(t, x.data(), 0, ggml_nbytes(t));
+    const auto h = to_f16(x);
+    ggml_backend_tensor_set(t, h.data(), 0, ggml_nbytes(t));
   };
   ggml_backend_tensor_set(q, c.q.data(), 0, ggml_nbytes(q));
-  auto k16 = layout(c.k, c.dk), v16 = layout(c.v, c.dv), m16 = to_f16(c.mask);
-  ggml_backend_tensor_set(k_store, k16.data(), 0, ggml_nbytes(k_store));
-  ggml_backend_tensor_set(v_store, v16.data(), 0, ggml_nbytes(v_store));
+  set_kv(k_store, layout(c.k, c.dk));
+  set_kv(v_store, layout(c.v, c.dv));
+  const auto m16 = to_f16(c.mask);
   ggml_backend_tensor_set(mask, m16.data(), 0, ggml_nbytes(mask));
+  if (sinks) ggml_backend_tensor_set(sinks, c.sinks.data(), 0, ggml_nbytes(sinks));
   EXPECT_EQ(ggml_backend_graph_compute(backend, gf), GGML_STATUS_SUCCESS);
   std::vector<float> result(ggml_nelements(out));  // [dv, heads, rows]
   ggml_backend_tensor_get(out, result.data(), 0, ggml_nbytes(out));
@@ -228,6 +250,7 @@ Case Alone(const Shape& s, const Case& c, int row, int lead, Shape* alone) {
   Case a;
   a.dk = c.dk;
   a.dv = c.dv;
+  a.sinks = c.sinks;
   a.n_kv = lead + int(cols.size());
   a.q.resize(size_t(a.dk) * s.heads);
   for (int h = 0; h < s.heads; ++h)
@@ -291,8 +314,10 @@ INSTANTIATE_TEST_SUITE_P(
         Shape{300, 4, 256, 300, 32, 8, 0.0f, 0.0f, false, 2, true},       // rows in two chunks (scratch-bound)
         Shape{32, 32, 700, 64, 8, 2, 0.0f, 0.0f, false, 2, true, 3, 128}, // Llama 3 8B's heads (128 wide, GQA 4)
         Shape{17, 5, 300, 40, 4, 4, 0.0f, 0.0f, false, 2, true, 2, 80},   // heads 80 wide: not a multiple of 32
-        Shape{8, 8, 300, 8, 256, 1, 0.0f, 0.0f, false, 2, true}           // 256 query heads on one KV head: a block
+        Shape{8, 8, 300, 8, 256, 1, 0.0f, 0.0f, false, 2, true},          // 256 query heads on one KV head: a block
                                                                           // outgrows the other kernels' scratch
+        Shape{32, 32, 700, 64, 8, 2, 0.0f, 0.0f, false, 2, true, 3, 64, true},        // attention sinks
+        Shape{17, 5, 300, 40, 4, 4, 8.0f, 0.0f, false, 2, true, 2, 64, false, true}  // K and V in F32, ALiBi
         ));
 
 }  // namespace
