@@ -65,6 +65,11 @@ int main(int argc, char** argv) {
   const int n_kv = (n_used + 255) / 256 * 256;  // llama.cpp pads the cache view to 256
 
   ggml_backend_t backend = ggml_backend_cpu_init();
+  // patches/0004's switch, looked up so that a llama.cpp without it still builds this (and skips that kernel)
+  using SetBatchInvariant = void (*)(ggml_backend_t, bool);
+  const auto set_batch_invariant = reinterpret_cast<SetBatchInvariant>(
+      ggml_backend_reg_get_proc_address(ggml_backend_cpu_reg(), "ggml_backend_cpu_set_batch_invariant"));
+  const bool invariant = o.ref && set_batch_invariant != nullptr;
   ggml_backend_cpu_set_n_threads(backend, o.threads);
   ggml_init_params ip{ggml_tensor_overhead() * size_t(8 * o.layers + 8) + ggml_graph_overhead(), nullptr, true};
   ggml_context* ctx = ggml_init(ip);
@@ -117,7 +122,7 @@ int main(int argc, char** argv) {
   Timing t_default, t_ref, t_invariant;
   auto run = [&](Kernel kernel, Timing* t, bool timed) {
     ggml_backend_cpu_set_use_ref(backend, kernel == Kernel::kRef);
-    ggml_backend_cpu_set_batch_invariant(backend, kernel == Kernel::kBatchInvariant);
+    if (set_batch_invariant) set_batch_invariant(backend, kernel == Kernel::kBatchInvariant);
     const auto start = std::chrono::steady_clock::now();
     ggml_backend_graph_compute(backend, graph);
     const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
@@ -127,28 +132,26 @@ int main(int argc, char** argv) {
     }
   };
   run(Kernel::kDefault, &t_default, false);
-  if (o.ref) {
-    run(Kernel::kRef, &t_ref, false);
-    run(Kernel::kBatchInvariant, &t_invariant, false);
-  }
+  if (o.ref) run(Kernel::kRef, &t_ref, false);
+  if (invariant) run(Kernel::kBatchInvariant, &t_invariant, false);
   for (int i = 0; i < o.iters; ++i) {
     run(Kernel::kDefault, &t_default, true);
-    if (o.ref) {
-      run(Kernel::kRef, &t_ref, true);
-      run(Kernel::kBatchInvariant, &t_invariant, true);
-    }
+    if (o.ref) run(Kernel::kRef, &t_ref, true);
+    if (invariant) run(Kernel::kBatchInvariant, &t_invariant, true);
   }
   std::printf(
       "flash attention, %d layers: %d decoding rows + %d prompt rows, prefix %d, own %d, %d cells; heads %d/%d of %d; "
       "%d threads\n",
       o.layers, o.rows, o.prompt, o.prefix, o.own, n_kv, o.heads, o.kv_heads, o.head_dim, o.threads);
   std::printf("  default kernel:   best %8.2f ms  mean %8.2f ms\n", t_default.best, t_default.total / o.iters);
-  if (o.ref) {
+  if (o.ref)
     std::printf("  reference kernel: best %8.2f ms  mean %8.2f ms  (%.2fx the default's best)\n", t_ref.best,
                 t_ref.total / o.iters, t_ref.best / t_default.best);
+  if (invariant)
     std::printf("  batch-invariant:  best %8.2f ms  mean %8.2f ms  (%.2fx the default's best)\n", t_invariant.best,
                 t_invariant.total / o.iters, t_invariant.best / t_default.best);
-  }
+  else if (o.ref)
+    std::printf("  batch-invariant:  not in this llama.cpp (patches/0004)\n");
   ggml_backend_buffer_free(buffer);
   ggml_free(ctx);
   ggml_backend_free(backend);
