@@ -36,6 +36,7 @@ struct Shape {
   int head_dim = 64;          // DK = DV
   bool sinks = false;         // attention sinks (a logit per head in the denominator only, as gpt-oss has)
   bool f32_kv = false;        // K and V in F32 instead of F16
+  bool packed = false;        // prompts, not decoding: each sequence's rows and own cells are consecutive
 };
 
 struct Case {
@@ -49,7 +50,7 @@ void PrintTo(const Shape& s, std::ostream* os) {
       << s.heads << "/" << s.kv_heads << ", max_bias " << s.max_bias << ", softcap " << s.softcap
       << (s.hide_first ? ", column 0 hidden from one row" : "") << ", " << s.threads << " threads"
       << (s.cache_layout ? ", cache layout" : "") << ", base step " << s.base_step << ", head dim " << s.head_dim
-      << (s.sinks ? ", sinks" : "") << (s.f32_kv ? ", F32 K and V" : "");
+      << (s.sinks ? ", sinks" : "") << (s.f32_kv ? ", F32 K and V" : "") << (s.packed ? ", packed prompts" : "");
 }
 
 Case MakeCase(const Shape& s, uint32_t seed) {
@@ -66,9 +67,14 @@ Case MakeCase(const Shape& s, uint32_t seed) {
   for (auto& x : c.k) x = ggml_fp16_to_fp32(ggml_fp32_to_fp16(nd(rng)));
   for (auto& x : c.v) x = ggml_fp16_to_fp32(ggml_fp32_to_fp16(nd(rng)));
   c.mask.assign(size_t(c.n_kv) * s.rows, -INFINITY);
+  // Decoding (the default): row r is sequence r % seqs, and own cell i sequence i % seqs, as
+  // sequences decoding in lockstep lay them out. Packed: the rows and own cells of each
+  // sequence are consecutive, as a ubatch of several prompts lays them out.
+  const int rows_per_seq = std::max(1, s.rows / s.seqs);
+  const int own_per_seq = std::max(1, s.own / s.seqs);
   for (int r = 0; r < s.rows; ++r) {
-    const int seq = r % s.seqs;
-    const int step = r / s.seqs + s.base_step;  // the row's decode step in its sequence
+    const int seq = s.packed ? std::min(r / rows_per_seq, s.seqs - 1) : r % s.seqs;
+    const int step = (s.packed ? r - seq * rows_per_seq : r / s.seqs) + s.base_step;  // the row's step in its sequence
     for (int col = 0; col < c.n_kv; ++col) {
       bool visible;
       int distance;
@@ -76,9 +82,11 @@ Case MakeCase(const Shape& s, uint32_t seed) {
         visible = true;
         distance = s.prefix - col + step;
       } else {
-        const int i = col - s.prefix;  // own cells: sequence i % seqs, step i / seqs
-        visible = (i % s.seqs == seq) && (i / s.seqs <= step);
-        distance = step - i / s.seqs;
+        const int i = col - s.prefix;  // own cells: sequence i % seqs, step i / seqs (packed: i / own_per_seq, i % own_per_seq)
+        const int cell_seq = s.packed ? std::min(i / own_per_seq, s.seqs - 1) : i % s.seqs;
+        const int cell_step = s.packed ? i - cell_seq * own_per_seq : i / s.seqs;
+        visible = cell_seq == seq && cell_step <= step;
+        distance = step - cell_step;
       }
       if (visible) c.mask[size_t(r) * c.n_kv + col] = s.max_bias > 0 ? -float(distance) : 0.0f;
     }
@@ -317,7 +325,11 @@ INSTANTIATE_TEST_SUITE_P(
         Shape{8, 8, 300, 8, 256, 1, 0.0f, 0.0f, false, 2, true},          // 256 query heads on one KV head: a block
                                                                           // outgrows the other kernels' scratch
         Shape{32, 32, 700, 64, 8, 2, 0.0f, 0.0f, false, 2, true, 3, 64, true},        // attention sinks
-        Shape{17, 5, 300, 40, 4, 4, 8.0f, 0.0f, false, 2, true, 2, 64, false, true}  // K and V in F32, ALiBi
+        Shape{17, 5, 300, 40, 4, 4, 8.0f, 0.0f, false, 2, true, 2, 64, false, true},  // K and V in F32, ALiBi
+        // a ubatch of prompts after the prefix: each own tile is seen by one or two prompts' rows only
+        Shape{320, 10, 700, 320, 8, 8, 0.0f, 0.0f, false, 2, true, 0, 64, false, false, true},  // 10 prompts of 32
+        Shape{156, 3, 300, 156, 4, 2, 8.0f, 0.0f, false, 3, true, 0, 64, false, false, true},   // ALiBi, GQA, 3 threads
+        Shape{100, 4, 200, 100, 4, 4, 0.0f, 30.0f, false, 2, true, 0, 128, true, false, true}   // soft-capping, sinks, 128 wide
         ));
 
 }  // namespace
