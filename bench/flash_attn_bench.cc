@@ -27,6 +27,7 @@ struct Options {
   int prompt = 0;     // rows of a new request's prompt chunk in the same ubatch
   int prefix = 1900;  // cells every row sees
   int own = 32;       // cells of each decoding sequence after the prefix (interleaved)
+  int prompt_own = 0; // cells of each decoding sequence's own prompt, consecutive, before those
   int heads = 8, kv_heads = 8, head_dim = 64;
   int layers = 8, threads = 2, iters = 20;
   bool ref = true;  // also time the reference and batch-invariant kernels
@@ -46,7 +47,10 @@ int main(int argc, char** argv) {
   app.add_option("--rows", o.rows, "decoding sequences (one row each)");
   app.add_option("--prompt", o.prompt, "rows of a new prompt chunk in the same ubatch (causal)");
   app.add_option("--prefix", o.prefix, "shared prefix cells");
-  app.add_option("--own", o.own, "each decoding sequence's own cells");
+  app.add_option("--own", o.own, "each decoding sequence's own cells (interleaved with the others')");
+  app.add_option("--prompt-own", o.prompt_own,
+                 "each decoding sequence's own prompt cells, consecutive per sequence, before the interleaved ones "
+                 "(kvbatch prefills a wave's prompts together, then they decode side by side)");
   app.add_option("--heads", o.heads, "query heads");
   app.add_option("--kv-heads", o.kv_heads, "KV heads");
   app.add_option("--head-dim", o.head_dim, "head size");
@@ -61,7 +65,7 @@ int main(int argc, char** argv) {
   }
 
   const int n_rows = o.rows + o.prompt;
-  const int n_used = o.prefix + o.rows * o.own + o.prompt;
+  const int n_used = o.prefix + o.rows * (o.prompt_own + o.own) + o.prompt;
   const int n_kv = (n_used + 255) / 256 * 256;  // llama.cpp pads the cache view to 256
 
   ggml_backend_t backend = ggml_backend_cpu_init();
@@ -102,18 +106,21 @@ int main(int argc, char** argv) {
       ggml_backend_tensor_set(t, x.data(), 0, ggml_nbytes(t));
     }
   }
-  // Decoding row r sees the prefix and its own cells (every o.rows-th after
-  // the prefix, as sequences decoding side by side fill them); prompt row p
+  // Decoding row r sees the prefix, its prompt's cells (o.prompt_own of them,
+  // the r-th such run after the prefix) and its own cells (every o.rows-th
+  // after those, as sequences decoding side by side fill them); prompt row p
   // sees the prefix and the prompt's cells up to its own.
   const ggml_fp16_t visible = ggml_fp32_to_fp16(0.0f);
   std::vector<ggml_fp16_t> m(size_t(ggml_nelements(mask)), ggml_fp32_to_fp16(-INFINITY));
   for (int r = 0; r < n_rows; ++r) {
     ggml_fp16_t* row = &m[size_t(r) * size_t(n_kv)];
     std::fill(row, row + o.prefix, visible);
+    const int decoded = o.prefix + o.rows * o.prompt_own;  // the first interleaved cell
     if (r < o.rows) {
-      for (int s = 0; s < o.own; ++s) row[o.prefix + s * o.rows + r] = visible;
+      std::fill(row + o.prefix + r * o.prompt_own, row + o.prefix + (r + 1) * o.prompt_own, visible);
+      for (int s = 0; s < o.own; ++s) row[decoded + s * o.rows + r] = visible;
     } else {
-      const int first = o.prefix + o.rows * o.own;
+      const int first = decoded + o.rows * o.own;
       std::fill(row + first, row + first + (r - o.rows) + 1, visible);
     }
   }
@@ -140,9 +147,9 @@ int main(int argc, char** argv) {
     if (invariant) run(Kernel::kBatchInvariant, &t_invariant, true);
   }
   std::printf(
-      "flash attention, %d layers: %d decoding rows + %d prompt rows, prefix %d, own %d, %d cells; heads %d/%d of %d; "
-      "%d threads\n",
-      o.layers, o.rows, o.prompt, o.prefix, o.own, n_kv, o.heads, o.kv_heads, o.head_dim, o.threads);
+      "flash attention, %d layers: %d decoding rows + %d prompt rows, prefix %d, own %d + %d, %d cells; heads %d/%d of "
+      "%d; %d threads\n",
+      o.layers, o.rows, o.prompt, o.prefix, o.prompt_own, o.own, n_kv, o.heads, o.kv_heads, o.head_dim, o.threads);
   std::printf("  default kernel:   best %8.2f ms  mean %8.2f ms\n", t_default.best, t_default.total / o.iters);
   if (o.ref)
     std::printf("  reference kernel: best %8.2f ms  mean %8.2f ms  (%.2fx the default's best)\n", t_ref.best,
