@@ -254,6 +254,7 @@ void Scheduler::Admit() {
     if (s && Suspect(s->req())) return;
   while (!waiting_.empty()) {
     short_of_cells_ = false;
+    if (DrainBeforeWave(waiting_.front())) continue;
     if (!TryAdmit(waiting_.front())) {
       if (short_of_cells_ && DrainCells()) continue;
       break;

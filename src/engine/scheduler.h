@@ -126,6 +126,7 @@ class Scheduler {
   void EvictAnchor(int32_t seq);
   void Retire(int32_t seq, int32_t n_past, int32_t created);
   bool DrainCells();
+  bool DrainBeforeWave(const Request& r);
   int32_t FreeCells() const;
   int32_t MaxNew(const Request& r) const;
   void Fail(Request& r, Status status);

@@ -94,6 +94,26 @@ bool Scheduler::DrainCells() {
   return freed;
 }
 
+// monotonic_cells: with nothing running, a cache too full for a whole wave
+// of requests like `r` (as many as can run, or as wait) is drained now, when
+// draining makes room for it; else the wave would start with the few that
+// fit and the cache drain after it anyway (requests of equal lengths run in
+// waves: a partial one cost --deterministic 8% more steps on the rubric
+// benchmark). Returns whether it drained.
+bool Scheduler::DrainBeforeWave(const Request& r) {
+  if (retired_seq_ < 0 || retired_cells_ == 0 || AnyRunning()) return false;
+  const int32_t n = static_cast<int32_t>(r.prompt.size());
+  if (n == 0) return false;
+  const size_t max_len = static_cast<size_t>(n - 1);
+  const PrefixCache::Match m =
+      backend_->PartialForks() ? cache_.Longest(r.prompt, max_len) : cache_.LongestWhole(r.prompt, max_len);
+  const int64_t choices = std::max(1, r.n);
+  const int64_t wave = std::min<int64_t>(max_running_ / choices, static_cast<int64_t>(waiting_.size()));
+  const int64_t need = wave * (n - m.length + choices * MaxNew(r));
+  const int64_t free = FreeCells();
+  return free < need && free + retired_cells_ >= need && DrainCells();
+}
+
 // Evicts idle anchors, least recently used first, until `cells` fit.
 // (With monotonic cells an evicted anchor's cells stay taken until
 // DrainCells: evicting frees nothing.)

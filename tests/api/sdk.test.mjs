@@ -476,8 +476,10 @@ test('interactive chat is answered while a long batch runs', async () => {
 });
 
 test('expiry: a short completion_window expires the batch, unfinished requests are batch_expired', async () => {
-  const N = 40;
-  // Long answers: the batch cannot finish in 3 s even on an idle machine.
+  // 400 long answers, one at a time: 80,000 tokens, which the batch cannot
+  // finish in 3 s even on a fast idle machine (40 of them did, once, on an
+  // AVX-512 machine).
+  const N = 400;
   const rows = h.chatRows(N, { prefix: 'exp-', body: { max_tokens: 200 } });
   const f = await h.uploadFile(slowClient, h.makeInputFile(work.dir, 'expire.jsonl', rows));
   const created = await slowClient.batches.create({ input_file_id: f.id, endpoint: '/v1/chat/completions', completion_window: '3s' });

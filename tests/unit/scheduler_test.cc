@@ -86,6 +86,7 @@ class FakeBackend : public Backend {
     for (auto& c : cells_) used += !c.seqs.empty();
     peak_cells = std::max(peak_cells, used);
     decoded_tokens += static_cast<int64_t>(batch.size());
+    ++decodes;
     return Status::Ok();
   }
   const float* Logits(int32_t i) override {
@@ -155,6 +156,7 @@ class FakeBackend : public Backend {
   int32_t peak_cells = 0;
   int32_t copies = 0;
   int64_t decoded_tokens = 0;
+  int64_t decodes = 0;  // steps
   int64_t out_of_order = 0;  // tokens placed in a cell before one their sequence sees
   bool device_sampling = false;  // honour SetDeviceGreedy: argmax picks made in Decode
   std::set<int32_t> device_seqs;
@@ -706,6 +708,28 @@ TEST(Scheduler, MonotonicCellsKeepEverySequenceInPositionOrderAndDrainAFullCache
   // 40 requests of ~20 cells each cannot all fit in 400 cells at once: the
   // cache was drained along the way (the prefix decoded again after each).
   EXPECT_GT(mono.decoded_tokens, plain.decoded_tokens);
+}
+
+TEST(Scheduler, MonotonicCellsDrainBeforeAWaveRatherThanRunAPartialOne) {
+  // Requests of one length run in waves. The cache holds the prefix and a
+  // little over two waves: without draining early, every third wave would
+  // start with the few requests that fit, run its whole length, and the
+  // cache drain after it anyway.
+  std::vector<Request> reqs;
+  for (uint64_t i = 0; i < 42; ++i) reqs.push_back(MakeRequest(i, SharedPrompt(100, i, 5), 10));
+  // The mode holds one sequence id for retired cells: the plain run gets one
+  // id fewer, so that both run as many requests at once.
+  FakeBackend plain(8, 400, 400, 256), mono(9, 400, 400, 256);
+  auto expected = RunAll(plain, reqs);
+  auto got = RunAll(mono, reqs, SchedulerOptions{.monotonic_cells = true});
+  EXPECT_EQ(mono.out_of_order, 0);
+  ASSERT_EQ(got.size(), reqs.size());
+  for (auto& [id, r] : got) EXPECT_EQ(r.tokens, expected[id].tokens) << id;
+  // Each drain decodes the 100-token prefix again, in one step; nothing else
+  // may add steps.
+  const int64_t drains = (mono.decoded_tokens - plain.decoded_tokens) / 100;
+  EXPECT_GT(drains, 0) << "the workload must drain for the check to mean anything";
+  EXPECT_LE(mono.decodes, plain.decodes + 2 * drains) << drains << " drains";
 }
 
 }  // namespace
