@@ -711,10 +711,10 @@ TEST(Scheduler, MonotonicCellsKeepEverySequenceInPositionOrderAndDrainAFullCache
 }
 
 TEST(Scheduler, MonotonicCellsDrainBeforeAWaveRatherThanRunAPartialOne) {
-  // Requests of one length run in waves. The cache holds the prefix and a
-  // little over two waves: without draining early, every third wave would
-  // start with the few requests that fit, run its whole length, and the
-  // cache drain after it anyway.
+  // Requests of one length run in waves (four at a time here, 15 cells each).
+  // The cache holds the prefix and a little over five waves: without draining
+  // early, every sixth wave would start with the few requests that fit, run
+  // its whole length, and the cache drain after it anyway.
   std::vector<Request> reqs;
   for (uint64_t i = 0; i < 42; ++i) reqs.push_back(MakeRequest(i, SharedPrompt(100, i, 5), 10));
   // The mode holds one sequence id for retired cells: the plain run gets one
