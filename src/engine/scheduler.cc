@@ -122,7 +122,7 @@ bool Scheduler::TryAdmit(Request& r) {
   // its logits give the first sampled token.
   const size_t max_len = static_cast<size_t>(n - 1);
   PrefixCache::Match m;
-  if (!fresh) m = backend_->PartialForks() ? cache_.Longest(r.prompt, max_len) : cache_.LongestWhole(r.prompt, max_len);
+  if (!fresh) m = ForkableMatch(r, max_len);
 
   // An anchor being prefilled will serve more of this prompt: wait for it.
   for (const auto& a : anchors_) {

@@ -127,6 +127,8 @@ class Scheduler {
   void Retire(int32_t seq, int32_t n_past, int32_t created);
   bool DrainCells();
   bool DrainBeforeWave(const Request& r);
+  // The longest resident prefix of r's prompt (at most max_len tokens) it can fork from.
+  PrefixCache::Match ForkableMatch(const Request& r, size_t max_len) const;
   int32_t FreeCells() const;
   int32_t MaxNew(const Request& r) const;
   void Fail(Request& r, Status status);

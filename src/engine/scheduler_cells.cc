@@ -94,6 +94,12 @@ bool Scheduler::DrainCells() {
   return freed;
 }
 
+// Recurrent memory forks only at the end of what a sequence decoded: whole
+// entries only, there.
+PrefixCache::Match Scheduler::ForkableMatch(const Request& r, size_t max_len) const {
+  return backend_->PartialForks() ? cache_.Longest(r.prompt, max_len) : cache_.LongestWhole(r.prompt, max_len);
+}
+
 // monotonic_cells: with nothing running, a cache too full for a whole wave
 // of requests like `r` (as many as can run, or as wait) is drained now, when
 // draining makes room for it; else the wave would start with the few that
@@ -105,8 +111,7 @@ bool Scheduler::DrainBeforeWave(const Request& r) {
   const int32_t n = static_cast<int32_t>(r.prompt.size());
   if (n == 0) return false;
   const size_t max_len = static_cast<size_t>(n - 1);
-  const PrefixCache::Match m =
-      backend_->PartialForks() ? cache_.Longest(r.prompt, max_len) : cache_.LongestWhole(r.prompt, max_len);
+  const PrefixCache::Match m = ForkableMatch(r, max_len);
   const int64_t choices = std::max(1, r.n);
   const int64_t wave = std::min<int64_t>(max_running_ / choices, static_cast<int64_t>(waiting_.size()));
   const int64_t need = wave * (n - m.length + choices * MaxNew(r));
