@@ -16,6 +16,7 @@
 #include <cstring>
 #include <ostream>
 #include <random>
+#include <string>
 #include <vector>
 
 namespace {
@@ -37,6 +38,7 @@ struct Shape {
   bool sinks = false;         // attention sinks (a logit per head in the denominator only, as gpt-oss has)
   bool f32_kv = false;        // K and V in F32 instead of F16
   bool packed = false;        // prompts, not decoding: each sequence's rows and own cells are consecutive
+  int v_dim = 0;              // DV where it differs from DK
 };
 
 struct Case {
@@ -50,13 +52,15 @@ void PrintTo(const Shape& s, std::ostream* os) {
       << s.heads << "/" << s.kv_heads << ", max_bias " << s.max_bias << ", softcap " << s.softcap
       << (s.hide_first ? ", column 0 hidden from one row" : "") << ", " << s.threads << " threads"
       << (s.cache_layout ? ", cache layout" : "") << ", base step " << s.base_step << ", head dim " << s.head_dim
-      << (s.sinks ? ", sinks" : "") << (s.f32_kv ? ", F32 K and V" : "") << (s.packed ? ", packed prompts" : "");
+      << (s.sinks ? ", sinks" : "") << (s.f32_kv ? ", F32 K and V" : "") << (s.packed ? ", packed prompts" : "")
+      << (s.v_dim ? ", V " + std::to_string(s.v_dim) + " wide" : std::string());
 }
 
 Case MakeCase(const Shape& s, uint32_t seed) {
   Case c;
   c.n_kv = s.prefix + s.own;
-  c.dk = c.dv = s.head_dim;
+  c.dk = s.head_dim;
+  c.dv = s.v_dim ? s.v_dim : s.head_dim;
   std::mt19937 rng(seed);
   std::normal_distribution<float> nd(0.0f, 1.0f);
   c.q.resize(size_t(c.dk) * s.rows * s.heads);
@@ -329,7 +333,11 @@ INSTANTIATE_TEST_SUITE_P(
         // a ubatch of prompts after the prefix: each own tile is seen by one or two prompts' rows only
         Shape{320, 10, 700, 320, 8, 8, 0.0f, 0.0f, false, 2, true, 0, 64, false, false, true},  // 10 prompts of 32
         Shape{156, 3, 300, 156, 4, 2, 8.0f, 0.0f, false, 3, true, 0, 64, false, false, true},   // ALiBi, GQA, 3 threads
-        Shape{100, 4, 200, 100, 4, 4, 0.0f, 30.0f, false, 2, true, 0, 128, true, false, true}   // soft-capping, sinks, 128 wide
+        Shape{100, 4, 200, 100, 4, 4, 0.0f, 30.0f, false, 2, true, 0, 128, true, false, true},  // soft-capping, sinks, 128 wide
+        // K and V of different widths
+        Shape{32, 32, 700, 64, 8, 2, 0.0f, 0.0f, false, 2, true, 3, 192, false, false, false, 128},  // K 192, V 128
+        Shape{17, 5, 300, 40, 4, 4, 8.0f, 0.0f, false, 3, true, 2, 36, false, false, false, 64},     // K 36: no whole vectors
+        Shape{64, 2, 300, 64, 4, 2, 0.0f, 0.0f, false, 2, true, 0, 40, false, true, true, 32}        // F32, packed, K 40, V 32
         ));
 
 }  // namespace
