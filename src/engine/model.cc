@@ -101,9 +101,11 @@ StatusOr<std::unique_ptr<Model>> Model::Load(const ModelOptions& options) {
   m->on_gpu_ = m->gpu_ != nullptr;
   if (!llama_vocab_get_add_eos(m->vocab_) && !llama_vocab_get_add_sep(m->vocab_)) {
     const Model* raw = m.get();
+    PrefixTokens::Options options;
+    options.splits = SplitTexts(m->vocab_);
     m->prefix_tokens_ = std::make_unique<PrefixTokens>(
         [raw](std::string_view text, bool add_special) { return raw->TokenizeWith(text, add_special); },
-        SpecialTokenTexts(m->vocab_));
+        SpecialTokenTexts(m->vocab_), std::move(options));
   }
   return m;
 }

@@ -14,12 +14,26 @@ std::vector<std::pair<std::string, Token>> SpecialTokenTexts(const llama_vocab* 
   return out;
 }
 
+std::vector<std::string> SplitTexts(const llama_vocab* vocab) {
+  if (llama_vocab_type(vocab) != LLAMA_VOCAB_TYPE_SPM) return {};
+  for (Token t = 0; t < llama_vocab_n_tokens(vocab); ++t) {
+    const std::string_view text = llama_vocab_get_text(vocab, t);
+    if (text.size() > 1 && text.find('\n') != std::string_view::npos) return {};
+  }
+  return {"\n"};
+}
+
 PrefixTokens::PrefixTokens(TokenizeFn tokenize, std::vector<std::pair<std::string, Token>> specials, Options options)
-    : tokenize_(std::move(tokenize)), specials_(std::move(specials)), options_(options) {
-  specials_.erase(std::remove_if(specials_.begin(), specials_.end(), [](const auto& s) { return s.first.empty(); }),
-                  specials_.end());
-  std::stable_sort(specials_.begin(), specials_.end(),
-                   [](const auto& a, const auto& b) { return a.first.size() > b.first.size(); });
+    : tokenize_(std::move(tokenize)), options_(std::move(options)) {
+  for (auto& [text, id] : specials)
+    if (!text.empty()) markers_.push_back(Marker{std::move(text), {id}});
+  std::stable_sort(markers_.begin(), markers_.end(),
+                   [](const Marker& a, const Marker& b) { return a.text.size() > b.text.size(); });
+  for (const std::string& split : options_.splits) {
+    if (split.empty()) continue;
+    std::vector<Token> lead = tokenize_(split, false);
+    if (!lead.empty()) markers_.push_back(Marker{split, std::move(lead)});
+  }
 }
 
 PrefixTokens::PrefixTokens(TokenizeFn tokenize, std::vector<std::pair<std::string, Token>> specials)
@@ -28,9 +42,9 @@ PrefixTokens::PrefixTokens(TokenizeFn tokenize, std::vector<std::pair<std::strin
 std::pair<int32_t, size_t> PrefixTokens::Boundary(std::string_view text, size_t from) const {
   const size_t last = std::min(text.size(), from + options_.max_gap);
   for (size_t p = from; p < last; ++p)
-    for (size_t i = 0; i < specials_.size(); ++i)
-      if (text.compare(p, specials_[i].first.size(), specials_[i].first) == 0)
-        return {static_cast<int32_t>(i), p + specials_[i].first.size()};
+    for (size_t i = 0; i < markers_.size(); ++i)
+      if (text.compare(p, markers_[i].text.size(), markers_[i].text) == 0)
+        return {static_cast<int32_t>(i), p + markers_[i].text.size()};
   return {-1, 0};
 }
 
@@ -105,18 +119,21 @@ std::vector<Token> PrefixTokens::Tokenize(std::string_view text, std::string_vie
   }
   if (fresh) head = tokenize_(start, true);
 
-  // The rest, behind its boundary token, which must come out as itself.
-  const auto& [special_text, special_id] = specials_[static_cast<size_t>(special)];
+  // The rest, behind its boundary, which must come out as its lead (the
+  // start's tokens end with the boundary's own).
+  const Marker& marker = markers_[static_cast<size_t>(special)];
   std::string rest;
-  rest.reserve(special_text.size() + text.size() - end);
-  rest.append(special_text).append(text.substr(end));
+  rest.reserve(marker.text.size() + text.size() - end);
+  rest.append(marker.text).append(text.substr(end));
   const std::vector<Token> tail = tokenize_(rest, false);
-  bool bad = head.empty() || head.back() != special_id || tail.empty() || tail.front() != special_id;
+  const size_t lead = marker.lead.size();
+  bool bad = head.empty() || head.back() != marker.lead.back() || tail.size() < lead ||
+             !std::equal(marker.lead.begin(), marker.lead.end(), tail.begin());
   std::vector<Token> out;
   if (!bad) {
-    out.reserve(head.size() + tail.size() - 1);
+    out.reserve(head.size() + tail.size() - lead);
     out = head;
-    out.insert(out.end(), tail.begin() + 1, tail.end());
+    out.insert(out.end(), tail.begin() + static_cast<long>(lead), tail.end());
   }
   if (check || bad) {
     std::vector<Token> reference = tokenize_(text, true);

@@ -2,16 +2,26 @@
 // message (the 2,000-token rubric) and differ after it; tokenizing each whole
 // rendered prompt costs milliseconds of CPU per request, most of it on the
 // shared part. PrefixTokens keeps the tokens of a prompt's start, up to and
-// including the first special token after the shared text, and tokenizes only
-// the rest.
+// including the first boundary after the shared text, and tokenizes only the
+// rest.
 //
 // Why the result is the same as tokenizing the whole text: llama.cpp splits
 // the text at special tokens first and tokenizes the pieces between them on
 // their own. The rest is tokenized *with* the boundary's special token in
 // front (then dropped), so what depends on the token before a piece (SPM's
-// leading space, a special token's rstrip) is reproduced. Every cached start
-// is still checked against whole-text tokenization on its first uses; a
-// mismatch retires it (whole-text tokenization from then on).
+// leading space, a special token's rstrip) is reproduced.
+//
+// A template whose turn markers are plain text (Llama 2's [INST] and
+// <<SYS>>, ChatML on a vocabulary without its tokens) has no special token
+// there. An SPM tokenizer merges adjacent characters only into vocabulary
+// tokens, so a character that no token holds together with another (the
+// newline, in vocabularies that spell it as a byte token) is never joined to
+// its neighbours: the text splits after it exactly. The rest is tokenized
+// with that character in front, and its tokens there (with the leading
+// space) dropped.
+//
+// Every cached start is still checked against whole-text tokenization on its
+// first uses; a mismatch retires it (whole-text tokenization from then on).
 #pragma once
 
 #include <cstdint>
@@ -33,6 +43,11 @@ namespace kvb::engine {
 // llama.cpp splits a prompt at before tokenizing the pieces between them.
 std::vector<std::pair<std::string, Token>> SpecialTokenTexts(const llama_vocab* vocab);
 
+// Texts a vocabulary's tokenizer never joins to the text around them: for an
+// SPM vocabulary, the newline when no token holds it with another character;
+// none otherwise (BPE pre-tokenizers keep newlines with their neighbours).
+std::vector<std::string> SplitTexts(const llama_vocab* vocab);
+
 class PrefixTokens {
  public:
   // tokenize(text, add_special): the model's tokenizer, special tokens parsed.
@@ -43,6 +58,7 @@ class PrefixTokens {
     size_t max_gap = 64;        // bytes between the shared text and the special token
     size_t max_offset = 65536;  // bytes of the text before the shared text (template, tools)
     int32_t verify_uses = 2;    // uses of a start checked against whole-text tokenization
+    std::vector<std::string> splits;  // boundaries besides special tokens (SplitTexts)
   };
   struct Stats {
     int64_t hits = 0;        // the start came from the cache
@@ -68,14 +84,20 @@ class PrefixTokens {
     int32_t checked = 0;
     bool bad = false;
   };
-  // The first special token starting at most max_gap bytes after `from`:
-  // its index in specials_ and the end of its text; {-1, 0} when none.
+  // A boundary: a special token's text, or a split text.
+  struct Marker {
+    std::string text;
+    std::vector<Token> lead;  // its tokens at the start of a piece: a special token itself; a split
+                              // text's own tokenization (with SPM's leading space)
+  };
+  // The first boundary starting at most max_gap bytes after `from`: its
+  // index in markers_ and the end of its text; {-1, 0} when none.
   std::pair<int32_t, size_t> Boundary(std::string_view text, size_t from) const;
   // Records a start and what became of it (under mu_).
   void Record(std::string_view start, const std::vector<Token>& tokens, bool fresh, bool checked, bool bad);
 
   TokenizeFn tokenize_;
-  std::vector<std::pair<std::string, Token>> specials_;  // longest first
+  std::vector<Marker> markers_;  // special tokens, longest first, then split texts
   Options options_;
   mutable std::mutex mu_;
   std::list<Entry> entries_;  // most recently used first

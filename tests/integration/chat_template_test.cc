@@ -147,8 +147,8 @@ TEST(ChatTemplate, EveryShippedTemplateRendersAndKeepsTheSystemPrefixShared) {
 
 // The rubric workload's prompts (a long system message, then each
 // candidate) through a real tokenizer whose chat markers are special tokens
-// (the llama3-8b preset's: llama-bpe and Llama 3's format; the tiny preset's
-// ChatML markers are plain text in llama-spm, so nothing can be cached there):
+// (the llama3-8b preset's: llama-bpe and Llama 3's format; the next test
+// takes the tiny preset's, whose ChatML markers are plain text in llama-spm):
 // after the first prompt, the rendered system part comes from PrefixTokens'
 // cache, its checks against whole-text tokenization pass, and the tokens are
 // exactly the whole text's.
@@ -169,6 +169,33 @@ TEST(PrefixTokensOnTheRubric, TheSharedStartIsTokenizedOnceAndMatchesWholeText) 
     auto prompt = (*m)->FormatChat({{"system", system}, {"user", Candidate(i)}});
     ASSERT_TRUE(prompt.ok()) << prompt.status().ToString();
     ASSERT_NE(prompt->find("<|eot_id|>"), std::string::npos) << *prompt;
+    EXPECT_EQ((*m)->Tokenize(*prompt, system), (*m)->Tokenize(*prompt)) << "candidate " << i;
+  }
+  const engine::PrefixTokens::Stats s = (*m)->prefix_token_stats();
+  EXPECT_EQ(s.mismatches, 0);
+  EXPECT_EQ(s.whole, 0);
+  EXPECT_EQ(s.misses, 1);
+  EXPECT_EQ(s.hits, 9);
+}
+
+// The tiny and bench presets' ChatML markers are plain text in llama-spm: the
+// start is cut after the newline that follows the system message (llama-spm
+// spells a newline as a byte token, which no merge joins), with the same
+// tokens as the whole text.
+TEST(PrefixTokensOnTheRubric, PlainTextChatMlMarkersSplitAfterANewline) {
+  auto dir = TestDir("prefix_tokens_spm");
+  auto opts = tools::ModelPreset("tiny");
+  ASSERT_TRUE(opts.ok());
+  opts->vocab_path = std::string(KVBATCH_VOCAB_DIR) + "/" + opts->vocab_file;
+  opts->out_path = (dir / "tiny.gguf").string();
+  ASSERT_TRUE(tools::GenerateModel(*opts).ok());
+  auto m = engine::Model::Load({opts->out_path, 0});
+  ASSERT_TRUE(m.ok()) << m.status().ToString();
+  const std::string system = Rubric(24);
+  for (int i = 0; i < 10; ++i) {
+    auto prompt = (*m)->FormatChat({{"system", system}, {"user", Candidate(i)}});
+    ASSERT_TRUE(prompt.ok()) << prompt.status().ToString();
+    ASSERT_NE(prompt->find("<|im_end|>\n<|im_start|>user"), std::string::npos) << *prompt;
     EXPECT_EQ((*m)->Tokenize(*prompt, system), (*m)->Tokenize(*prompt)) << "candidate " << i;
   }
   const engine::PrefixTokens::Stats s = (*m)->prefix_token_stats();

@@ -123,6 +123,67 @@ TEST(PrefixTokens, ATokenizerThatMergesAcrossTheBoundaryIsCaughtAndNotUsedAgain)
   EXPECT_EQ(pt.stats().whole, 4);
 }
 
+// A template whose markers are plain text ([INST] and <<SYS>>, as Llama 2's):
+// no special token follows the shared text, but the newline after it is a
+// split text (the fake tokenizer never joins bytes), and the start is cached.
+std::string PlainChat(const std::string& system, const std::string& user) {
+  return "[INST] <<SYS>>\n" + system + "\n<</SYS>>\n\n" + user + " [/INST]";
+}
+
+PrefixTokens::Options Splits(std::vector<std::string> splits) {
+  PrefixTokens::Options o;
+  o.splits = std::move(splits);
+  return o;
+}
+
+TEST(PrefixTokens, ANewlineSplitsAPlainTextTemplateAndGivesTheWholeTextTokens) {
+  int64_t bytes = 0;
+  PrefixTokens pt(
+      [&](std::string_view t, bool add) {
+        bytes += static_cast<int64_t>(t.size());
+        return FakeTokenize(t, add);
+      },
+      kFakeSpecials, Splits({"\n"}));
+  const std::string rubric = Rubric();
+  for (int i = 0; i < 20; ++i) {
+    const std::string text = PlainChat(rubric, (i % 2 ? "\n  candidate " : "candidate ") + std::to_string(i));
+    EXPECT_EQ(pt.Tokenize(text, rubric), FakeTokenize(text, true)) << i;
+  }
+  const auto st = pt.stats();
+  EXPECT_EQ(st.misses, 1);
+  EXPECT_EQ(st.hits, 19);
+  EXPECT_EQ(st.whole, 0);
+  EXPECT_EQ(st.mismatches, 0);
+  EXPECT_LT(bytes, 5 * static_cast<int64_t>(rubric.size()));
+  // without split texts there is no boundary: the whole text every time
+  PrefixTokens plain(FakeTokenize, kFakeSpecials);
+  const std::string text = PlainChat(rubric, "x");
+  EXPECT_EQ(plain.Tokenize(text, rubric), FakeTokenize(text, true));
+  EXPECT_EQ(plain.stats().whole, 1);
+}
+
+// A tokenizer that joins a newline to the "<" after it (a split text that is
+// not one for it): the check catches it and the start is retired.
+TEST(PrefixTokens, ASplitTextTheTokenizerJoinsIsCaughtAndNotUsedAgain) {
+  auto joining = [](std::string_view text, bool add) {
+    std::vector<Token> out = FakeTokenize(text, add);
+    for (size_t i = 0; i + 1 < out.size(); ++i)
+      if (out[i] == 10 + '\n' && out[i + 1] == 10 + '<') {
+        out.erase(out.begin() + static_cast<long>(i), out.begin() + static_cast<long>(i) + 2);
+        out.insert(out.begin() + static_cast<long>(i), 98);
+      }
+    return out;
+  };
+  PrefixTokens pt(joining, kFakeSpecials, Splits({"\n"}));
+  const std::string rubric = Rubric();
+  for (int i = 0; i < 5; ++i) {
+    const std::string text = PlainChat(rubric, "c" + std::to_string(i));
+    EXPECT_EQ(pt.Tokenize(text, rubric), joining(text, true)) << i;
+  }
+  EXPECT_EQ(pt.stats().mismatches, 1);
+  EXPECT_EQ(pt.stats().whole, 4);
+}
+
 // Every vocabulary in llama.cpp's models/ (the pinned source), loaded alone:
 // a chat built from its own special tokens tokenizes the same both ways.
 TEST(PrefixTokens, RealVocabulariesGiveTheWholeTextTokens) {
@@ -169,6 +230,52 @@ TEST(PrefixTokens, RealVocabulariesGiveTheWholeTextTokens) {
     llama_model_free(m);
   }
   EXPECT_GE(tested, 10);
+}
+
+// The SPM vocabularies whose newline no token joins (SplitTexts): a
+// plain-text template splits after the newline that follows the shared text,
+// with the same tokens as the whole text, whatever the rest starts with.
+TEST(PrefixTokens, RealSpmVocabulariesSplitAfterANewlineExactly) {
+  const char* dir = std::getenv("KVBATCH_VOCAB_DIR");
+  if (!dir || !*dir) GTEST_SKIP() << "KVBATCH_VOCAB_DIR is not set";
+  llama_backend_init();
+  int tested = 0;
+  for (const auto& e : std::filesystem::directory_iterator(dir)) {
+    llama_model_params mp = llama_model_default_params();
+    mp.vocab_only = true;
+    llama_model* m = llama_model_load_from_file(e.path().c_str(), mp);
+    if (!m) continue;
+    const llama_vocab* v = llama_model_get_vocab(m);
+    std::vector<std::string> splits = SplitTexts(v);
+    if (llama_vocab_type(v) != LLAMA_VOCAB_TYPE_SPM) EXPECT_TRUE(splits.empty()) << e.path().filename();
+    if (splits.empty() || llama_vocab_get_add_eos(v) || llama_vocab_get_add_sep(v)) {
+      llama_model_free(m);
+      continue;
+    }
+    auto tokenize = [v](std::string_view t, bool add) {
+      std::vector<Token> out(t.size() + 16);
+      int n = llama_tokenize(v, t.data(), static_cast<int32_t>(t.size()), out.data(), static_cast<int32_t>(out.size()),
+                             add, true);
+      out.resize(n > 0 ? n : 0);
+      return out;
+    };
+    PrefixTokens pt(tokenize, SpecialTokenTexts(v), Splits(splits));
+    const std::string rubric = Rubric() + " Ünïcödé, 数字 ٣ and  double  spaces.";
+    const std::string users[] = {"Candidate #0 wrote:   code", " leading space", "\n\nnewlines first", "数字 first",
+                                 "<<SYS>> again\n"};
+    int i = 0;
+    for (const std::string& user : users) {
+      const std::string text = PlainChat(rubric, user);
+      EXPECT_EQ(pt.Tokenize(text, rubric), tokenize(text, true)) << e.path().filename() << " " << i++;
+    }
+    EXPECT_EQ(pt.stats().hits, 4) << e.path().filename();
+    EXPECT_EQ(pt.stats().mismatches, 0) << e.path().filename();
+    std::printf("[ report ] %s: newline splits, %lld hits\n", e.path().filename().c_str(),
+                static_cast<long long>(pt.stats().hits));
+    ++tested;
+    llama_model_free(m);
+  }
+  EXPECT_GE(tested, 1);  // llama-spm at least
 }
 
 }  // namespace
