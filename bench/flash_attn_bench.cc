@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstdio>
 #include <random>
+#include <string>
 #include <vector>
 
 namespace {
@@ -31,6 +32,7 @@ struct Options {
   int heads = 8, kv_heads = 8, head_dim = 64;
   int layers = 8, threads = 2, iters = 20;
   bool ref = true;  // also time the reference and batch-invariant kernels
+  std::vector<std::string> kernels = {"default", "ref", "invariant"};  // the kernels timed
 };
 
 enum class Kernel { kDefault, kRef, kBatchInvariant };
@@ -58,7 +60,14 @@ int main(int argc, char** argv) {
   app.add_option("--threads", o.threads, "threads");
   app.add_option("--iters", o.iters, "timed runs of each kernel");
   app.add_flag("!--no-ref", o.ref, "time the default kernel only (to profile it), not the reference and batch-invariant ones");
+  app.add_option("--kernels", o.kernels, "the kernels timed (to profile one): default, ref, invariant")
+      ->delimiter(',')
+      ->check(CLI::IsMember({"default", "ref", "invariant"}));
   CLI11_PARSE(app, argc, argv);
+  auto timed = [&](const char* name) { return std::find(o.kernels.begin(), o.kernels.end(), name) != o.kernels.end(); };
+  const bool k_default = timed("default");
+  if (!o.ref) o.kernels = {"default"};
+  o.ref = timed("ref");
   if (o.heads % o.kv_heads != 0 || o.rows + o.prompt < 1) {
     std::fprintf(stderr, "heads must be a multiple of kv-heads, and there must be rows\n");
     return 2;
@@ -73,7 +82,7 @@ int main(int argc, char** argv) {
   using SetBatchInvariant = void (*)(ggml_backend_t, bool);
   const auto set_batch_invariant = reinterpret_cast<SetBatchInvariant>(
       ggml_backend_reg_get_proc_address(ggml_backend_cpu_reg(), "ggml_backend_cpu_set_batch_invariant"));
-  const bool invariant = o.ref && set_batch_invariant != nullptr;
+  const bool invariant = timed("invariant") && set_batch_invariant != nullptr;
   ggml_backend_cpu_set_n_threads(backend, o.threads);
   ggml_init_params ip{ggml_tensor_overhead() * size_t(8 * o.layers + 8) + ggml_graph_overhead(), nullptr, true};
   ggml_context* ctx = ggml_init(ip);
@@ -138,11 +147,11 @@ int main(int argc, char** argv) {
       t->total += ms;
     }
   };
-  run(Kernel::kDefault, &t_default, false);
+  if (k_default) run(Kernel::kDefault, &t_default, false);
   if (o.ref) run(Kernel::kRef, &t_ref, false);
   if (invariant) run(Kernel::kBatchInvariant, &t_invariant, false);
   for (int i = 0; i < o.iters; ++i) {
-    run(Kernel::kDefault, &t_default, true);
+    if (k_default) run(Kernel::kDefault, &t_default, true);
     if (o.ref) run(Kernel::kRef, &t_ref, true);
     if (invariant) run(Kernel::kBatchInvariant, &t_invariant, true);
   }
@@ -150,14 +159,15 @@ int main(int argc, char** argv) {
       "flash attention, %d layers: %d decoding rows + %d prompt rows, prefix %d, own %d + %d, %d cells; heads %d/%d of "
       "%d; %d threads\n",
       o.layers, o.rows, o.prompt, o.prefix, o.prompt_own, o.own, n_kv, o.heads, o.kv_heads, o.head_dim, o.threads);
-  std::printf("  default kernel:   best %8.2f ms  mean %8.2f ms\n", t_default.best, t_default.total / o.iters);
-  if (o.ref)
-    std::printf("  reference kernel: best %8.2f ms  mean %8.2f ms  (%.2fx the default's best)\n", t_ref.best,
-                t_ref.total / o.iters, t_ref.best / t_default.best);
-  if (invariant)
-    std::printf("  batch-invariant:  best %8.2f ms  mean %8.2f ms  (%.2fx the default's best)\n", t_invariant.best,
-                t_invariant.total / o.iters, t_invariant.best / t_default.best);
-  else if (o.ref)
+  if (k_default) std::printf("  default kernel:   best %8.2f ms  mean %8.2f ms\n", t_default.best, t_default.total / o.iters);
+  auto report = [&](const char* name, const Timing& t) {
+    std::printf("  %-17s best %8.2f ms  mean %8.2f ms", name, t.best, t.total / o.iters);
+    if (k_default) std::printf("  (%.2fx the default's best)", t.best / t_default.best);
+    std::printf("\n");
+  };
+  if (o.ref) report("reference kernel:", t_ref);
+  if (invariant) report("batch-invariant:", t_invariant);
+  else if (timed("invariant"))
     std::printf("  batch-invariant:  not in this llama.cpp (patches/0004)\n");
   ggml_backend_buffer_free(buffer);
   ggml_free(ctx);
