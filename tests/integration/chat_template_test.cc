@@ -146,29 +146,22 @@ TEST(ChatTemplate, EveryShippedTemplateRendersAndKeepsTheSystemPrefixShared) {
 }
 
 // The rubric workload's prompts (a long system message, then each
-// candidate) through a real tokenizer whose chat markers are special tokens
-// (the llama3-8b preset's: llama-bpe and Llama 3's format; the next test
-// takes the tiny preset's, whose ChatML markers are plain text in llama-spm):
-// after the first prompt, the rendered system part comes from PrefixTokens'
-// cache, its checks against whole-text tokenization pass, and the tokens are
-// exactly the whole text's.
-TEST(PrefixTokensOnTheRubric, TheSharedStartIsTokenizedOnceAndMatchesWholeText) {
-  auto dir = TestDir("prefix_tokens_rubric");
-  auto opts = tools::ModelPreset("tiny");
-  ASSERT_TRUE(opts.ok());
-  auto llama3 = tools::ModelPreset("llama3-8b");
-  ASSERT_TRUE(llama3.ok());
-  opts->vocab_path = std::string(KVBATCH_VOCAB_DIR) + "/" + llama3->vocab_file;
-  opts->chat_template = llama3->chat_template;
-  opts->out_path = (dir / "tiny-llama3.gguf").string();
-  ASSERT_TRUE(tools::GenerateModel(*opts).ok());
-  auto m = engine::Model::Load({opts->out_path, 0});
+// candidate) through a model made from `opts`, whose rendered prompts hold
+// `marker`: after the first prompt, the rendered system part comes from
+// PrefixTokens' cache, its checks against whole-text tokenization pass, and
+// the tokens are exactly the whole text's.
+void ExpectTheSharedStartTokenizedOnce(tools::GenModelOptions opts, const std::string& name,
+                                       const std::string& marker) {
+  auto dir = TestDir(name);
+  opts.out_path = (dir / (name + ".gguf")).string();
+  ASSERT_TRUE(tools::GenerateModel(opts).ok());
+  auto m = engine::Model::Load({opts.out_path, 0});
   ASSERT_TRUE(m.ok()) << m.status().ToString();
   const std::string system = Rubric(24);
   for (int i = 0; i < 10; ++i) {
     auto prompt = (*m)->FormatChat({{"system", system}, {"user", Candidate(i)}});
     ASSERT_TRUE(prompt.ok()) << prompt.status().ToString();
-    ASSERT_NE(prompt->find("<|eot_id|>"), std::string::npos) << *prompt;
+    ASSERT_NE(prompt->find(marker), std::string::npos) << *prompt;
     EXPECT_EQ((*m)->Tokenize(*prompt, system), (*m)->Tokenize(*prompt)) << "candidate " << i;
   }
   const engine::PrefixTokens::Stats s = (*m)->prefix_token_stats();
@@ -178,31 +171,27 @@ TEST(PrefixTokensOnTheRubric, TheSharedStartIsTokenizedOnceAndMatchesWholeText) 
   EXPECT_EQ(s.hits, 9);
 }
 
+// A real tokenizer whose chat markers are special tokens (the llama3-8b
+// preset's: llama-bpe and Llama 3's format): the start ends at the special
+// token after the system message.
+TEST(PrefixTokensOnTheRubric, TheSharedStartIsTokenizedOnceAndMatchesWholeText) {
+  auto opts = tools::ModelPreset("tiny");
+  ASSERT_TRUE(opts.ok());
+  auto llama3 = tools::ModelPreset("llama3-8b");
+  ASSERT_TRUE(llama3.ok());
+  opts->vocab_path = std::string(KVBATCH_VOCAB_DIR) + "/" + llama3->vocab_file;
+  opts->chat_template = llama3->chat_template;
+  ExpectTheSharedStartTokenizedOnce(*opts, "prefix_tokens_llama3", "<|eot_id|>");
+}
+
 // The tiny and bench presets' ChatML markers are plain text in llama-spm: the
 // start is cut after the newline that follows the system message (llama-spm
-// spells a newline as a byte token, which no merge joins), with the same
-// tokens as the whole text.
+// spells a newline as a byte token, which no merge joins).
 TEST(PrefixTokensOnTheRubric, PlainTextChatMlMarkersSplitAfterANewline) {
-  auto dir = TestDir("prefix_tokens_spm");
   auto opts = tools::ModelPreset("tiny");
   ASSERT_TRUE(opts.ok());
   opts->vocab_path = std::string(KVBATCH_VOCAB_DIR) + "/" + opts->vocab_file;
-  opts->out_path = (dir / "tiny.gguf").string();
-  ASSERT_TRUE(tools::GenerateModel(*opts).ok());
-  auto m = engine::Model::Load({opts->out_path, 0});
-  ASSERT_TRUE(m.ok()) << m.status().ToString();
-  const std::string system = Rubric(24);
-  for (int i = 0; i < 10; ++i) {
-    auto prompt = (*m)->FormatChat({{"system", system}, {"user", Candidate(i)}});
-    ASSERT_TRUE(prompt.ok()) << prompt.status().ToString();
-    ASSERT_NE(prompt->find("<|im_end|>\n<|im_start|>user"), std::string::npos) << *prompt;
-    EXPECT_EQ((*m)->Tokenize(*prompt, system), (*m)->Tokenize(*prompt)) << "candidate " << i;
-  }
-  const engine::PrefixTokens::Stats s = (*m)->prefix_token_stats();
-  EXPECT_EQ(s.mismatches, 0);
-  EXPECT_EQ(s.whole, 0);
-  EXPECT_EQ(s.misses, 1);
-  EXPECT_EQ(s.hits, 9);
+  ExpectTheSharedStartTokenizedOnce(*opts, "prefix_tokens_spm", "<|im_end|>\n<|im_start|>user");
 }
 
 }  // namespace

@@ -184,13 +184,12 @@ TEST(PrefixTokens, ASplitTextTheTokenizerJoinsIsCaughtAndNotUsedAgain) {
   EXPECT_EQ(pt.stats().whole, 4);
 }
 
-// Every vocabulary in llama.cpp's models/ (the pinned source), loaded alone:
-// a chat built from its own special tokens tokenizes the same both ways.
-TEST(PrefixTokens, RealVocabulariesGiveTheWholeTextTokens) {
-  const char* dir = std::getenv("KVBATCH_VOCAB_DIR");
-  if (!dir || !*dir) GTEST_SKIP() << "KVBATCH_VOCAB_DIR is not set";
+// Calls fn(file name, vocabulary, its tokenizer) for every vocabulary in
+// llama.cpp's models/ (the pinned source), each loaded alone; the count.
+template <typename Fn>
+int ForEachVocabulary(const char* dir, Fn fn) {
   llama_backend_init();
-  int tested = 0;
+  int seen = 0;
   for (const auto& e : std::filesystem::directory_iterator(dir)) {
     llama_model_params mp = llama_model_default_params();
     mp.vocab_only = true;
@@ -204,6 +203,19 @@ TEST(PrefixTokens, RealVocabulariesGiveTheWholeTextTokens) {
       out.resize(n > 0 ? n : 0);
       return out;
     };
+    seen += fn(e.path().filename().string(), v, PrefixTokens::TokenizeFn(tokenize)) ? 1 : 0;
+    llama_model_free(m);
+  }
+  return seen;
+}
+
+// Every vocabulary: a chat built from its own special tokens tokenizes the
+// same both ways.
+TEST(PrefixTokens, RealVocabulariesGiveTheWholeTextTokens) {
+  const char* dir = std::getenv("KVBATCH_VOCAB_DIR");
+  if (!dir || !*dir) GTEST_SKIP() << "KVBATCH_VOCAB_DIR is not set";
+  const int tested = ForEachVocabulary(dir, [](const std::string& name, const llama_vocab* v,
+                                               const PrefixTokens::TokenizeFn& tokenize) {
     const auto specials = SpecialTokenTexts(v);
     // Two of its special tokens as the turn markers (end of turn, start of turn).
     std::string end, begin;
@@ -212,23 +224,19 @@ TEST(PrefixTokens, RealVocabulariesGiveTheWholeTextTokens) {
       if (end.empty()) end = text;
       else if (begin.empty() && text != end) begin = text;
     }
-    if (end.empty() || begin.empty() || llama_vocab_get_add_eos(v) || llama_vocab_get_add_sep(v)) {
-      llama_model_free(m);
-      continue;
-    }
+    if (end.empty() || begin.empty() || llama_vocab_get_add_eos(v) || llama_vocab_get_add_sep(v)) return false;
     PrefixTokens pt(tokenize, specials);
     const std::string rubric = Rubric() + " Ünïcödé, 数字 ٣ and  double  spaces.";
     for (int i = 0; i < 4; ++i) {
       const std::string text = begin + "system\n" + rubric + end + "\n" + begin + "user\n Candidate #" +
                                std::to_string(i) + " wrote:   code" + end + "\n" + begin + "assistant\n";
-      EXPECT_EQ(pt.Tokenize(text, rubric), tokenize(text, true)) << e.path().filename() << " " << i;
+      EXPECT_EQ(pt.Tokenize(text, rubric), tokenize(text, true)) << name << " " << i;
     }
-    EXPECT_EQ(pt.stats().hits, 3) << e.path().filename();
-    std::printf("[ report ] %s: %lld hits, %lld mismatches\n", e.path().filename().c_str(),
+    EXPECT_EQ(pt.stats().hits, 3) << name;
+    std::printf("[ report ] %s: %lld hits, %lld mismatches\n", name.c_str(),
                 static_cast<long long>(pt.stats().hits), static_cast<long long>(pt.stats().mismatches));
-    ++tested;
-    llama_model_free(m);
-  }
+    return true;
+  });
   EXPECT_GE(tested, 10);
 }
 
@@ -238,27 +246,11 @@ TEST(PrefixTokens, RealVocabulariesGiveTheWholeTextTokens) {
 TEST(PrefixTokens, RealSpmVocabulariesSplitAfterANewlineExactly) {
   const char* dir = std::getenv("KVBATCH_VOCAB_DIR");
   if (!dir || !*dir) GTEST_SKIP() << "KVBATCH_VOCAB_DIR is not set";
-  llama_backend_init();
-  int tested = 0;
-  for (const auto& e : std::filesystem::directory_iterator(dir)) {
-    llama_model_params mp = llama_model_default_params();
-    mp.vocab_only = true;
-    llama_model* m = llama_model_load_from_file(e.path().c_str(), mp);
-    if (!m) continue;
-    const llama_vocab* v = llama_model_get_vocab(m);
-    std::vector<std::string> splits = SplitTexts(v);
-    if (llama_vocab_type(v) != LLAMA_VOCAB_TYPE_SPM) EXPECT_TRUE(splits.empty()) << e.path().filename();
-    if (splits.empty() || llama_vocab_get_add_eos(v) || llama_vocab_get_add_sep(v)) {
-      llama_model_free(m);
-      continue;
-    }
-    auto tokenize = [v](std::string_view t, bool add) {
-      std::vector<Token> out(t.size() + 16);
-      int n = llama_tokenize(v, t.data(), static_cast<int32_t>(t.size()), out.data(), static_cast<int32_t>(out.size()),
-                             add, true);
-      out.resize(n > 0 ? n : 0);
-      return out;
-    };
+  const int tested = ForEachVocabulary(dir, [](const std::string& name, const llama_vocab* v,
+                                               const PrefixTokens::TokenizeFn& tokenize) {
+    const std::vector<std::string> splits = SplitTexts(v);
+    if (llama_vocab_type(v) != LLAMA_VOCAB_TYPE_SPM) EXPECT_TRUE(splits.empty()) << name;
+    if (splits.empty() || llama_vocab_get_add_eos(v) || llama_vocab_get_add_sep(v)) return false;
     PrefixTokens pt(tokenize, SpecialTokenTexts(v), Splits(splits));
     const std::string rubric = Rubric() + " Ünïcödé, 数字 ٣ and  double  spaces.";
     const std::string users[] = {"Candidate #0 wrote:   code", " leading space", "\n\nnewlines first", "数字 first",
@@ -266,15 +258,13 @@ TEST(PrefixTokens, RealSpmVocabulariesSplitAfterANewlineExactly) {
     int i = 0;
     for (const std::string& user : users) {
       const std::string text = PlainChat(rubric, user);
-      EXPECT_EQ(pt.Tokenize(text, rubric), tokenize(text, true)) << e.path().filename() << " " << i++;
+      EXPECT_EQ(pt.Tokenize(text, rubric), tokenize(text, true)) << name << " " << i++;
     }
-    EXPECT_EQ(pt.stats().hits, 4) << e.path().filename();
-    EXPECT_EQ(pt.stats().mismatches, 0) << e.path().filename();
-    std::printf("[ report ] %s: newline splits, %lld hits\n", e.path().filename().c_str(),
-                static_cast<long long>(pt.stats().hits));
-    ++tested;
-    llama_model_free(m);
-  }
+    EXPECT_EQ(pt.stats().hits, 4) << name;
+    EXPECT_EQ(pt.stats().mismatches, 0) << name;
+    std::printf("[ report ] %s: newline splits, %lld hits\n", name.c_str(), static_cast<long long>(pt.stats().hits));
+    return true;
+  });
   EXPECT_GE(tested, 1);  // llama-spm at least
 }
 
