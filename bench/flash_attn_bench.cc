@@ -31,7 +31,6 @@ struct Options {
   int prompt_own = 0; // cells of each decoding sequence's own prompt, consecutive, before those
   int heads = 8, kv_heads = 8, head_dim = 64;
   int layers = 8, threads = 2, iters = 20;
-  bool ref = true;  // also time the reference and batch-invariant kernels
   std::vector<std::string> kernels = {"default", "ref", "invariant"};  // the kernels timed
 };
 
@@ -59,15 +58,16 @@ int main(int argc, char** argv) {
   app.add_option("--layers", o.layers, "layers (one cache buffer each)");
   app.add_option("--threads", o.threads, "threads");
   app.add_option("--iters", o.iters, "timed runs of each kernel");
-  app.add_flag("!--no-ref", o.ref, "time the default kernel only (to profile it), not the reference and batch-invariant ones");
+  bool no_ref = false;
+  app.add_flag("--no-ref", no_ref, "time the default kernel only (--kernels default)");
   app.add_option("--kernels", o.kernels, "the kernels timed (to profile one): default, ref, invariant")
       ->delimiter(',')
       ->check(CLI::IsMember({"default", "ref", "invariant"}));
   CLI11_PARSE(app, argc, argv);
   auto timed = [&](const char* name) { return std::find(o.kernels.begin(), o.kernels.end(), name) != o.kernels.end(); };
+  if (no_ref) o.kernels = {"default"};
   const bool k_default = timed("default");
-  if (!o.ref) o.kernels = {"default"};
-  o.ref = timed("ref");
+  const bool k_ref = timed("ref");
   if (o.heads % o.kv_heads != 0 || o.rows + o.prompt < 1) {
     std::fprintf(stderr, "heads must be a multiple of kv-heads, and there must be rows\n");
     return 2;
@@ -148,11 +148,11 @@ int main(int argc, char** argv) {
     }
   };
   if (k_default) run(Kernel::kDefault, &t_default, false);
-  if (o.ref) run(Kernel::kRef, &t_ref, false);
+  if (k_ref) run(Kernel::kRef, &t_ref, false);
   if (invariant) run(Kernel::kBatchInvariant, &t_invariant, false);
   for (int i = 0; i < o.iters; ++i) {
     if (k_default) run(Kernel::kDefault, &t_default, true);
-    if (o.ref) run(Kernel::kRef, &t_ref, true);
+    if (k_ref) run(Kernel::kRef, &t_ref, true);
     if (invariant) run(Kernel::kBatchInvariant, &t_invariant, true);
   }
   std::printf(
@@ -165,7 +165,7 @@ int main(int argc, char** argv) {
     if (k_default) std::printf("  (%.2fx the default's best)", t.best / t_default.best);
     std::printf("\n");
   };
-  if (o.ref) report("reference kernel:", t_ref);
+  if (k_ref) report("reference kernel:", t_ref);
   if (invariant) report("batch-invariant:", t_invariant);
   else if (timed("invariant"))
     std::printf("  batch-invariant:  not in this llama.cpp (patches/0004)\n");
